@@ -1,0 +1,48 @@
+# sida — two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SIDA := $(VENV)/bin/sida
+STAMP := $(VENV)/.sida-installed
+DATA ?= ../shared/data
+MODEL ?= models/sida-switch-demo
+# CPU machines: this exact pin resolves to a CPU build; an unpinned torch pulls a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: run test install demo-model demo-card lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: $(STAMP)
+	$(SIDA) classify --model $(MODEL) \
+		"a gorgeous , witty , seductive movie ." \
+		"the plot is nothing but boilerplate clichés from start to finish ." \
+		"it's a charming and often affecting journey."
+	$(SIDA) complete --model $(MODEL) --max-tokens 24 \
+		"the city council voted on tuesday to" \
+		"this recipe is easy to make and"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Rebuild the embedded demo model from $(DATA) (about 50 minutes on 2 CPU cores), then its model card.
+demo-model: $(STAMP)
+	$(SIDA) build-demo --data $(DATA) --out $(MODEL)
+	$(MAKE) demo-card
+
+demo-card: $(STAMP)
+	$(PY) -m server.model_card --model $(MODEL) --data $(DATA)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check server predictor offload tests bench
+	$(VENV)/bin/ruff format --check server predictor offload tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,109 @@
+"""Model adapters: where a model family keeps its embeddings, MoE blocks, routers and experts.
+
+Everything else in sida reaches into the model only through an adapter, so that a change in the
+Hugging Face internals breaks here (and in tests/offload/test_adapters.py), not everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    index: int  # 0..L-1 over the whole model, encoder layers first
+    name: str  # module path of the sparse MLP, e.g. "encoder.block.1.layer.1.mlp"
+    stack: str  # "encoder" | "decoder"
+    block: int  # transformer block index inside its stack
+    mlp: nn.Module  # the sparse MLP: router + experts
+    router: nn.Module
+    experts: tuple[nn.Module, ...]
+
+
+class MoEAdapter(Protocol):
+    family: str
+
+    def embeddings(self, model: nn.Module) -> nn.Embedding: ...
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]: ...
+
+    def num_experts(self, model: nn.Module) -> int: ...
+
+
+class SwitchAdapter:
+    """`SwitchTransformersForConditionalGeneration` (transformers 5.x)."""
+
+    family = "switch_transformers"
+
+    def embeddings(self, model: nn.Module) -> nn.Embedding:
+        return model.get_input_embeddings()
+
+    def num_experts(self, model: nn.Module) -> int:
+        return int(model.config.num_experts)
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        layers = []
+        for stack_name in ("encoder", "decoder"):
+            stack = getattr(model, stack_name)
+            for b, block in enumerate(stack.block):
+                ff = block.layer[-1]  # the feed-forward sub-layer is last in a Switch block
+                if not getattr(ff, "is_sparse", False):
+                    continue
+                mlp = ff.mlp
+                experts = tuple(mlp.experts[f"expert_{i}"] for i in range(self.num_experts(model)))
+                name = f"{stack_name}.block.{b}.layer.{len(block.layer) - 1}.mlp"
+                layers.append(MoELayer(len(layers), name, stack_name, b, mlp, mlp.router, experts))
+        if not layers:
+            raise ValueError("this Switch model has no sparse (MoE) blocks")
+        return layers
+
+
+ADAPTERS: dict[str, type] = {"switch_transformers": SwitchAdapter}
+
+
+def adapter_for(model_type: str) -> MoEAdapter:
+    try:
+        return ADAPTERS[model_type]()
+    except KeyError:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(ADAPTERS)}") from None
+
+
+@dataclass
+class RoutingRecord:
+    """Router decisions of one forward call of one MoE layer."""
+
+    expert: torch.Tensor  # [batch, seq] argmax of the router (before any capacity drop)
+    top_prob: torch.Tensor  # [batch, seq] the router's probability of that expert
+    logits: torch.Tensor  # [batch, seq, experts] raw router logits, fp32
+
+
+@dataclass
+class RoutingCapture:
+    records: dict[int, list[RoutingRecord]] = field(default_factory=dict)  # MoE layer index → calls in order
+
+
+@contextmanager
+def capture_routing(layers: list[MoELayer]) -> Iterator[RoutingCapture]:
+    """Record every router call while the block runs (one record per forward call; decoding appends per step)."""
+    capture = RoutingCapture({layer.index: [] for layer in layers})
+    handles = []
+    for layer in layers:
+
+        def hook(_module, _inputs, outputs, index=layer.index):
+            logits = outputs[2].detach().float()
+            probs = logits.softmax(-1)
+            top_prob, expert = probs.max(-1)
+            capture.records[index].append(RoutingRecord(expert, top_prob, logits))
+
+        handles.append(layer.router.register_forward_hook(hook))
+    try:
+        yield capture
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,106 @@
+"""Loading a MoE model from a local Hugging Face folder — never from the hub — and fingerprinting it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from offload.adapters import MoEAdapter, adapter_for
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder cannot be used; the message names the file and what was expected."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    adapter: MoEAdapter
+    config: object
+    path: Path
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """sha256 over config.json's content and the names and sizes of the weight files.
+
+    Artifacts built for a model (predictor, traces) store it and are refused by a different model.
+    Sizes, not contents, keep it cheap for multi-GB checkpoints.
+    """
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    config = json.loads((model_dir / "config.json").read_text())
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def check_model_dir(model_dir: str | Path) -> dict:
+    """Cheap checks with one clear message each, before transformers gets a chance to raise a traceback."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{model_dir} is not a Hugging Face model folder: config.json is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelLoadError(f"{config_path} has no 'model_type'")
+    try:
+        adapter_for(config["model_type"])
+    except ValueError as e:
+        raise ModelLoadError(f"{config_path}: {e}") from None
+    if not list(model_dir.glob("*.safetensors")):
+        pickled = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = (
+            f" (found {', '.join(pickled)}: pickle checkpoints are refused, convert to safetensors)" if pickled else ""
+        )
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weights{hint}")
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{model_dir} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+    return config
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+    from safetensors import SafetensorError
+    from transformers import AutoTokenizer, SwitchTransformersForConditionalGeneration
+
+    model_dir = Path(model_dir)
+    config = check_model_dir(model_dir)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    families = {"switch_transformers": SwitchTransformersForConditionalGeneration}
+    try:
+        model, info = families[config["model_type"]].from_pretrained(
+            model_dir, dtype=dtype, local_files_only=True, output_loading_info=True
+        )
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load weights from {model_dir}: {first}") from None
+    # from_pretrained silently random-initialises missing tensors: a truncated checkpoint must fail instead.
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("lm_head.weight")]
+    if missing:
+        raise ModelLoadError(f"{model_dir}: weights missing for {len(missing)} tensors, e.g. {missing[0]}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer from {model_dir}: {e}") from None
+    model.eval().to(device)
+    return LoadedModel(
+        model, tokenizer, adapter_for(config["model_type"]), model.config, model_dir, fingerprint(model_dir)
+    )

@@ -1,0 +1,143 @@
+"""`sida`: the command line. Settings are resolved here, once, and passed inward as plain values."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from server.settings import Settings, SettingsError, load_settings
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("settings (override configs/*.yaml and SIDA_* env)")
+    g.add_argument("--config", help="YAML settings file (or SIDA_CONFIG)")
+    g.add_argument("--model", dest="model_dir", help="local Hugging Face model folder")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--threads", type=int, help="torch intra-op threads")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--max-input-tokens", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sida", description="SiDA-MoE serving daemon and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("classify", help="label sentences (SST-2 sentiment on the demo model)")
+    _common(p)
+    p.add_argument("text", nargs="+")
+    p.add_argument("--task", default="sst2", choices=["sst2"])
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("complete", help="continue prompts with the model's decoder")
+    _common(p)
+    p.add_argument("text", nargs="+")
+    p.add_argument("--max-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("eval", help="task accuracy over a labelled data file")
+    _common(p)
+    p.add_argument("--task", required=True, choices=["sst2", "mrpc", "multirc"])
+    p.add_argument("--data", required=True, help="e.g. ../shared/data/sst2/dev.tsv")
+    p.add_argument("--limit", type=int, help="first N examples only")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    p.add_argument("--out", help="write {index, prediction} JSON lines here")
+
+    p = sub.add_parser("config", help="print the resolved settings")
+    _common(p)
+
+    p = sub.add_parser("build-demo", help="train the embedded demo model from ../shared/data (about 50 min, 2 cores)")
+    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--out", default="models/sida-switch-demo")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    keys = ("model_dir", "device", "dtype", "threads", "batch_size", "max_input_tokens", "max_new_tokens")
+    return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+
+
+def _runner(settings: Settings):
+    import torch
+
+    from offload.device import resolve_device
+    from offload.model_loader import load_model
+    from server.runner import Runner
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    loaded = load_model(settings.model_dir, settings.dtype, str(device))
+    return Runner(loaded, str(device), settings.max_input_tokens)
+
+
+def cmd_classify(args, settings: Settings) -> None:
+    runner = _runner(settings)
+    for text, c in zip(args.text, runner.classify(args.text, args.task)):
+        if args.json:
+            print(json.dumps({"text": text, "label": c.label, "probs": c.probs}))
+        else:
+            print(f"{c.label:<9} {c.probs[c.label]:.3f}  {text}")
+
+
+def cmd_complete(args, settings: Settings) -> None:
+    runner = _runner(settings)
+    max_new = args.max_new_tokens or settings.max_new_tokens
+    for text, c in zip(args.text, runner.complete(args.text, max_new, args.temperature, args.top_p, args.seed)):
+        if args.json:
+            print(json.dumps({"prompt": text, "completion": c.text, "finish_reason": c.finish_reason}))
+        else:
+            print(f"{text} → {c.text}")
+
+
+def cmd_eval(args, settings: Settings) -> None:
+    from server.evaluation import evaluate, write_predictions
+
+    runner = _runner(settings)
+    result = evaluate(runner, args.task, args.data, args.limit, settings.batch_size)
+    summary = {"model": str(settings.model_dir), "fingerprint": runner.loaded.fingerprint, **result.summary()}
+    if args.out:
+        write_predictions(result, args.out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{result.task}: accuracy {result.accuracy:.4f} on {result.examples} examples ({result.seconds:.1f}s)")
+
+
+def cmd_config(args, settings: Settings) -> None:
+    import yaml
+
+    print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
+
+
+def cmd_build_demo(args) -> None:
+    from server import demo_model
+
+    argv = ["--data", args.data, "--out", args.out, "--threads", str(args.threads)]
+    demo_model.main(argv + (["--epochs", str(args.epochs)] if args.epochs else []))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from offload.model_loader import ModelLoadError
+
+    try:
+        if args.command == "build-demo":
+            return cmd_build_demo(args)
+        settings = _settings(args)
+        {"classify": cmd_classify, "complete": cmd_complete, "eval": cmd_eval, "config": cmd_config}[args.command](
+            args, settings
+        )
+    except (SettingsError, ModelLoadError, FileNotFoundError, ValueError) as e:
+        print(f"sida: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

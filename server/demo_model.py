@@ -1,0 +1,329 @@
+"""Builds the embedded demo model: a word-level BPE tokenizer and a small Switch encoder-decoder trained here.
+
+Tasks (text-to-text, mixed batch by batch): SST-2 and MRPC classification with single-token label words,
+and a prefix-LM completion objective on the C4 sample so that decoder MoE layers see multi-token targets
+and `sida complete` has something to say. Checkpoints are chosen on a held-out slice of SST-2 *train*,
+never on dev. Pitfalls handled here are listed in ../shared/docs/DEMO-MODEL-NOTES.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers.processors import TemplateProcessing
+
+from server.tasks import LABEL_WORDS, TASKS, read_c4_texts
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    vocab_size: int = 8000
+    d_model: int = 128
+    d_ff: int = 512
+    num_heads: int = 4
+    d_kv: int = 32
+    num_layers: int = 4
+    num_sparse_layers: int = 2  # per stack: blocks 1 and 3 of 4
+    num_experts: int = 16
+    expert_capacity: int = 256
+    max_input_tokens: int = 128
+    router_init_std: float = 0.02  # the library's std 1.0 makes small routers collapse
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    dropout: float = 0.1
+    lr: float = 4e-4
+    warmup_steps: int = 300
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    epochs: int = 6
+    ema_decay: float = 0.999
+    heldout: int = 1000  # SST-2 train rows held out for checkpoint choice
+    lm_prefix: tuple[int, int] = (16, 64)
+    lm_target: int = 32
+    evals_per_epoch: int = 2
+    seed: int = 0
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Word-level BPE: lower-cased, split on whitespace and punctuation (apostrophes stay in words, like PTB's 's)."""
+    tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[^\w\s']"), behavior="isolated")]
+    )
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS, UNK],
+        end_of_word_suffix="</w>",
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    # Label words must be one token each: their first-step logits are the classifier.
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in LABEL_WORDS])
+    tok.post_processor = TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))])
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out: Path, model_max_length: int) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=model_max_length
+    )
+    fast.save_pretrained(out)
+
+
+def make_config(recipe: DemoRecipe, vocab_size: int):
+    from transformers import SwitchTransformersConfig
+
+    config = SwitchTransformersConfig(
+        vocab_size=vocab_size,
+        d_model=recipe.d_model,
+        d_ff=recipe.d_ff,
+        d_kv=recipe.d_kv,
+        num_heads=recipe.num_heads,
+        num_layers=recipe.num_layers,
+        num_decoder_layers=recipe.num_layers,
+        num_sparse_encoder_layers=recipe.num_sparse_layers,
+        num_sparse_decoder_layers=recipe.num_sparse_layers,
+        num_experts=recipe.num_experts,
+        expert_capacity=recipe.expert_capacity,
+        router_aux_loss_coef=recipe.router_aux_loss_coef,
+        router_z_loss_coef=recipe.router_z_loss_coef,
+        dropout_rate=recipe.dropout,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=True,
+    )
+    config.sida_labels = {name: list(task.labels) for name, task in TASKS.items()}
+    return config
+
+
+def new_model(config, router_init_std: float):
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    model = SwitchTransformersForConditionalGeneration(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "SwitchTransformersTop1Router":
+                module.classifier.weight.normal_(0.0, router_init_std)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Batch:
+    task: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def make_batches(pairs: list[tuple[list[int], list[int]]], task: str, size: int, rng: random.Random) -> list[Batch]:
+    """Shuffle, then sort by length inside windows of 50 batches: little padding, still random."""
+    pairs = pairs[:]
+    rng.shuffle(pairs)
+    batches = []
+    window = size * 50
+    for start in range(0, len(pairs), window):
+        chunk = sorted(pairs[start : start + window], key=lambda p: len(p[0]))
+        for i in range(0, len(chunk), size):
+            part = chunk[i : i + size]
+            inputs = _pad([p[0] for p in part], 0)
+            batches.append(Batch(task, inputs, (inputs != 0).long(), _pad([p[1] for p in part], -100)))
+    return batches
+
+
+def encode_examples(tok: Tokenizer, examples, max_len: int) -> list[tuple[list[int], list[int]]]:
+    enc_in = tok.encode_batch([e.prompt for e in examples])
+    out = []
+    for e, x in zip(examples, enc_in):
+        ids = x.ids[: max_len - 1] + [1] if len(x.ids) > max_len else x.ids
+        out.append((ids, [tok.token_to_id(e.label), 1]))
+    return out
+
+
+def lm_pairs(tok: Tokenizer, texts: list[str], recipe: DemoRecipe, rng: random.Random):
+    """Prefix-LM: a random-length prefix of a document window → the next `lm_target` tokens."""
+    pairs = []
+    lo, hi = recipe.lm_prefix
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        ids = enc.ids
+        pos = 0
+        while pos + lo + recipe.lm_target <= len(ids):
+            n = rng.randint(lo, hi)
+            prefix = ids[pos : pos + n]
+            target = ids[pos + n : pos + n + recipe.lm_target]
+            if len(target) < 4:
+                break
+            pairs.append((prefix + [1], target))
+            pos += n + len(target)
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+@torch.no_grad()
+def label_accuracy(model, tok: Tokenizer, pairs, label_ids: list[int], batch_size: int = 128) -> float:
+    """First-decoder-step logits restricted to the task's label tokens; the argmax is the prediction."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(pairs), batch_size):
+        part = pairs[i : i + batch_size]
+        inputs = _pad([p[0] for p in part], 0)
+        start = torch.zeros((len(part), 1), dtype=torch.long)
+        logits = model(input_ids=inputs, attention_mask=(inputs != 0).long(), decoder_input_ids=start).logits
+        pred = logits[:, 0, label_ids].argmax(-1)
+        gold = torch.tensor([label_ids.index(p[1][0]) for p in part])
+        correct += int((pred == gold).sum())
+    model.train()
+    return correct / max(1, len(pairs))
+
+
+def train(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=print) -> dict:
+    from tqdm import tqdm
+
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    t0 = time.time()
+
+    sst2 = TASKS["sst2"].read(data_dir / "sst2" / "train.tsv")
+    mrpc = TASKS["mrpc"].read(data_dir / "mrpc" / "train.tsv")
+    c4 = read_c4_texts(data_dir / "c4_sample" / "c4_sample.jsonl")
+    rng.shuffle(sst2)
+    heldout, sst2 = sst2[: recipe.heldout], sst2[recipe.heldout :]
+
+    tok = train_tokenizer([e.prompt for e in sst2 + mrpc] + c4, recipe.vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tok, out_dir, model_max_length=512)
+    log(f"tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.0f}s)")
+
+    data = {
+        "sst2": encode_examples(tok, sst2, recipe.max_input_tokens),
+        "mrpc": encode_examples(tok, mrpc, recipe.max_input_tokens),
+        "c4_lm": lm_pairs(tok, c4, recipe, rng),
+    }
+    heldout_pairs = encode_examples(tok, heldout, recipe.max_input_tokens)
+    sst2_label_ids = [tok.token_to_id(w) for w in TASKS["sst2"].labels]
+    log("examples: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))
+
+    config = make_config(recipe, tok.get_vocab_size())
+    model = new_model(config, recipe.router_init_std)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+    )
+    steps_per_epoch = sum(math.ceil(len(v) / recipe.batch_size) for v in data.values())
+    total = steps_per_epoch * recipe.epochs
+
+    def lr_at(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        return max(0.0, (total - step) / max(1, total - recipe.warmup_steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
+    best = {"heldout_acc": -1.0}
+    history = []
+    eval_every = max(1, steps_per_epoch // recipe.evals_per_epoch)
+    step = 0
+    bar = tqdm(total=total, desc="demo-model", file=sys.stderr, mininterval=5)
+    for _epoch in range(recipe.epochs):
+        batches = [b for task, pairs in data.items() for b in make_batches(pairs, task, recipe.batch_size, rng)]
+        rng.shuffle(batches)
+        for b in batches:
+            out = model(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels, output_router_logits=True
+            )
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - recipe.ema_decay)
+            step += 1
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(
+                    loss=f"{out.loss.item():.3f}",
+                    z=f"{float(out.encoder_z_loss):.2f}",
+                    aux=f"{float(out.encoder_aux_loss):.2f}",
+                )
+            if step % eval_every == 0 or step == total:
+                live = [p.detach().clone() for p in params]
+                _load(params, ema)
+                acc = label_accuracy(model, tok, heldout_pairs, sst2_label_ids)
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "heldout_acc": acc}
+                row["minutes"] = round((time.time() - t0) / 60, 1)
+                history.append(row)
+                log(json.dumps(row))
+                if acc > best["heldout_acc"]:
+                    best = dict(row)
+                    model.save_pretrained(out_dir, safe_serialization=True)
+                _load(params, live)
+    bar.close()
+    return {"best": best, "history": history, "steps": total, "minutes": round((time.time() - t0) / 60, 1)}
+
+
+@torch.no_grad()
+def _load(params, values) -> None:
+    for p, v in zip(params, values):
+        p.copy_(v)
+
+
+def finalize(out_dir: Path, train_report: dict, recipe: DemoRecipe) -> None:
+    """Store the chosen checkpoint as fp16 safetensors and record how it was made."""
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
+    model.half().save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "training.json").write_text(json.dumps({"recipe": asdict(recipe), **train_report}, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out", type=Path, default=Path("models/sida-switch-demo"))
+    p.add_argument("--epochs", type=int, default=DemoRecipe.epochs)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = DemoRecipe(epochs=args.epochs)
+    report = train(args.data, args.out, recipe)
+    finalize(args.out, report, recipe)
+    print(json.dumps(report["best"]))
+
+
+if __name__ == "__main__":
+    main()

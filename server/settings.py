@@ -1,0 +1,114 @@
+"""The one settings object: defaults < YAML file < `SIDA_*` environment < CLI flags.
+
+Read once in `main`; everything inward gets plain arguments (STYLE.md §2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sida-switch-demo"
+
+
+class SettingsError(ValueError):
+    """A configuration problem, already phrased for the user (one line per bad field)."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIDA_", extra="forbid", validate_default=True, frozen=True)
+
+    model_dir: Path = DEFAULT_MODEL_DIR
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    max_input_tokens: int = 512
+    max_new_tokens: int = 32
+    batch_size: int = 32  # examples per forward in `sida eval`
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_exists(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"model directory {v} does not exist")
+        if not (v / "config.json").is_file():
+            raise ValueError(f"{v} is not a Hugging Face model folder (no config.json)")
+        return v
+
+    @field_validator("threads", "max_input_tokens", "max_new_tokens", "batch_size")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 0 < v < 65536:
+            raise ValueError("must be a TCP port, 1..65535")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first: CLI flags (init kwargs), then SIDA_* env, then the YAML file.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from an optional YAML file (or `SIDA_CONFIG`), the environment and CLI overrides.
+
+    Overrides that are None (flags not given) are ignored; every problem comes back as one SettingsError.
+    """
+    import os
+
+    config_file = config_file or os.environ.get("SIDA_CONFIG")
+    cls = Settings
+    if config_file is not None:
+        config_file = Path(config_file)
+        if not config_file.is_file():
+            raise SettingsError(f"config file {config_file} not found")
+        _check_yaml(config_file)
+        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config_file}})
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        raise SettingsError(_describe(e, config_file)) from None
+
+
+def _check_yaml(path: Path) -> None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SettingsError(f"config file {path} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise SettingsError(f"config file {path} must be a mapping of setting: value")
+
+
+def _describe(e: ValidationError, config_file: Path | None) -> str:
+    where = f" (config file {config_file}, SIDA_* env or flags)" if config_file else ""
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(Settings.model_fields)
+            lines.append(f"unknown setting {field!r}; known settings: {known}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"setting {field!r}: {msg} (got {err.get('input')!r})")
+    return "; ".join(lines) + where

@@ -1,0 +1,114 @@
+"""Text-to-text tasks: how an example of each dataset is read from `../shared/data` and written as a prompt.
+
+The demo model is trained on these prompts and `sida eval` scores them, so both go through this one module.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    label: str | None  # a label word of the task, or None for unlabeled data
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    labels: tuple[str, ...]  # label words, index = dataset label id
+
+    def read(self, path: str | Path, limit: int | None = None) -> list[Example]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.name} data file not found: {path}")
+        examples = _READERS[self.name](self, path)
+        return examples[:limit] if limit is not None else examples
+
+
+def _sst2(task: Task, path: Path) -> list[Example]:
+    rows = _tsv_rows(path)
+    if not rows or "sentence" not in rows[0]:
+        raise ValueError(f"{path}: expected an SST-2 tsv with a 'sentence' column")
+    return [
+        Example(sst2_prompt(r["sentence"]), task.labels[int(r["label"])] if r.get("label") not in (None, "") else None)
+        for r in rows
+    ]
+
+
+def _mrpc(task: Task, path: Path) -> list[Example]:
+    rows = _tsv_rows(path)
+    if not rows or "#1 String" not in rows[0]:
+        raise ValueError(f"{path}: expected an MRPC tsv with '#1 String' and '#2 String' columns")
+    return [
+        Example(mrpc_prompt(r["#1 String"], r["#2 String"]), task.labels[int(r["Quality"])] if "Quality" in r else None)
+        for r in rows
+    ]
+
+
+def _multirc(task: Task, path: Path) -> list[Example]:
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                passage = record["passage"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{path}:{line_no}: not a SuperGLUE MultiRC record ({e})") from None
+            for q in passage["questions"]:
+                for a in q["answers"]:
+                    label = task.labels[a["label"]] if "label" in a else None
+                    examples.append(Example(multirc_prompt(passage["text"], q["question"], a["text"]), label))
+    return examples
+
+
+def _tsv_rows(path: Path) -> list[dict[str, str]]:
+    # utf-8-sig: the MRPC header starts with a BOM; QUOTE_NONE: sentences contain bare quotes.
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def sst2_prompt(sentence: str) -> str:
+    return f"sst2 sentence: {sentence.strip()}"
+
+
+def mrpc_prompt(sentence1: str, sentence2: str) -> str:
+    return f"mrpc sentence1: {sentence1.strip()} sentence2: {sentence2.strip()}"
+
+
+def multirc_prompt(paragraph: str, question: str, answer: str) -> str:
+    paragraph = paragraph.replace("<br>", " ")
+    return f"multirc question: {question.strip()} answer: {answer.strip()} paragraph: {paragraph}"
+
+
+_READERS = {"sst2": _sst2, "mrpc": _mrpc, "multirc": _multirc}
+
+TASKS: dict[str, Task] = {
+    "sst2": Task("sst2", ("negative", "positive")),
+    "mrpc": Task("mrpc", ("not_equivalent", "equivalent")),
+    "multirc": Task("multirc", ("false", "true")),
+}
+
+LABEL_WORDS: tuple[str, ...] = tuple(word for task in TASKS.values() for word in task.labels)
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}") from None
+
+
+def read_c4_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Documents of the C4 sample (JSON lines with a 'text' key), for the completion objective."""
+    texts = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            if limit is not None and len(texts) >= limit:
+                break
+    return texts

@@ -1,0 +1,99 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from offload.model_loader import ModelLoadError, check_model_dir, fingerprint, load_model
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_loads_tiny_switch(tiny_dir):
+    loaded = load_model(tiny_dir)
+    assert loaded.config.num_experts == 4
+    assert not loaded.model.training
+    assert len(loaded.fingerprint) == 16
+
+
+def test_fingerprint_is_stable_and_tracks_config(tiny_dir, tmp_path):
+    d = copy(tiny_dir, tmp_path / "m")
+    assert fingerprint(d) == fingerprint(tiny_dir)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["expert_capacity"] += 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert fingerprint(d) != fingerprint(tiny_dir)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        check_model_dir(tmp_path / "absent")
+
+
+def test_no_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json is missing"):
+        check_model_dir(tmp_path)
+
+
+def test_corrupt_config(tiny_dir, tmp_path):
+    d = copy(tiny_dir, tmp_path / "m")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json is not valid JSON"):
+        load_model(d)
+
+
+def test_unsupported_family(tiny_dir, tmp_path):
+    d = copy(tiny_dir, tmp_path / "m")
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelLoadError, match="unsupported model_type 'llama'"):
+        load_model(d)
+
+
+def test_pickle_checkpoints_are_refused(tiny_dir, tmp_path):
+    d = copy(tiny_dir, tmp_path / "m")
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle checkpoints are refused"):
+        load_model(d)
+
+
+def test_truncated_weights(tiny_dir, tmp_path):
+    d = copy(tiny_dir, tmp_path / "m")
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="cannot load weights"):
+        load_model(d)
+
+
+def test_missing_tensors_fail_instead_of_random_init(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy(tiny_dir, tmp_path / "m")
+    tensors = load_file(d / "model.safetensors")
+    dropped = next(k for k in tensors if "expert_1" in k)
+    del tensors[dropped]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="weights missing"):
+        load_model(d)
+
+
+def test_no_tokenizer(tiny_dir, tmp_path):
+    d = copy(tiny_dir, tmp_path / "m")
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="no tokenizer"):
+        load_model(d)
+
+
+def test_cli_reports_one_line_not_a_traceback(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "classify", "--model", str(tmp_path / "absent"), "hi"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr

@@ -1,0 +1,75 @@
+"""The `sida` command as a user runs it: a real subprocess on the shipped demo model."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def sida(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=REPO, **kw)
+
+
+def test_classify(demo_dir):
+    r = sida("classify", "--json", "a gorgeous , witty , seductive movie .", "a dull , lifeless , boring mess .")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["label"] for row in rows] == ["positive", "negative"]
+    assert abs(sum(rows[0]["probs"].values()) - 1) < 1e-4
+
+
+def test_complete(demo_dir):
+    r = sida("complete", "--json", "--max-tokens", "8", "the city council voted on tuesday to")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)
+    assert row["completion"].strip() and row["finish_reason"] in ("stop", "length")
+
+
+def test_eval_json_and_predictions(demo_dir, data_dir, tmp_path):
+    out = tmp_path / "pred.jsonl"
+    r = sida(
+        "eval",
+        "--task",
+        "sst2",
+        "--data",
+        str(data_dir / "sst2" / "dev.tsv"),
+        "--limit",
+        "40",
+        "--json",
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["task"] == "sst2" and summary["examples"] == 40 and 0 <= summary["accuracy"] <= 1
+    assert "40/40" in r.stderr  # progress goes to stderr, not stdout
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [set(x) for x in lines] == [{"index", "prediction"}] * 40
+    assert [x["index"] for x in lines] == list(range(40))
+    # same inputs → byte-identical prediction files
+    out2 = tmp_path / "pred2.jsonl"
+    sida(
+        "eval",
+        "--task",
+        "sst2",
+        "--data",
+        str(data_dir / "sst2" / "dev.tsv"),
+        "--limit",
+        "40",
+        "--out",
+        str(out2),
+        "--batch-size",
+        "7",
+    )
+    assert out.read_bytes() == out2.read_bytes()
+
+
+def test_eval_refuses_unlabeled_data(demo_dir, data_dir):
+    r = sida("eval", "--task", "sst2", "--data", str(data_dir / "sst2" / "test.tsv"), "--limit", "5")
+    assert r.returncode == 2 and "has no labels" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_prints_resolved_settings(demo_dir):
+    r = sida("config", "--threads", "2")
+    assert r.returncode == 0 and "threads: 2" in r.stdout

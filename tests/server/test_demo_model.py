@@ -1,0 +1,80 @@
+"""The demo model's recipe and the shipped artifact: label tokens, router losses, accuracy and routing spread."""
+
+import torch
+
+from server.demo_model import DemoRecipe, make_config, new_model, train_tokenizer
+from server.tasks import LABEL_WORDS
+from tests.conftest import TINY_TEXTS
+
+
+def test_label_words_are_single_tokens_in_shipped_tokenizer(demo_loaded):
+    tok = demo_loaded.tokenizer
+    for word in LABEL_WORDS:
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+    # and inside a sentence too
+    ids = tok("the answer is positive", add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids("positive") in ids
+
+
+def test_tokenizer_round_trips_ptb_and_raw_text(demo_loaded):
+    tok = demo_loaded.tokenizer
+    assert tok.decode(tok("it 's a charming journey .")["input_ids"], skip_special_tokens=True) == (
+        "it 's a charming journey ."
+    )
+    ids = tok("It's GREAT, isn't it?")["input_ids"]
+    assert tok.unk_token_id not in ids and ids[-1] == tok.eos_token_id
+
+
+def test_sparse_blocks_and_nonzero_router_losses_during_training():
+    """v5 computes aux/z losses only when not every block is sparse; both must be live in the recipe."""
+    tok = train_tokenizer(TINY_TEXTS, vocab_size=300)
+    recipe = DemoRecipe(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=4, num_sparse_layers=2, num_experts=4)
+    config = make_config(recipe, tok.get_vocab_size())
+    assert config.decoder_start_token_id == 0 and config.pad_token_id == 0 and config.eos_token_id == 1
+    model = new_model(config, recipe.router_init_std)
+    sparse = [i for i, b in enumerate(model.encoder.block) if b.is_sparse]
+    assert sparse == [1, 3] and [i for i, b in enumerate(model.decoder.block) if b.is_sparse] == [1, 3]
+    router = model.encoder.block[1].layer[-1].mlp.router.classifier.weight
+    assert router.std().item() < 0.05  # re-initialised, not the library's std 1.0
+    model.train()
+    enc = torch.tensor([tok.encode(t).ids for t in TINY_TEXTS[:4] if len(tok.encode(t).ids) >= 8][:2])[:, :8]
+    out = model(input_ids=enc, labels=enc[:, :4].contiguous(), output_router_logits=True)
+    for name in ("encoder_z_loss", "encoder_aux_loss", "decoder_z_loss", "decoder_aux_loss"):
+        assert float(getattr(out, name)) > 0, name
+    out.loss.backward()
+    assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_demo_model_shape(demo_loaded):
+    c = demo_loaded.config
+    layers = demo_loaded.adapter.moe_layers(demo_loaded.model)
+    assert c.num_experts == 16
+    assert [la.stack for la in layers] == ["encoder", "encoder", "decoder", "decoder"]
+    size = sum(f.stat().st_size for f in demo_loaded.path.iterdir() if f.is_file())
+    assert size <= 25 * 1024 * 1024
+
+
+def test_demo_model_sst2_dev_accuracy(demo_loaded, data_dir):
+    from server.evaluation import evaluate
+    from server.runner import Runner
+
+    result = evaluate(Runner(demo_loaded), "sst2", data_dir / "sst2" / "dev.tsv", progress=False)
+    assert result.examples == 872
+    assert result.accuracy >= 0.80
+
+
+def test_demo_routers_spread(demo_loaded, data_dir):
+    """Every expert used and none over half the tokens: encoder layers on SST-2 dev, all layers on WikiText."""
+    from server.model_card import _wikitext_paragraphs, classification_batches, lm_batches, routing_report
+    from server.runner import Runner
+    from server.tasks import get_task
+
+    runner = Runner(demo_loaded)
+    prompts = [e.prompt for e in get_task("sst2").read(data_dir / "sst2" / "dev.tsv")]
+    enc = routing_report(demo_loaded, classification_batches(runner, prompts))
+    for r in enc.values():
+        if r["stack"] == "encoder":
+            assert r["experts_used"] == 16 and r["max_share"] < 0.5, r
+    wiki = _wikitext_paragraphs(data_dir / "wikitext2" / "wiki.valid.tokens", 200)
+    for r in routing_report(demo_loaded, lm_batches(runner, wiki)).values():
+        assert r["experts_used"] == 16 and r["max_share"] < 0.5, r
