@@ -35,6 +35,12 @@ class MoEAdapter(Protocol):
 
     def num_experts(self, model: nn.Module) -> int: ...
 
+    def expert_capacity(self, model: nn.Module) -> int: ...
+
+    def expert_forward(self, model: nn.Module): ...
+
+    def replace_moe(self, model: nn.Module, layer: MoELayer, module: nn.Module) -> None: ...
+
 
 class SwitchAdapter:
     """`SwitchTransformersForConditionalGeneration` (transformers 5.x)."""
@@ -46,6 +52,25 @@ class SwitchAdapter:
 
     def num_experts(self, model: nn.Module) -> int:
         return int(model.config.num_experts)
+
+    def expert_capacity(self, model: nn.Module) -> int:
+        return int(model.config.expert_capacity)
+
+    def expert_forward(self, model: nn.Module):
+        """f(params, x) computing one expert from its packed weights, as SwitchTransformersDenseActDense does."""
+        from transformers.activations import ACT2FN
+
+        act = ACT2FN[model.config.dense_act_fn]
+
+        def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            h = act(nn.functional.linear(x, params["wi.weight"]))  # [tokens, d_ff]
+            return nn.functional.linear(h.to(params["wo.weight"].dtype), params["wo.weight"])  # [tokens, d_model]
+
+        return forward
+
+    def replace_moe(self, model: nn.Module, layer: MoELayer, module: nn.Module) -> None:
+        parent_name, _, child = layer.name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         layers = []

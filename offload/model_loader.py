@@ -80,6 +80,9 @@ def check_model_dir(model_dir: str | Path) -> dict:
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
     from safetensors import SafetensorError
     from transformers import AutoTokenizer, SwitchTransformersForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one-line errors and clean stderr; sida reports its own progress
 
     model_dir = Path(model_dir)
     config = check_model_dir(model_dir)

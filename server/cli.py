@@ -18,6 +18,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="torch intra-op threads")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--max-input-tokens", type=int)
+    g = p.add_argument_group("offload")
+    g.add_argument("--mode", choices=["resident", "exact", "predicted"])
+    g.add_argument("--budget-experts", type=int, help="device slots for all MoE layers together")
+    g.add_argument("--budget-bytes", type=int, help="the same budget in bytes")
+    g.add_argument("--policy", choices=["fifo", "lru", "lfu"])
+    g.add_argument("--tier", choices=["ram", "disk"])
+    g.add_argument("--prefetch-k", type=int)
+    g.add_argument("--expert-dir", help="tier disk: folder for the expert file")
+    g.add_argument(
+        "--hash",
+        choices=["none", "oracle"],
+        default="none",
+        help="hash tables: none, or oracle (the router's own choices from a resident copy; tests and bounds)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,26 +73,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ("model_dir", "device", "dtype", "threads", "batch_size", "max_input_tokens", "max_new_tokens")
+    keys = (
+        "model_dir",
+        "device",
+        "dtype",
+        "threads",
+        "batch_size",
+        "max_input_tokens",
+        "max_new_tokens",
+        "mode",
+        "budget_experts",
+        "budget_bytes",
+        "policy",
+        "tier",
+        "prefetch_k",
+        "expert_dir",
+    )
     return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
 
 
-def _runner(settings: Settings):
+def _runner(settings: Settings, hash_source: str = "none"):
     import torch
 
     from offload.device import resolve_device
+    from offload.engine import OffloadEngine
     from offload.model_loader import load_model
     from server.runner import Runner
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
+    offload = settings.offload_config()
+    if offload.mode == "predicted" and hash_source == "none":
+        raise ValueError("predicted mode needs hash tables: no predictor is shipped yet, use --hash oracle")
     loaded = load_model(settings.model_dir, settings.dtype, str(device))
-    return Runner(loaded, str(device), settings.max_input_tokens)
+    hash_fn = None
+    if hash_source == "oracle":
+        from predictor.oracle import OracleHash
+
+        hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=max(3, offload.prefetch_k))
+    engine = OffloadEngine(loaded, offload, device)
+    return Runner(loaded, str(device), settings.max_input_tokens, engine, hash_fn)
 
 
 def cmd_classify(args, settings: Settings) -> None:
-    runner = _runner(settings)
+    runner = _runner(settings, args.hash)
     for text, c in zip(args.text, runner.classify(args.text, args.task)):
         if args.json:
             print(json.dumps({"text": text, "label": c.label, "probs": c.probs}))
@@ -87,7 +126,7 @@ def cmd_classify(args, settings: Settings) -> None:
 
 
 def cmd_complete(args, settings: Settings) -> None:
-    runner = _runner(settings)
+    runner = _runner(settings, args.hash)
     max_new = args.max_new_tokens or settings.max_new_tokens
     for text, c in zip(args.text, runner.complete(args.text, max_new, args.temperature, args.top_p, args.seed)):
         if args.json:
@@ -99,9 +138,10 @@ def cmd_complete(args, settings: Settings) -> None:
 def cmd_eval(args, settings: Settings) -> None:
     from server.evaluation import evaluate, write_predictions
 
-    runner = _runner(settings)
+    runner = _runner(settings, args.hash)
     result = evaluate(runner, args.task, args.data, args.limit, settings.batch_size)
     summary = {"model": str(settings.model_dir), "fingerprint": runner.loaded.fingerprint, **result.summary()}
+    summary.update(runner.engine.summary())
     if args.out:
         write_predictions(result, args.out)
     if args.json:

@@ -29,13 +29,25 @@ class Completion:
 
 
 class Runner:
-    def __init__(self, loaded: LoadedModel, device: str = "cpu", max_input_tokens: int = 512):
+    """`engine` (offload) and `hash_fn` (input_ids, attention_mask, decoder_input_ids → HashTable) are optional."""
+
+    def __init__(
+        self, loaded: LoadedModel, device: str = "cpu", max_input_tokens: int = 512, engine=None, hash_fn=None
+    ):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(device)
         self.max_input_tokens = max_input_tokens
+        self.engine = engine
+        self.hash_fn = hash_fn
         self._label_ids: dict[str, list[int]] = {}
+
+    def _begin_batch(self, enc: dict[str, torch.Tensor], decoder_input_ids: torch.Tensor) -> None:
+        if self.engine is None:
+            return
+        table = self.hash_fn(enc["input_ids"], enc["attention_mask"], decoder_input_ids) if self.hash_fn else None
+        self.engine.begin_batch(enc["attention_mask"], table)
 
     def label_ids(self, task: Task) -> list[int]:
         """Token id of each label word; every label word must be a single token of this tokenizer."""
@@ -61,6 +73,7 @@ class Runner:
         ids = self.label_ids(task)
         enc = self.encode(prompts)
         start = torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, device=self.device)
+        self._begin_batch(enc, start)
         logits = self.model(**enc, decoder_input_ids=start).logits  # [batch, 1, vocab]
         probs = logits[:, 0, ids].float().softmax(-1).cpu()  # [batch, labels]
         return [
@@ -84,6 +97,9 @@ class Runner:
         seed: int | None = None,
     ) -> list[Completion]:
         enc = self.encode(prompts)
+        self._begin_batch(
+            enc, torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, device=self.device)
+        )
         sample = temperature > 0
         if seed is not None:
             torch.manual_seed(seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sida-switch-demo"
@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     max_input_tokens: int = 512
     max_new_tokens: int = 32
     batch_size: int = 32  # examples per forward in `sida eval`
+    # offload (offload/engine.py)
+    mode: Literal["resident", "exact", "predicted"] = "resident"
+    budget_experts: int | None = None  # device slots for all MoE layers together; None = every expert
+    budget_bytes: int | None = None
+    policy: Literal["fifo", "lru", "lfu"] = "lru"
+    tier: Literal["ram", "disk"] = "ram"
+    prefetch_k: int = 1
+    expert_dir: Path | None = None  # tier 'disk': where the per-model expert file is written once
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -41,12 +49,32 @@ class Settings(BaseSettings):
             raise ValueError(f"{v} is not a Hugging Face model folder (no config.json)")
         return v
 
-    @field_validator("threads", "max_input_tokens", "max_new_tokens", "batch_size")
+    @field_validator("threads", "max_input_tokens", "max_new_tokens", "batch_size", "budget_experts", "prefetch_k")
     @classmethod
     def _positive(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    @field_validator("budget_bytes")
+    @classmethod
+    def _bytes(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be a positive number of bytes")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Settings:
+        if self.budget_experts is not None and self.budget_bytes is not None:
+            raise ValueError("set budget_experts or budget_bytes, not both")
+        return self
+
+    def offload_config(self):
+        from offload.engine import OffloadConfig
+
+        return OffloadConfig(
+            self.mode, self.budget_experts, self.budget_bytes, self.policy, self.tier, self.prefetch_k, self.expert_dir
+        )
 
     @field_validator("port")
     @classmethod

@@ -38,14 +38,21 @@ def demo_loaded(demo_dir):
     return load_model(demo_dir)
 
 
-def make_tiny_switch(out: Path, num_experts: int = 4, seed: int = 0) -> Path:
+def make_tiny_switch(out: Path, num_experts: int = 4, seed: int = 0, expert_capacity: int = 256) -> Path:
     """A randomly initialised 2+2-block Switch model (one MoE block per stack) with a real tokenizer."""
     from server.demo_model import DemoRecipe, make_config, new_model, save_tokenizer, train_tokenizer
 
     torch.manual_seed(seed)
     tok = train_tokenizer(TINY_TEXTS, vocab_size=300)
     recipe = DemoRecipe(
-        d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=2, num_sparse_layers=1, num_experts=num_experts
+        d_model=32,
+        d_ff=64,
+        num_heads=2,
+        d_kv=16,
+        num_layers=2,
+        num_sparse_layers=1,
+        num_experts=num_experts,
+        expert_capacity=expert_capacity,
     )
     config = make_config(recipe, tok.get_vocab_size())
     model = new_model(config, recipe.router_init_std)
@@ -58,6 +65,12 @@ def make_tiny_switch(out: Path, num_experts: int = 4, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_switch(tmp_path_factory.mktemp("tiny-switch"))
+
+
+@pytest.fixture(scope="session")
+def tiny8_dir(tmp_path_factory) -> Path:
+    """8 experts and an expert capacity of 3 tokens per sequence, so that capacity drops really happen."""
+    return make_tiny_switch(tmp_path_factory.mktemp("tiny8-switch"), num_experts=8, seed=1, expert_capacity=3)
 
 
 def pytest_collection_modifyitems(config, items):

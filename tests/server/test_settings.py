@@ -79,3 +79,14 @@ def test_shipped_default_yaml_is_valid(demo_dir, monkeypatch):
     monkeypatch.chdir(REPO)
     s = load_settings(REPO / "configs" / "default.yaml")
     assert isinstance(s, Settings) and s.model_dir.resolve() == demo_dir
+
+
+def test_offload_settings_are_validated():
+    with pytest.raises(SettingsError, match="setting 'budget_experts': must be >= 1"):
+        load_settings(budget_experts=0)
+    with pytest.raises(SettingsError, match="setting 'policy'"):
+        load_settings(policy="mru")
+    with pytest.raises(SettingsError, match="not both"):
+        load_settings(budget_experts=2, budget_bytes=10**6)
+    cfg = load_settings(mode="exact", budget_bytes=10**6, policy="fifo", tier="disk").offload_config()
+    assert (cfg.mode, cfg.budget_bytes, cfg.policy, cfg.tier) == ("exact", 10**6, "fifo", "disk")

@@ -1,0 +1,130 @@
+"""The SiDA MoE layer: replaces a model's sparse MLP and runs only the experts its tokens use, from cache slots.
+
+Routing comes from the model's router (`exact`) or from the hash table (`predicted`). Switch semantics are
+kept so that `exact` equals Hugging Face: top-1, router in fp32 with no jitter in eval, per-sequence expert
+capacity (tokens over capacity skip the MoE and pass through the residual), output scaled by α.
+Padding tokens of the encoder are not sent to any expert: no real token can see their output.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from offload.device_cache import DeviceExpertCache
+from offload.hash_table import HashTable
+
+
+@dataclass
+class RoutingContext:
+    """Per-batch state shared by all SiDA layers of one model; set by `OffloadEngine.begin_batch`."""
+
+    mode: str  # "exact" | "predicted"
+    prefetch_k: int = 1
+    hash_table: HashTable | None = None
+    token_mask: torch.Tensor | None = None  # [batch, enc_seq] encoder attention mask
+    offsets: Counter = field(default_factory=Counter)  # layer → positions already processed (decoder steps)
+    # what happened, for eval and metrics (a hit is the router's real choice found among the predictions)
+    hash_lookups: Counter = field(default_factory=Counter)  # layer → real tokens checked
+    hash_hits: Counter = field(default_factory=Counter)  # (layer, k) → tokens whose router choice was in top-k
+    router_fallbacks: int = 0  # predicted mode: layer calls the table did not cover, routed by the router
+
+
+class SiDAMoELayer(nn.Module):
+    def __init__(
+        self,
+        index: int,
+        stack: str,
+        router: nn.Module,
+        expert_forward,
+        cache: DeviceExpertCache,
+        context: RoutingContext,
+        next_layer: int | None,
+        next_stack: str | None,
+        num_experts: int,
+        capacity: int,
+    ):
+        super().__init__()
+        self.index = index
+        self.stack = stack
+        self.router = router  # kept in both modes; `predicted` calls it only where the table has no rows
+        self.expert_forward = expert_forward
+        self.cache = cache
+        self.context = context
+        self.next_layer = next_layer
+        self.next_stack = next_stack
+        self.num_experts = num_experts
+        self.capacity = capacity
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = hidden_states.shape
+        ctx = self.context
+        start = ctx.offsets[self.index]
+        ctx.offsets[self.index] += seq
+        expert, alpha = self._route(hidden_states, start)  # [batch, seq] (-1 = no expert), [batch, seq]
+        if self.stack == "encoder" and ctx.token_mask is not None:
+            expert = expert.masked_fill(~ctx.token_mask.bool(), -1)
+
+        flat = hidden_states.reshape(-1, d_model)  # [tokens, d_model]
+        flat_expert = expert.reshape(-1)
+        flat_alpha = alpha.reshape(-1, 1).to(hidden_states.dtype)
+        out = torch.zeros_like(flat)
+        needed = torch.unique(flat_expert[flat_expert >= 0]).tolist()
+        keys = [(self.index, e) for e in needed]
+        for i, wave in enumerate(self.cache.waves(keys)):
+            params = self.cache.acquire(wave)
+            if i == 0:  # copies for the next layer overlap this layer's compute, never evicting its experts
+                self._prefetch_next(protect=set(keys))
+            for key in wave:
+                rows = torch.nonzero(flat_expert == key[1]).squeeze(1)  # ascending token order, as HF
+                y = self.expert_forward(params[key], flat[rows])  # [rows, d_model]
+                out.index_add_(0, rows, (y * flat_alpha[rows]).to(out.dtype))
+            self.cache.release(wave)
+        return out.view(batch, seq, d_model)
+
+    def _route(self, hidden_states: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        table = ctx.hash_table
+        rows = table.rows(self.index, start, hidden_states.shape[1]) if table is not None else None
+        if ctx.mode == "predicted" and rows is not None:
+            experts, alpha = rows
+            return self._apply_capacity(experts[..., 0]), alpha
+        if ctx.mode == "predicted":
+            ctx.router_fallbacks += 1
+        one_hot, top_prob, logits = self.router(hidden_states)  # capacity already applied by the router
+        expert = torch.where(one_hot.sum(-1) > 0, one_hot.argmax(-1), -1)
+        if rows is not None:
+            self._count_hits(logits.argmax(-1), rows[0])  # the router's choice before any capacity drop
+        return expert, top_prob.squeeze(-1)
+
+    def _apply_capacity(self, expert: torch.Tensor) -> torch.Tensor:
+        """Switch's rule: per sequence, an expert takes its first `capacity` tokens; later ones are dropped."""
+        one_hot = nn.functional.one_hot(expert, self.num_experts)  # [batch, seq, experts]
+        priority = (one_hot.cumsum(dim=1) * one_hot).sum(-1)  # [batch, seq], 1-based rank within the expert
+        return expert.masked_fill(priority > self.capacity, -1)
+
+    def _count_hits(self, router_choice: torch.Tensor, predicted: torch.Tensor) -> None:
+        mask = None
+        if self.stack == "encoder" and self.context.token_mask is not None:
+            mask = self.context.token_mask.bool()
+        choice = router_choice if mask is None else router_choice[mask]  # [real tokens]
+        pred = predicted if mask is None else predicted[mask]  # [real tokens, k]
+        choice, pred = choice.reshape(-1), pred.reshape(choice.numel(), -1)
+        self.context.hash_lookups[self.index] += choice.numel()
+        match = pred == choice[:, None]  # [real tokens, k]
+        for k in range(1, pred.shape[1] + 1):
+            self.context.hash_hits[(self.index, k)] += int(match[:, :k].any(-1).sum())
+
+    def _prefetch_next(self, protect: set) -> None:
+        ctx = self.context
+        if ctx.hash_table is None or self.next_layer is None:
+            return
+        nxt = self.next_layer
+        if self.next_stack == "encoder":
+            keys = ctx.hash_table.candidates(nxt, ctx.prefetch_k, mask=ctx.token_mask)
+        else:  # the next decoder call processes the next position (one step while generating)
+            keys = ctx.hash_table.candidates(nxt, ctx.prefetch_k, start=ctx.offsets[nxt], length=1)
+        self.cache.prefetch([(nxt, e) for e in keys], protect=protect)

@@ -1,0 +1,102 @@
+"""Eviction policies: pure bookkeeping over keys, no tensors, no devices (tested in tests/offload/test_policies.py).
+
+The cache tells a policy what happened (insert, access, remove) and asks it for a victim among the keys
+it may evict (resident and unpinned); the policy never sees pinned keys as candidates.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+
+
+class EvictionPolicy:
+    name = "base"
+
+    def on_insert(self, key: Hashable) -> None:
+        raise NotImplementedError
+
+    def on_access(self, key: Hashable) -> None:
+        raise NotImplementedError
+
+    def on_remove(self, key: Hashable) -> None:
+        raise NotImplementedError
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        """The key to evict among `candidates` (non-empty)."""
+        raise NotImplementedError
+
+
+class FIFOPolicy(EvictionPolicy):
+    """Evicts the key loaded longest ago, whatever its use since (the paper's policy)."""
+
+    name = "fifo"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def on_insert(self, key: Hashable) -> None:
+        self._order[key] = None
+
+    def on_access(self, key: Hashable) -> None:
+        pass
+
+    def on_remove(self, key: Hashable) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        allowed = set(candidates)
+        for key in self._order:
+            if key in allowed:
+                return key
+        raise ValueError("no eviction candidate is known to the policy")
+
+
+class LRUPolicy(FIFOPolicy):
+    """Evicts the key used longest ago: FIFO order refreshed on every access."""
+
+    name = "lru"
+
+    def on_access(self, key: Hashable) -> None:
+        if key in self._order:
+            self._order.move_to_end(key)
+
+
+class LFUPolicy(EvictionPolicy):
+    """Evicts the key used least often while resident; ties go to the least recently used."""
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self._count: dict[Hashable, int] = {}
+        self._recency = LRUPolicy()
+
+    def on_insert(self, key: Hashable) -> None:
+        self._count[key] = 0
+        self._recency.on_insert(key)
+
+    def on_access(self, key: Hashable) -> None:
+        if key in self._count:
+            self._count[key] += 1
+            self._recency.on_access(key)
+
+    def on_remove(self, key: Hashable) -> None:
+        self._count.pop(key, None)
+        self._recency.on_remove(key)
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        candidates = [k for k in candidates if k in self._count]
+        if not candidates:
+            raise ValueError("no eviction candidate is known to the policy")
+        fewest = min(self._count[k] for k in candidates)
+        return self._recency.victim(k for k in candidates if self._count[k] == fewest)
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"fifo": FIFOPolicy, "lru": LRUPolicy, "lfu": LFUPolicy}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; expected one of {', '.join(POLICIES)}") from None

@@ -1,0 +1,26 @@
+"""The oracle hash function: the router's own choices, from an untouched copy of the model.
+
+A perfect predictor, for tests and as the upper bound in benchmarks. It costs a full forward, so it
+is never a serving option. Decoder positions are those of the decoder inputs it is given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload.adapters import capture_routing
+from offload.hash_table import HashTable
+from offload.model_loader import LoadedModel
+
+
+class OracleHash:
+    def __init__(self, resident: LoadedModel, k: int = 3):
+        self.loaded = resident
+        self.layers = resident.adapter.moe_layers(resident.model)
+        self.k = k
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, attention_mask, decoder_input_ids) -> HashTable:
+        with capture_routing(self.layers) as cap:
+            self.loaded.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
+        return HashTable.from_router_logits({i: recs[0].logits for i, recs in cap.records.items()}, self.k)

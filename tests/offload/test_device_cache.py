@@ -1,0 +1,119 @@
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from offload.device_cache import DeviceExpertCache
+from offload.expert_store import ExpertStore
+from offload.policies import make_policy
+from offload.prefetch import Transfer
+
+
+def make_store(layers=2, experts=4, tier="ram", path=None):
+    torch.manual_seed(0)
+    modules = [((la, e), nn.Linear(3, 2, bias=True)) for la in range(layers) for e in range(experts)]
+    return ExpertStore.from_experts(iter(modules), tier, disk_path=path), dict(modules)
+
+
+def make_cache(capacity, policy="lru", **kw):
+    store, modules = make_store(**kw)
+    cpu = torch.device("cpu")
+    return DeviceExpertCache(
+        store, capacity, make_policy(policy), cpu, Transfer(cpu, store.layout.numel, torch.float32)
+    ), modules
+
+
+def test_acquire_returns_the_experts_weights():
+    cache, modules = make_cache(3)
+    views = cache.acquire([(1, 2)])
+    torch.testing.assert_close(views[(1, 2)]["weight"], modules[(1, 2)].weight)
+    torch.testing.assert_close(views[(1, 2)]["bias"], modules[(1, 2)].bias)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "lru", "lfu"])
+@pytest.mark.parametrize("capacity", [1, 2, 5, 8])
+def test_budget_never_exceeded_and_accounting_adds_up(policy, capacity):
+    cache, modules = make_cache(capacity, policy)
+    rng = random.Random(capacity)
+    keys = list(modules)
+    for _ in range(200):
+        if rng.random() < 0.3:
+            cache.prefetch(rng.sample(keys, rng.randint(1, 4)))
+        want = rng.sample(keys, rng.randint(1, min(4, capacity)))
+        for wave in cache.waves(want):
+            views = cache.acquire(wave)
+            for k in wave:  # the slot really holds that expert
+                torch.testing.assert_close(views[k]["weight"], modules[k].weight)
+            cache.release(wave)
+        assert len(cache.resident_keys) <= capacity
+    s = cache.stats
+    assert s.peak_resident <= capacity
+    assert s.hits + s.on_demand_loads == s.lookups
+    assert s.bytes_moved == s.loads * cache.store.expert_bytes
+    assert s.loads - s.evictions == len(cache.resident_keys)
+
+
+def test_pinned_experts_are_not_evicted():
+    cache, _ = make_cache(2)
+    cache.acquire([(0, 0)])
+    cache.acquire([(0, 1)])
+    with pytest.raises(RuntimeError, match="every slot is pinned"):
+        cache.waves([(1, 0)])
+    cache.release([(0, 0)])
+    cache.acquire([(1, 0)])
+    assert cache.is_resident((0, 1)) and not cache.is_resident((0, 0))
+
+
+def test_waves_split_a_working_set_larger_than_the_budget():
+    cache, _ = make_cache(2)
+    cache.acquire([(0, 3)])
+    cache.release([(0, 3)])
+    waves = cache.waves([(0, 0), (0, 1), (0, 2), (0, 3)])
+    assert [len(w) for w in waves] == [2, 2]
+    assert waves[0][0] == (0, 3)  # the resident one goes first
+    assert cache.stats.waves == 1
+    with pytest.raises(ValueError, match="cannot be pinned at once"):
+        cache.acquire([(0, 0), (0, 1), (0, 2)])
+
+
+def test_hits_and_misses():
+    cache, _ = make_cache(4)
+    cache.prefetch([(0, 0), (0, 1)])
+    cache.acquire([(0, 0), (0, 2)])
+    s = cache.stats
+    assert (s.lookups, s.hits, s.on_demand_loads, s.prefetch_loads) == (2, 1, 1, 2)
+    assert s.hit_rate == 0.5 and s.hits_by_layer[0] == 1 and s.misses_by_layer[0] == 1
+
+
+def test_prefetch_never_evicts_protected_or_pinned():
+    cache, _ = make_cache(2)
+    cache.acquire([(0, 0)])
+    cache.prefetch([(0, 1)])
+    assert cache.prefetch([(1, 0)], protect={(0, 1)}) == 0  # (0,0) pinned, (0,1) protected
+    cache.release([(0, 0)])
+    assert cache.prefetch([(1, 0)], protect={(0, 1)}) == 1
+    assert not cache.is_resident((0, 0)) and cache.is_resident((0, 1))
+
+
+def test_release_more_than_acquired():
+    cache, _ = make_cache(2)
+    with pytest.raises(RuntimeError, match="released more often"):
+        cache.release([(0, 0)])
+
+
+def test_zero_capacity():
+    with pytest.raises(ValueError, match="at least one expert"):
+        make_cache(0)
+
+
+def test_disk_tier_serves_the_same_weights(tmp_path):
+    path = tmp_path / "experts.safetensors"
+    cache, modules = make_cache(2, tier="disk", path=path)
+    assert path.is_file() and cache.store.tier == "disk"
+    for k in [(0, 0), (1, 3), (0, 2)]:
+        torch.testing.assert_close(cache.acquire([k])[k]["weight"], modules[k].weight)
+        cache.release([k])
+    mtime = path.stat().st_mtime_ns
+    make_cache(2, tier="disk", path=path)  # written once, then only mapped
+    assert path.stat().st_mtime_ns == mtime

@@ -1,0 +1,134 @@
+"""The offload engine on tiny random Switch models: exact equals Hugging Face, the table really routes."""
+
+import pytest
+import torch
+
+from offload.engine import OffloadConfig, OffloadEngine
+from offload.hash_table import HashTable
+from offload.model_loader import load_model
+from predictor.oracle import OracleHash
+from server.runner import Runner
+from tests.conftest import TINY_TEXTS
+
+CPU = torch.device("cpu")
+PROMPTS = list(dict.fromkeys(TINY_TEXTS)) + ["sst2 sentence: short", "the cat sat on the mat and the dog sat too ."]
+
+
+def forward(loaded, engine=None, hash_fn=None, decoder_len=3):
+    runner = Runner(loaded, engine=engine, hash_fn=hash_fn)
+    enc = runner.encode(PROMPTS)
+    dec = torch.zeros((len(PROMPTS), decoder_len), dtype=torch.long)
+    dec[:, 1:] = enc["input_ids"][:, : decoder_len - 1]
+    runner._begin_batch(enc, dec)
+    with torch.inference_mode():
+        return loaded.model(**enc, decoder_input_ids=dec).logits
+
+
+def run(model_dir, hash_k=3, table=None, **cfg):
+    loaded = load_model(model_dir)
+    engine = OffloadEngine(loaded, OffloadConfig(**cfg), CPU)
+    hash_fn = (
+        OracleHash(load_model(model_dir), k=hash_k) if cfg.get("mode") == "predicted" or table == "oracle" else None
+    )
+    return forward(loaded, engine, hash_fn), engine
+
+
+@pytest.fixture(scope="module")
+def reference(tiny8_dir):
+    return forward(load_model(tiny8_dir))
+
+
+@pytest.mark.parametrize("budget", [1, 3, 8, 4, 16])  # 1, 3, one layer's worth, 25% and 100% of 16
+@pytest.mark.parametrize("policy", ["fifo", "lru", "lfu"])
+def test_exact_equals_huggingface(tiny8_dir, reference, budget, policy):
+    logits, engine = run(tiny8_dir, mode="exact", budget_experts=budget, policy=policy)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    s = engine.cache.stats
+    assert s.peak_resident <= budget and len(engine.cache.resident_keys) <= budget
+    if budget == 1:
+        assert s.waves > 0  # a layer's working set was larger than the budget
+
+
+def test_exact_disk_tier_and_prefetch(tiny8_dir, reference, tmp_path):
+    logits, engine = run(
+        tiny8_dir, mode="exact", budget_experts=8, tier="disk", expert_dir=tmp_path, prefetch_k=2, table="oracle"
+    )
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert list(tmp_path.glob("*.safetensors"))
+    summary = engine.summary()
+    assert summary["prefetch_loads"] > 0 and summary["hash_hit_rate"]["top1"] == 1.0
+
+
+def test_capacity_drops_really_happen(tiny8_dir):
+    """The fixture's capacity (3 per sequence) must bind, or the equality above proves nothing about it."""
+    loaded = load_model(tiny8_dir)
+    layer = loaded.adapter.moe_layers(loaded.model)[0]
+    enc = Runner(loaded).encode(PROMPTS)
+    seen = {}
+
+    def hook(_module, _inputs, outputs):
+        seen["one_hot"] = outputs[0]
+
+    layer.router.register_forward_hook(hook)
+    with torch.inference_mode():
+        loaded.model(**enc, decoder_input_ids=torch.zeros((len(PROMPTS), 1), dtype=torch.long))
+    routed = seen["one_hot"].sum(-1)[enc["attention_mask"].bool()]
+    assert (routed == 0).any()
+
+
+def test_predicted_with_perfect_table_equals_exact(tiny8_dir, reference):
+    logits, engine = run(tiny8_dir, mode="predicted", budget_experts=4)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert engine.summary()["router_fallbacks"] == 0
+
+
+def test_predicted_routes_by_the_table(tiny8_dir, reference):
+    loaded = load_model(tiny8_dir)
+    engine = OffloadEngine(loaded, OffloadConfig(mode="predicted", budget_experts=4), CPU)
+    oracle = OracleHash(load_model(tiny8_dir))
+
+    def corrupted(*args):
+        table = oracle(*args)
+        return HashTable({k: (v + 1) % 8 for k, v in table.experts.items()}, table.alphas)
+
+    logits = forward(loaded, engine, corrupted)
+    assert not torch.allclose(logits, reference, atol=1e-3)
+
+
+def test_predicted_without_table_is_an_error(tiny8_dir):
+    loaded = load_model(tiny8_dir)
+    engine = OffloadEngine(loaded, OffloadConfig(mode="predicted"), CPU)
+    with pytest.raises(ValueError, match="needs a hash table"):
+        forward(loaded, engine)
+
+
+def test_generation_in_exact_mode_equals_huggingface(tiny8_dir):
+    prompts = PROMPTS[:3]
+    plain = Runner(load_model(tiny8_dir)).complete(prompts, max_new_tokens=6)
+    loaded = load_model(tiny8_dir)
+    engine = OffloadEngine(loaded, OffloadConfig(mode="exact", budget_experts=2), CPU)
+    assert Runner(loaded, engine=engine).complete(prompts, max_new_tokens=6) == plain
+
+
+def test_experts_leave_the_model(tiny8_dir):
+    loaded = load_model(tiny8_dir)
+    before = sum(p.numel() for p in loaded.model.parameters())
+    engine = OffloadEngine(loaded, OffloadConfig(mode="exact", budget_experts=2), CPU)
+    after = sum(p.numel() for p in loaded.model.parameters())
+    assert before - after == engine.total_experts * engine.cache.store.layout.numel
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (dict(mode="exact", budget_experts=0), "at least 1 expert"),
+        (dict(mode="exact", budget_bytes=100), "below one expert"),
+        (dict(mode="exact", policy="mru"), "unknown eviction policy 'mru'"),
+        (dict(mode="exact", tier="tape"), "unknown expert tier"),
+        (dict(mode="turbo"), "unknown mode 'turbo'"),
+        (dict(mode="exact", budget_experts=2, budget_bytes=10**9), "not both"),
+    ],
+)
+def test_bad_configuration(tiny_dir, cfg, message):
+    with pytest.raises(ValueError, match=message):
+        OffloadEngine(load_model(tiny_dir), OffloadConfig(**cfg), CPU)
