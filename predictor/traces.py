@@ -7,6 +7,7 @@ order of the batch that produced them, so a trace row and its token never drift 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -65,3 +66,126 @@ def expert_usage(traces: list[list[LayerTrace]], num_experts: int) -> dict[int, 
             counts = torch.bincount(t.expert, minlength=num_experts)
             usage[t.layer] = usage.get(t.layer, torch.zeros(num_experts, dtype=torch.long)) + counts
     return usage
+
+
+# ------------------------------------------------------------------------------------ stored traces
+
+
+@dataclass
+class TraceSet:
+    """Encoder router traces of many inputs; row i of every tensor is input i (padding masked out)."""
+
+    input_ids: torch.Tensor  # [rows, seq] int64, 0-padded
+    attention_mask: torch.Tensor  # [rows, seq]
+    top_idx: dict[int, torch.Tensor]  # MoE layer → [rows, seq, T] the router's top-T experts, best first
+    top_prob: dict[int, torch.Tensor]  # MoE layer → [rows, seq, T] their router probabilities
+    fingerprint: str
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.top_idx)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def subset(self, rows: torch.Tensor) -> TraceSet:
+        width = int(self.attention_mask[rows].sum(1).max())
+        return TraceSet(
+            self.input_ids[rows, :width],
+            self.attention_mask[rows, :width],
+            {k: v[rows, :width] for k, v in self.top_idx.items()},
+            {k: v[rows, :width] for k, v in self.top_prob.items()},
+            self.fingerprint,
+        )
+
+
+def _pad_cat(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    out = []
+    for t in tensors:
+        pad = width - t.shape[1]
+        out.append(torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t)
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def collect_traces(
+    loaded: LoadedModel, inputs: list[str], top_t: int = 30, batch_size: int = 64, max_tokens: int = 512, progress=None
+):
+    """Run the encoder (all experts resident) over `inputs`; returns a TraceSet in input order."""
+    layers = [la for la in loaded.adapter.moe_layers(loaded.model) if la.stack == "encoder"]
+    top_t = min(top_t, loaded.adapter.num_experts(loaded.model))
+    encoder = loaded.model.get_encoder()
+    ids, masks = [], []
+    idx = {la.index: [] for la in layers}
+    prob = {la.index: [] for la in layers}
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        enc = loaded.tokenizer(batch, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        with capture_routing(layers) as cap:
+            encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        ids.append(enc["input_ids"])
+        masks.append(enc["attention_mask"])
+        for la in layers:
+            (rec,) = cap.records[la.index]
+            top = rec.logits.softmax(-1).topk(top_t, dim=-1)  # [batch, seq, T]
+            idx[la.index].append(top.indices)
+            prob[la.index].append(top.values)
+        if progress is not None:
+            progress(min(start + batch_size, len(inputs)), len(inputs))
+    width = max(t.shape[1] for t in ids)
+    return TraceSet(
+        _pad_cat(ids, width),
+        _pad_cat(masks, width),
+        {k: _pad_cat(v, width) for k, v in idx.items()},
+        {k: _pad_cat(v, width) for k, v in prob.items()},
+        loaded.fingerprint,
+    )
+
+
+def save_traces(traces: TraceSet, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"input_ids": traces.input_ids.to(torch.int32), "attention_mask": traces.attention_mask.to(torch.int8)}
+    for layer in traces.layers:
+        tensors[f"layer{layer}.top_idx"] = traces.top_idx[layer].to(torch.int16).contiguous()
+        tensors[f"layer{layer}.top_prob"] = traces.top_prob[layer].to(torch.float16).contiguous()
+    save_file(tensors, str(path), metadata={"fingerprint": traces.fingerprint})
+
+
+def load_traces(path: str | Path) -> TraceSet:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    layers = sorted(int(k.removeprefix("layer").split(".")[0]) for k in tensors if k.endswith(".top_idx"))
+    return TraceSet(
+        tensors["input_ids"].long(),
+        tensors["attention_mask"].long(),
+        {la: tensors[f"layer{la}.top_idx"].long() for la in layers},
+        {la: tensors[f"layer{la}.top_prob"].float() for la in layers},
+        meta.get("fingerprint", ""),
+    )
+
+
+@torch.inference_mode()
+def verify_alignment(loaded: LoadedModel, traces: TraceSet, rows: int = 16, seed: int = 0) -> float:
+    """Re-run the model on a sample of rows and return the share of real tokens whose stored top-1 matches.
+
+    Stored traces of the right tokens agree (≈1.0); traces paired with the wrong rows (the paper's bug) do not.
+    """
+    if traces.fingerprint and traces.fingerprint != loaded.fingerprint:
+        raise ValueError(f"traces were collected on model {traces.fingerprint}, not {loaded.fingerprint}")
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(len(traces), generator=g)[:rows]
+    part = traces.subset(sample)
+    layers = [la for la in loaded.adapter.moe_layers(loaded.model) if la.index in part.top_idx]
+    with capture_routing(layers) as cap:
+        loaded.model.get_encoder()(input_ids=part.input_ids, attention_mask=part.attention_mask)
+    mask = part.attention_mask.bool()
+    agree = total = 0
+    for la in layers:
+        (rec,) = cap.records[la.index]
+        agree += int((rec.expert[mask] == part.top_idx[la.index][..., 0][mask]).sum())
+        total += int(mask.sum())
+    return agree / max(1, total)

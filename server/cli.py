@@ -26,11 +26,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tier", choices=["ram", "disk"])
     g.add_argument("--prefetch-k", type=int)
     g.add_argument("--expert-dir", help="tier disk: folder for the expert file")
+    g.add_argument("--predictor", help="predictor folder (default: the one shipped with the model)")
     g.add_argument(
         "--hash",
-        choices=["none", "oracle"],
-        default="none",
-        help="hash tables: none, or oracle (the router's own choices from a resident copy; tests and bounds)",
+        choices=["auto", "none", "oracle"],
+        default="auto",
+        help="hash tables: auto (the predictor, if any), none, or oracle (the router's own choices from a "
+        "resident copy: an upper bound for tests and benchmarks)",
     )
 
 
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved settings")
     _common(p)
 
+    from predictor.cli import add_parser as add_predictor_parser
+
+    add_predictor_parser(sub)
+
     p = sub.add_parser("build-demo", help="train the embedded demo model from ../shared/data (about 50 min, 2 cores)")
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--out", default="models/sida-switch-demo")
@@ -92,32 +98,39 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
 
 
-def _runner(settings: Settings, hash_source: str = "none"):
+def _runner(settings: Settings, hash_source: str = "auto", predictor: str | None = None):
     import torch
 
     from offload.device import resolve_device
     from offload.engine import OffloadEngine
     from offload.model_loader import load_model
+    from predictor.artifact import PredictorHash, find_predictor, load_predictor
     from server.runner import Runner
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     offload = settings.offload_config()
-    if offload.mode == "predicted" and hash_source == "none":
-        raise ValueError("predicted mode needs hash tables: no predictor is shipped yet, use --hash oracle")
     loaded = load_model(settings.model_dir, settings.dtype, str(device))
+    k = max(3, offload.prefetch_k)
     hash_fn = None
     if hash_source == "oracle":
         from predictor.oracle import OracleHash
 
-        hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=max(3, offload.prefetch_k))
+        hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=k)
+    elif hash_source == "auto" and offload.mode != "resident":
+        path = predictor or find_predictor(loaded.path)
+        if path is not None:
+            pred, _meta = load_predictor(path, loaded.fingerprint)
+            hash_fn = PredictorHash(pred.to(device), k=k)
+    if offload.mode == "predicted" and hash_fn is None:
+        raise ValueError(f"predicted mode needs hash tables: {loaded.path} ships no predictor (--predictor, --hash)")
     engine = OffloadEngine(loaded, offload, device)
     return Runner(loaded, str(device), settings.max_input_tokens, engine, hash_fn)
 
 
 def cmd_classify(args, settings: Settings) -> None:
-    runner = _runner(settings, args.hash)
+    runner = _runner(settings, args.hash, args.predictor)
     for text, c in zip(args.text, runner.classify(args.text, args.task)):
         if args.json:
             print(json.dumps({"text": text, "label": c.label, "probs": c.probs}))
@@ -126,7 +139,7 @@ def cmd_classify(args, settings: Settings) -> None:
 
 
 def cmd_complete(args, settings: Settings) -> None:
-    runner = _runner(settings, args.hash)
+    runner = _runner(settings, args.hash, args.predictor)
     max_new = args.max_new_tokens or settings.max_new_tokens
     for text, c in zip(args.text, runner.complete(args.text, max_new, args.temperature, args.top_p, args.seed)):
         if args.json:
@@ -138,10 +151,20 @@ def cmd_complete(args, settings: Settings) -> None:
 def cmd_eval(args, settings: Settings) -> None:
     from server.evaluation import evaluate, write_predictions
 
-    runner = _runner(settings, args.hash)
+    runner = _runner(settings, args.hash, args.predictor)
     result = evaluate(runner, args.task, args.data, args.limit, settings.batch_size)
     summary = {"model": str(settings.model_dir), "fingerprint": runner.loaded.fingerprint, **result.summary()}
     summary.update(runner.engine.summary())
+    if settings.mode == "predicted":  # fidelity: the same data through the untouched model
+        from offload.model_loader import load_model
+        from server.runner import Runner
+
+        plain = Runner(load_model(settings.model_dir, settings.dtype, str(runner.device)), str(runner.device))
+        base = evaluate(plain, args.task, args.data, args.limit, settings.batch_size)
+        summary["resident_accuracy"] = round(base.accuracy, 6)
+        summary["fidelity"] = round(result.accuracy / base.accuracy, 6) if base.accuracy else None
+        same = sum(a == b for a, b in zip(result.predictions, base.predictions))
+        summary["prediction_agreement"] = round(same / result.examples, 6)
     if args.out:
         write_predictions(result, args.out)
     if args.json:
@@ -166,10 +189,15 @@ def cmd_build_demo(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from offload.model_loader import ModelLoadError
+    from predictor.artifact import PredictorError  # noqa: F401  (a ValueError, caught below)
 
     try:
         if args.command == "build-demo":
             return cmd_build_demo(args)
+        if args.command == "predictor":
+            from predictor.cli import run
+
+            return run(args)
         settings = _settings(args)
         {"classify": cmd_classify, "complete": cmd_complete, "eval": cmd_eval, "config": cmd_config}[args.command](
             args, settings

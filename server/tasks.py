@@ -112,3 +112,29 @@ def read_c4_texts(path: str | Path, limit: int | None = None) -> list[str]:
             if limit is not None and len(texts) >= limit:
                 break
     return texts
+
+
+def read_inputs(path: str | Path, limit: int | None = None) -> list[str]:
+    """Model inputs from any supported file: the shared SST-2/MRPC tsv, MultiRC or C4 jsonl (as prompts or
+    raw text), or a plain text file with one input per line (WikiText headings and blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if path.suffix == ".tsv":
+        header = path.open(encoding="utf-8-sig").readline()
+        task = "mrpc" if "#1 String" in header else "sst2"
+        return [e.prompt for e in TASKS[task].read(path, limit)]
+    if path.suffix == ".jsonl":
+        first = json.loads(path.open(encoding="utf-8").readline())
+        if "passage" in first:
+            return [e.prompt for e in TASKS["multirc"].read(path, limit)]
+        return read_c4_texts(path, limit)
+    lines = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("= "):
+                lines.append(line)
+                if limit is not None and len(lines) >= limit:
+                    break
+    return lines

@@ -79,8 +79,14 @@ def test_cli_prediction_files_compare_equal(demo_dir, data_dir, tmp_path):
         )
         assert r.returncode == 0, r.stderr
         summary = json.loads(r.stdout.strip().splitlines()[-1])
-        for key in ("expert_loads", "expert_bytes_moved", "peak_resident_experts", "cache_hit_rate",
-                    "on_demand_loads", "stall_seconds"):
+        for key in (
+            "expert_loads",
+            "expert_bytes_moved",
+            "peak_resident_experts",
+            "cache_hit_rate",
+            "on_demand_loads",
+            "stall_seconds",
+        ):
             assert key in summary, key
         files.append(out.read_bytes())
     assert summary["peak_resident_experts"] <= 3 and summary["expert_loads"] > 0

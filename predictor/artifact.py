@@ -1,0 +1,73 @@
+"""The predictor artifact: `predictor.safetensors` (weights) + `predictor.json` (architecture, the model's
+fingerprint, training data and figures). A predictor built for another model is refused, clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from offload.hash_table import HashTable
+from predictor.network import HashPredictor, PredictorArch
+
+
+class PredictorError(ValueError):
+    pass
+
+
+def save_predictor(pred: HashPredictor, out_dir: str | Path, fingerprint: str, info: dict) -> Path:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in pred.state_dict().items()}
+    save_file(state, str(out_dir / "predictor.safetensors"))
+    meta = {"arch": pred.arch.to_dict(), "model_fingerprint": fingerprint, **info}
+    (out_dir / "predictor.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out_dir / "predictor.safetensors"
+
+
+def find_predictor(model_dir: str | Path) -> Path | None:
+    """The predictor shipped with a model: in its folder, or in a `predictor/` folder inside it."""
+    for candidate in (Path(model_dir), Path(model_dir) / "predictor"):
+        if (candidate / "predictor.safetensors").is_file():
+            return candidate
+    return None
+
+
+def load_predictor(path: str | Path, fingerprint: str) -> tuple[HashPredictor, dict]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    meta_path, weights = folder / "predictor.json", folder / "predictor.safetensors"
+    if not meta_path.is_file() or not weights.is_file():
+        raise PredictorError(f"{folder}: expected predictor.json and predictor.safetensors")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("model_fingerprint") != fingerprint:
+        raise PredictorError(
+            f"{folder}: predictor was trained for model {meta.get('model_fingerprint')}, "
+            f"this model's fingerprint is {fingerprint}"
+        )
+    pred = HashPredictor(PredictorArch.from_dict(meta["arch"]))
+    pred.load_state_dict(load_file(str(weights)))
+    return pred.eval(), meta
+
+
+class PredictorHash:
+    """Hash function for the runner: (input_ids, attention_mask, decoder_input_ids) → HashTable of the
+    encoder MoE layers. Decoder layers are not in the table: `exact` routes them with the router."""
+
+    def __init__(self, pred: HashPredictor, k: int = 3):
+        self.pred = pred
+        self.k = min(k, pred.arch.num_experts)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, attention_mask, decoder_input_ids=None) -> HashTable:
+        logits = self.pred(input_ids, attention_mask)  # [layers, batch, seq, E]
+        probs = logits.float().softmax(-1)
+        top = probs.topk(self.k, dim=-1)
+        experts = {layer: top.indices[i] for i, layer in enumerate(self.pred.arch.layers)}
+        alphas = {layer: top.values[i][..., 0] for i, layer in enumerate(self.pred.arch.layers)}
+        return HashTable(experts, alphas)

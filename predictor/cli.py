@@ -1,0 +1,149 @@
+"""`sida predictor trace|train|eval`: the commands behind the shipped hash function (wired in server/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predictor", help="router traces, hash-function training and evaluation")
+    psub = p.add_subparsers(dest="predictor_command", required=True)
+
+    t = psub.add_parser("trace", help="record encoder router traces over input files")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", required=True, action="append", help="tsv/jsonl/text file (repeatable)")
+    t.add_argument("--limit", type=int, action="append", help="rows per --data file, in the same order")
+    t.add_argument("--max-tokens", type=int, default=128)
+    t.add_argument("--out", required=True, help="traces .safetensors file")
+
+    t = psub.add_parser("train", help="train the hash function on traces")
+    t.add_argument("--model", required=True)
+    t.add_argument("--traces", required=True, action="append")
+    t.add_argument("--out", required=True, help="folder for predictor.safetensors + predictor.json")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--hidden", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--checkpoint", help="resumable training state (torch.save of tensors, weights_only load)")
+
+    t = psub.add_parser("eval", help="hit rates and latency of a predictor on an input file")
+    t.add_argument("--model", required=True)
+    t.add_argument("--predictor", help="default: the one shipped in the model folder")
+    t.add_argument("--data", required=True)
+    t.add_argument("--limit", type=int)
+    t.add_argument("--json", action="store_true")
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"\rtracing {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+
+def run(args) -> None:
+    from offload.model_loader import load_model
+
+    loaded = load_model(args.model)
+    {"trace": _trace, "train": _train, "eval": _eval}[args.predictor_command](args, loaded)
+
+
+def _trace(args, loaded) -> None:
+    from predictor.traces import collect_traces, save_traces
+    from server.tasks import read_inputs
+
+    limits = args.limit or []
+    inputs = []
+    for i, path in enumerate(args.data):
+        inputs += read_inputs(path, limits[i] if i < len(limits) else None)
+    traces = collect_traces(loaded, inputs, max_tokens=args.max_tokens, progress=_progress)
+    save_traces(traces, args.out)
+    real = int(traces.attention_mask.sum())
+    print(json.dumps({"rows": len(traces), "real_tokens": real, "layers": traces.layers, "out": args.out}))
+
+
+def _train(args, loaded) -> None:
+    from predictor.artifact import save_predictor
+    from predictor.traces import load_traces, verify_alignment
+    from predictor.train import TrainConfig, train
+
+    parts = [load_traces(p) for p in args.traces]
+    for path, part in zip(args.traces, parts):
+        agreement = verify_alignment(loaded, part)
+        if agreement < 0.99:
+            raise ValueError(f"{path}: only {agreement:.1%} of re-routed tokens match: traces misaligned or stale")
+    traces = parts[0] if len(parts) == 1 else _concat(parts)
+    cfg = TrainConfig(hidden=args.hidden, max_epochs=args.epochs, lr=args.lr)
+    emb = loaded.adapter.embeddings(loaded.model).weight.detach().float()
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    pred, report = train(
+        traces, emb, loaded.adapter.num_experts(loaded.model), cfg, ckpt, log=lambda m: print(m, file=sys.stderr)
+    )
+    info = {"training_data": [str(p) for p in args.traces], "training": report}
+    save_predictor(pred, args.out, loaded.fingerprint, info)
+    print(json.dumps({"out": args.out, **{k: report["val"][k] for k in ("top1_hit_rate", "top3_hit_rate")}}))
+
+
+def _concat(parts):
+    from predictor.traces import TraceSet, _pad_cat
+
+    width = max(p.input_ids.shape[1] for p in parts)
+    return TraceSet(
+        _pad_cat([p.input_ids for p in parts], width),
+        _pad_cat([p.attention_mask for p in parts], width),
+        {la: _pad_cat([p.top_idx[la] for p in parts], width) for la in parts[0].layers},
+        {la: _pad_cat([p.top_prob[la] for p in parts], width) for la in parts[0].layers},
+        parts[0].fingerprint,
+    )
+
+
+def _eval(args, loaded) -> None:
+    from predictor.artifact import PredictorError, find_predictor, load_predictor
+    from predictor.traces import collect_traces
+    from predictor.train import hit_rates
+    from server.tasks import read_inputs
+
+    path = args.predictor or find_predictor(loaded.path)
+    if path is None:
+        raise PredictorError(f"{loaded.path} ships no predictor; pass --predictor")
+    pred, _meta = load_predictor(path, loaded.fingerprint)
+    inputs = read_inputs(args.data, args.limit)
+    traces = collect_traces(loaded, inputs, progress=_progress)
+    rates = hit_rates(pred, traces)
+    summary = {
+        "data": str(args.data),
+        "examples": len(inputs),
+        "real_tokens": rates["tokens"],
+        "top1_hit_rate": round(rates["top1_hit_rate"], 6),
+        "top3_hit_rate": round(rates["top3_hit_rate"], 6),
+        "per_layer": {k: {kk: round(vv, 6) for kk, vv in v.items()} for k, v in rates["per_layer"].items()},
+        "decoder": "not predicted: decoder layers are routed by the router (exact)",
+        **_latency(loaded, pred, inputs[:32]),
+    }
+    print(json.dumps(summary) if args.json else json.dumps(summary, indent=1))
+
+
+@torch.inference_mode()
+def _latency(loaded, pred, batch: list[str], repeats: int = 5) -> dict:
+    """Median wall time of one predictor forward vs one model forward (encoder + first decoder step)."""
+    enc = loaded.tokenizer(batch, padding=True, return_tensors="pt")
+    start = torch.zeros((len(batch), 1), dtype=torch.long)
+
+    def median(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    p = median(lambda: pred(enc["input_ids"], enc["attention_mask"]))
+    m = median(lambda: loaded.model(**enc, decoder_input_ids=start))
+    return {
+        "batch": len(batch),
+        "predictor_ms": round(p * 1e3, 3),
+        "model_ms": round(m * 1e3, 3),
+        "predictor_over_model": round(p / m, 4),
+    }

@@ -1,0 +1,143 @@
+"""Training the hash function on router traces (paper §3.5): λ·CE(router's choice) + truncated KD over the
+router's top-T experts, AdamW, early stopping on a validation split, fixed seed, resumable from a checkpoint.
+
+Only real tokens count, in the loss and in every hit rate.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from predictor.network import HashPredictor, PredictorArch
+from predictor.traces import TraceSet
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    hidden: int = 256
+    lam: float = 0.005  # weight of the CE term (paper λ)
+    top_t: int = 30  # truncated KD over the router's top-T (clipped to the number of experts)
+    lr: float = 1e-3  # the paper's 5e-5 is for its scale; 1e-3 converges here in minutes
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    max_epochs: int = 20
+    patience: int = 3  # evaluations without a better validation top-1 before stopping
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+def tkd_loss(logits: torch.Tensor, top_idx: torch.Tensor, top_prob: torch.Tensor, top_t: int) -> torch.Tensor:
+    """KL(router ‖ predictor) restricted to the router's top-T experts, both renormalised over that set.
+
+    logits [tokens, E]; top_idx/top_prob [tokens, T'] (best first). Mean over tokens.
+    """
+    t = min(top_t, top_idx.shape[-1])
+    p = top_prob[:, :t].float()
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-9)
+    log_q = F.log_softmax(logits.gather(-1, top_idx[:, :t]), dim=-1)
+    return (p * (p.clamp(min=1e-9).log() - log_q)).sum(-1).mean()
+
+
+def loss_fn(pred: HashPredictor, batch: TraceSet, cfg: TrainConfig) -> torch.Tensor:
+    logits = pred(batch.input_ids, batch.attention_mask)  # [layers, batch, seq, E]
+    mask = batch.attention_mask.bool()
+    total = logits.new_zeros(())
+    for i, layer in enumerate(pred.arch.layers):
+        lg = logits[i][mask]  # [real tokens, E]
+        idx = batch.top_idx[layer][mask]
+        prob = batch.top_prob[layer][mask]
+        total = total + cfg.lam * F.cross_entropy(lg, idx[:, 0]) + tkd_loss(lg, idx, prob, cfg.top_t)
+    return total / len(pred.arch.layers)
+
+
+@torch.inference_mode()
+def hit_rates(pred: HashPredictor, traces: TraceSet, ks=(1, 3), batch_size: int = 256) -> dict:
+    """Share of real tokens whose router top-1 is among the predictor's top-k, per layer and overall."""
+    pred.eval()
+    hits = {(layer, k): 0 for layer in pred.arch.layers for k in ks}
+    tokens = 0
+    for start in range(0, len(traces), batch_size):
+        batch = traces.subset(torch.arange(start, min(start + batch_size, len(traces))))
+        logits = pred(batch.input_ids, batch.attention_mask)
+        mask = batch.attention_mask.bool()
+        tokens += int(mask.sum())
+        for i, layer in enumerate(pred.arch.layers):
+            truth = batch.top_idx[layer][..., 0][mask]
+            ranked = logits[i][mask].topk(max(ks), dim=-1).indices
+            for k in ks:
+                hits[(layer, k)] += int((ranked[:, :k] == truth[:, None]).any(-1).sum())
+    pred.train()
+    out = {
+        f"top{k}_hit_rate": sum(hits[(la, k)] for la in pred.arch.layers) / (tokens * len(pred.arch.layers)) for k in ks
+    }
+    out["per_layer"] = {str(la): {f"top{k}": hits[(la, k)] / tokens for k in ks} for la in pred.arch.layers}
+    out["tokens"] = tokens
+    return out
+
+
+def train(
+    traces: TraceSet, embeddings: torch.Tensor, num_experts: int, cfg: TrainConfig, ckpt: Path | None = None, log=print
+) -> tuple[HashPredictor, dict]:
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(traces), generator=g)
+    n_val = max(1, int(len(traces) * cfg.val_fraction))
+    val, train_rows = traces.subset(order[:n_val]), order[n_val:]
+    arch = PredictorArch(embeddings.shape[0], embeddings.shape[1], num_experts, tuple(traces.layers), cfg.hidden)
+    pred = HashPredictor(arch)
+    pred.embed.weight.data.copy_(embeddings)
+    opt = torch.optim.AdamW([p for p in pred.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "best": -1.0, "bad": 0, "history": []}
+    if ckpt is not None and ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=True)
+        pred.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        state = json.loads(saved["state"])
+        log(f"resumed from {ckpt} at epoch {state['epoch']}")
+    best_weights = {k: v.clone() for k, v in pred.state_dict().items()}
+    t0 = time.time()
+    while state["epoch"] < cfg.max_epochs and state["bad"] < cfg.patience:
+        perm = train_rows[torch.randperm(len(train_rows), generator=g)]
+        chunks = [perm[i : i + cfg.batch_size * 50] for i in range(0, len(perm), cfg.batch_size * 50)]
+        batches = []
+        for chunk in chunks:  # length-sorted inside chunks: far less padding for the LSTM
+            chunk = chunk[traces.attention_mask[chunk].sum(1).argsort()]
+            batches += [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        for n, rows in enumerate(batches):
+            loss = loss_fn(pred, traces.subset(rows), cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(pred.parameters(), 1.0)
+            opt.step()
+            if n % 50 == 0:
+                print(
+                    f"\repoch {state['epoch'] + 1} batch {n}/{len(batches)} loss {loss.item():.4f}",
+                    end="",
+                    file=sys.stderr,
+                )
+        state["epoch"] += 1
+        rates = hit_rates(pred, val)
+        row = {"epoch": state["epoch"], "val_top1": rates["top1_hit_rate"], "val_top3": rates["top3_hit_rate"]}
+        row["minutes"] = round((time.time() - t0) / 60, 2)
+        state["history"].append(row)
+        print(file=sys.stderr)
+        log(json.dumps(row))
+        if rates["top1_hit_rate"] > state["best"]:
+            state["best"], state["bad"] = rates["top1_hit_rate"], 0
+            best_weights = {k: v.clone() for k, v in pred.state_dict().items()}
+        else:
+            state["bad"] += 1
+        if ckpt is not None:
+            torch.save({"model": pred.state_dict(), "opt": opt.state_dict(), "state": json.dumps(state)}, ckpt)
+    pred.load_state_dict(best_weights)
+    pred.eval()
+    report = {"config": asdict(cfg), "history": state["history"], "val": hit_rates(pred, val), "rows": len(traces)}
+    return pred, report

@@ -1,0 +1,43 @@
+import torch
+
+from predictor.network import HashPredictor, PredictorArch
+
+
+def make(hidden=32):
+    torch.manual_seed(0)
+    return HashPredictor(PredictorArch(vocab_size=50, d_embed=16, num_experts=8, layers=(0, 1), hidden=hidden)).eval()
+
+
+def batch():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0, 0], [3, 4, 5, 6, 7, 8, 9]])
+    return ids, (ids != 0).long()
+
+
+def test_sparsemax_attention_is_a_sparse_distribution_over_real_tokens():
+    pred = make()
+    ids, mask = batch()
+    x = pred.proj(pred.embed(ids))
+    w = pred.attention_weights(x * 5, mask)  # scaled so that the projection really cuts
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 7))
+    assert (w[0, :, 5:] == 0).all()  # padding gets no weight
+    assert (w == 0).any()  # sparse, unlike softmax
+    assert (w >= 0).all()
+
+
+def test_shapes_and_padding_does_not_leak():
+    pred = make()
+    ids, mask = batch()
+    with torch.no_grad():
+        out = pred(ids, mask)
+        alone = pred(ids[:1, :5], mask[:1, :5])
+    assert out.shape == (2, 2, 7, 8)
+    torch.testing.assert_close(out[:, 0, :5], alone[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_embeddings_are_frozen():
+    pred = make()
+    assert not pred.embed.weight.requires_grad
+    ids, mask = batch()
+    pred.train()
+    pred(ids, mask).sum().backward()
+    assert pred.embed.weight.grad is None and pred.proj.weight.grad is not None
