@@ -23,7 +23,7 @@ MODES = ("resident", "exact", "predicted")
 @dataclass(frozen=True)
 class OffloadConfig:
     mode: str = "resident"
-    budget_experts: int | None = None  # slots for all MoE layers together
+    budget_experts: int | None = None  # slots for all MoE layers together; neither given: half of all experts
     budget_bytes: int | None = None  # alternative to budget_experts
     policy: str = "lru"
     tier: str = "ram"
@@ -43,7 +43,7 @@ def resolve_budget(cfg: OffloadConfig, expert_bytes: int, total_experts: int) ->
         if cfg.budget_bytes < expert_bytes:
             raise ValueError(f"expert budget of {cfg.budget_bytes} bytes is below one expert ({expert_bytes} bytes)")
         return min(cfg.budget_bytes // expert_bytes, total_experts)
-    return total_experts
+    return max(1, (total_experts + 1) // 2)  # the default: half of all experts
 
 
 class OffloadEngine:

@@ -23,6 +23,10 @@ class HashTable:
             return None
         return experts[:, start : start + length], self.alphas[layer][:, start : start + length]
 
+    def select_rows(self, rows: list[int]) -> HashTable:
+        """The table of a batch from which some sequences were dropped (deadline passed)."""
+        return HashTable({k: v[rows] for k, v in self.experts.items()}, {k: v[rows] for k, v in self.alphas.items()})
+
     def candidates(self, layer: int, k: int, start: int = 0, length: int | None = None, mask=None) -> list[int]:
         """Distinct experts among the top-k predictions of real tokens: what to make resident for this layer."""
         experts = self.experts.get(layer)

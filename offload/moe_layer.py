@@ -31,6 +31,7 @@ class RoutingContext:
     hash_lookups: Counter = field(default_factory=Counter)  # layer → real tokens checked
     hash_hits: Counter = field(default_factory=Counter)  # (layer, k) → tokens whose router choice was in top-k
     router_fallbacks: int = 0  # predicted mode: layer calls the table did not cover, routed by the router
+    shadow: bool = False  # predicted mode: also run the router (output unused) to measure live hit rates
 
 
 class SiDAMoELayer(nn.Module):
@@ -91,6 +92,8 @@ class SiDAMoELayer(nn.Module):
         rows = table.rows(self.index, start, hidden_states.shape[1]) if table is not None else None
         if ctx.mode == "predicted" and rows is not None:
             experts, alpha = rows
+            if ctx.shadow:
+                self._count_hits(self.router(hidden_states)[2].argmax(-1), experts)
             return self._apply_capacity(experts[..., 0]), alpha
         if ctx.mode == "predicted":
             ctx.router_fallbacks += 1

@@ -63,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     p.add_argument("--out", help="write {index, prediction} JSON lines here")
 
+    p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-style API, /metrics)")
+    _common(p)
+    g = p.add_argument_group("serving")
+    g.add_argument("--host")
+    g.add_argument("--port", type=int)
+    g.add_argument("--served-model-name")
+    g.add_argument("--max-batch-size", type=int)
+    g.add_argument("--max-batch-tokens", type=int)
+    g.add_argument("--max-batch-wait-ms", type=float)
+    g.add_argument("--max-queue", type=int)
+    g.add_argument("--request-timeout-s", type=float)
+    g.add_argument("--api-key")
+    g.add_argument("--shadow-sample-rate", type=float)
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
     p = sub.add_parser("config", help="print the resolved settings")
     _common(p)
 
@@ -94,11 +109,23 @@ def _settings(args: argparse.Namespace) -> Settings:
         "tier",
         "prefetch_k",
         "expert_dir",
+        "predictor",
+        "host",
+        "port",
+        "served_model_name",
+        "max_batch_size",
+        "max_batch_tokens",
+        "max_batch_wait_ms",
+        "max_queue",
+        "request_timeout_s",
+        "api_key",
+        "shadow_sample_rate",
+        "log_level",
     )
     return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
 
 
-def _runner(settings: Settings, hash_source: str = "auto", predictor: str | None = None):
+def _runner(settings: Settings, hash_source: str = "auto"):
     import torch
 
     from offload.device import resolve_device
@@ -119,18 +146,24 @@ def _runner(settings: Settings, hash_source: str = "auto", predictor: str | None
 
         hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=k)
     elif hash_source == "auto" and offload.mode != "resident":
-        path = predictor or find_predictor(loaded.path)
+        path = settings.predictor or find_predictor(loaded.path)
         if path is not None:
             pred, _meta = load_predictor(path, loaded.fingerprint)
             hash_fn = PredictorHash(pred.to(device), k=k)
     if offload.mode == "predicted" and hash_fn is None:
         raise ValueError(f"predicted mode needs hash tables: {loaded.path} ships no predictor (--predictor, --hash)")
+    if offload.mode == "exact" and hash_fn is None and not settings.mode_is_explicit and hash_source == "auto":
+        import dataclasses
+        import logging
+
+        logging.getLogger("sida").warning("%s ships no predictor: serving in resident mode", loaded.path)
+        offload = dataclasses.replace(offload, mode="resident")
     engine = OffloadEngine(loaded, offload, device)
     return Runner(loaded, str(device), settings.max_input_tokens, engine, hash_fn)
 
 
 def cmd_classify(args, settings: Settings) -> None:
-    runner = _runner(settings, args.hash, args.predictor)
+    runner = _runner(settings, args.hash)
     for text, c in zip(args.text, runner.classify(args.text, args.task)):
         if args.json:
             print(json.dumps({"text": text, "label": c.label, "probs": c.probs}))
@@ -139,7 +172,7 @@ def cmd_classify(args, settings: Settings) -> None:
 
 
 def cmd_complete(args, settings: Settings) -> None:
-    runner = _runner(settings, args.hash, args.predictor)
+    runner = _runner(settings, args.hash)
     max_new = args.max_new_tokens or settings.max_new_tokens
     for text, c in zip(args.text, runner.complete(args.text, max_new, args.temperature, args.top_p, args.seed)):
         if args.json:
@@ -151,7 +184,7 @@ def cmd_complete(args, settings: Settings) -> None:
 def cmd_eval(args, settings: Settings) -> None:
     from server.evaluation import evaluate, write_predictions
 
-    runner = _runner(settings, args.hash, args.predictor)
+    runner = _runner(settings, args.hash)
     result = evaluate(runner, args.task, args.data, args.limit, settings.batch_size)
     summary = {"model": str(settings.model_dir), "fingerprint": runner.loaded.fingerprint, **result.summary()}
     summary.update(runner.engine.summary())
@@ -171,6 +204,52 @@ def cmd_eval(args, settings: Settings) -> None:
         print(json.dumps(summary))
     else:
         print(f"{result.task}: accuracy {result.accuracy:.4f} on {result.examples} examples ({result.seconds:.1f}s)")
+
+
+def cmd_serve(args, settings: Settings) -> None:
+    import logging
+
+    import uvicorn
+
+    from server.app import ServeOptions, build_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = settings.served_model_name or settings.model_dir.name
+
+    def setup():
+        from importlib.metadata import version
+
+        from server.metrics import Metrics
+        from server.workers import Pipeline
+
+        runner = _runner(settings, args.hash)
+        engine = runner.engine
+        metrics = Metrics(engine, name, engine.cfg.mode if engine.cache is not None else "resident", version("sida"))
+        pipeline = Pipeline(
+            runner,
+            metrics,
+            settings.max_batch_size,
+            settings.max_batch_tokens,
+            settings.max_batch_wait_ms / 1000,
+            settings.max_queue,
+            shadow_sample_rate=settings.shadow_sample_rate,
+        )
+        runner.classify(["warm-up"])  # first forward outside any request's latency
+        info = {
+            "model": name,
+            "model_dir": str(settings.model_dir),
+            "fingerprint": runner.loaded.fingerprint,
+            "device": str(runner.device),
+            "predictor": runner.hash_fn is not None,
+            **engine.summary(),
+        }
+        return runner, pipeline, metrics, info
+
+    opts = ServeOptions(
+        name, settings.max_input_tokens, settings.request_timeout_s, settings.max_body_bytes, settings.api_key
+    )
+    app = build_app(opts, setup)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)
 
 
 def cmd_config(args, settings: Settings) -> None:
@@ -199,9 +278,14 @@ def main(argv: list[str] | None = None) -> None:
 
             return run(args)
         settings = _settings(args)
-        {"classify": cmd_classify, "complete": cmd_complete, "eval": cmd_eval, "config": cmd_config}[args.command](
-            args, settings
-        )
+        commands = {
+            "classify": cmd_classify,
+            "complete": cmd_complete,
+            "eval": cmd_eval,
+            "config": cmd_config,
+            "serve": cmd_serve,
+        }
+        commands[args.command](args, settings)
     except (SettingsError, ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"sida: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -43,10 +43,12 @@ class Runner:
         self.hash_fn = hash_fn
         self._label_ids: dict[str, list[int]] = {}
 
-    def _begin_batch(self, enc: dict[str, torch.Tensor], decoder_input_ids: torch.Tensor) -> None:
+    def _begin_batch(self, enc: dict[str, torch.Tensor], decoder_input_ids: torch.Tensor, table=None) -> None:
+        """Hand the batch's hash table (given, e.g. built ahead by the predictor worker, or built now) to the engine."""
         if self.engine is None:
             return
-        table = self.hash_fn(enc["input_ids"], enc["attention_mask"], decoder_input_ids) if self.hash_fn else None
+        if table is None and self.hash_fn is not None:
+            table = self.hash_fn(enc["input_ids"], enc["attention_mask"], decoder_input_ids)
         self.engine.begin_batch(enc["attention_mask"], table)
 
     def label_ids(self, task: Task) -> list[int]:
@@ -61,19 +63,32 @@ class Runner:
             self._label_ids[task.name] = ids
         return self._label_ids[task.name]
 
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=self.max_input_tokens, return_tensors="pt"
-        )
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with the eos the model was trained with, not truncated (the server checks lengths)."""
+        return self.tokenizer(texts)["input_ids"]
 
-    @torch.inference_mode()
+    def pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(x) for x in ids)
+        pad = self.model.config.pad_token_id
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenize and pad; inputs over `max_input_tokens` are cut (keeping the eos), as the CLI documents."""
+        limit = self.max_input_tokens
+        return self.pad([x if len(x) <= limit else x[: limit - 1] + x[-1:] for x in self.tokenize(prompts)])
+
     def classify_prompts(self, prompts: list[str], task: Task) -> list[Classification]:
         """Prompts already in the task's text-to-text format (see server/tasks.py)."""
+        return self.classify_ids(self.encode(prompts), task)
+
+    @torch.inference_mode()
+    def classify_ids(self, enc: dict[str, torch.Tensor], task: Task, hash_table=None) -> list[Classification]:
         ids = self.label_ids(task)
-        enc = self.encode(prompts)
-        start = torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, device=self.device)
-        self._begin_batch(enc, start)
+        rows = enc["input_ids"].shape[0]
+        start = torch.full((rows, 1), self.model.config.decoder_start_token_id, device=self.device)
+        self._begin_batch(enc, start, hash_table)
         logits = self.model(**enc, decoder_input_ids=start).logits  # [batch, 1, vocab]
         probs = logits[:, 0, ids].float().softmax(-1).cpu()  # [batch, labels]
         return [
@@ -87,7 +102,6 @@ class Runner:
             raise ValueError(f"classify takes raw text for task 'sst2' only, not {task!r}")
         return self.classify_prompts([sst2_prompt(t) for t in texts], get_task(task))
 
-    @torch.inference_mode()
     def complete(
         self,
         prompts: list[str],
@@ -95,11 +109,55 @@ class Runner:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        stops: list[str] | None = None,
+        on_text=None,
     ) -> list[Completion]:
-        enc = self.encode(prompts)
-        self._begin_batch(
-            enc, torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, device=self.device)
-        )
+        return self.complete_ids(self.encode(prompts), max_new_tokens, temperature, top_p, seed, stops, on_text)
+
+    @torch.inference_mode()
+    def complete_ids(
+        self,
+        enc: dict[str, torch.Tensor],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stops: list[str] | None = None,
+        on_text=None,
+        hash_table=None,
+    ) -> list[Completion]:
+        """Generate for a padded batch. `on_text(row, delta)` is called as text appears (streaming);
+        generation of a row ends at eos, at a stop string (not included), or after max_new_tokens."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        rows = enc["input_ids"].shape[0]
+        start_id = self.model.config.decoder_start_token_id
+        self._begin_batch(enc, torch.full((rows, 1), start_id, device=self.device), hash_table)
+        eos = self.model.config.eos_token_id
+        stops = stops or []
+        texts = [""] * rows
+        stopped = [False] * rows
+        tokenizer = self.tokenizer
+
+        class Watch(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+                for r, row in enumerate(input_ids[:, 1:].tolist()):
+                    if stopped[r]:
+                        done[r] = True
+                        continue
+                    ended = eos in row
+                    text = tokenizer.decode(row[: row.index(eos)] if ended else row, skip_special_tokens=True)
+                    cut = min((text.find(s) for s in stops if s in text), default=-1)
+                    if cut >= 0:
+                        text, stopped[r], done[r] = text[:cut], True, True
+                    if on_text is not None and text.startswith(texts[r]) and len(text) > len(texts[r]):
+                        on_text(r, text[len(texts[r]) :])
+                    if text.startswith(texts[r]):
+                        texts[r] = text
+                    done[r] |= ended
+                return done
+
         sample = temperature > 0
         if seed is not None:
             torch.manual_seed(seed)
@@ -110,12 +168,15 @@ class Runner:
             temperature=temperature if sample else None,
             top_p=top_p if sample else None,
             top_k=None,
+            stopping_criteria=StoppingCriteriaList([Watch()]),
         )  # [batch, 1 + generated], starts with decoder_start_token_id
-        eos = self.model.config.eos_token_id
         results = []
-        for row, mask in zip(out[:, 1:].tolist(), enc["attention_mask"]):
+        for r, (row, mask) in enumerate(zip(out[:, 1:].tolist(), enc["attention_mask"])):
             finished = eos in row  # after eos, generate pads the row
             tokens = row[: row.index(eos)] if finished else row
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            results.append(Completion(text, int(mask.sum()), len(tokens), "stop" if finished else "length"))
+            if stopped[r]:
+                text = texts[r]
+            reason = "stop" if finished or stopped[r] else "length"
+            results.append(Completion(text, int(mask.sum()), len(tokens), reason))
         return results

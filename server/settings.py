@@ -29,13 +29,24 @@ class Settings(BaseSettings):
     max_new_tokens: int = 32
     batch_size: int = 32  # examples per forward in `sida eval`
     # offload (offload/engine.py)
-    mode: Literal["resident", "exact", "predicted"] = "resident"
-    budget_experts: int | None = None  # device slots for all MoE layers together; None = every expert
+    mode: Literal["resident", "exact", "predicted"] = "exact"
+    budget_experts: int | None = None  # device slots for all MoE layers together; None = half of all experts
     budget_bytes: int | None = None
     policy: Literal["fifo", "lru", "lfu"] = "lru"
     tier: Literal["ram", "disk"] = "ram"
     prefetch_k: int = 1
     expert_dir: Path | None = None  # tier 'disk': where the per-model expert file is written once
+    predictor: Path | None = None  # default: the predictor shipped in the model folder
+    # serving (server/app.py, server/workers.py)
+    served_model_name: str | None = None  # default: the model folder's name
+    max_batch_size: int = 32
+    max_batch_tokens: int = 8192
+    max_batch_wait_ms: float = 5.0
+    max_queue: int = 256
+    request_timeout_s: float = 60.0
+    max_body_bytes: int = 1_000_000
+    api_key: str | None = None
+    shadow_sample_rate: float = 0.1  # predicted mode: share of batches also routed by the router, for hit rates
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -49,11 +60,36 @@ class Settings(BaseSettings):
             raise ValueError(f"{v} is not a Hugging Face model folder (no config.json)")
         return v
 
-    @field_validator("threads", "max_input_tokens", "max_new_tokens", "batch_size", "budget_experts", "prefetch_k")
+    @field_validator(
+        "threads",
+        "max_input_tokens",
+        "max_new_tokens",
+        "batch_size",
+        "budget_experts",
+        "prefetch_k",
+        "max_batch_size",
+        "max_batch_tokens",
+        "max_queue",
+        "max_body_bytes",
+    )
     @classmethod
     def _positive(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("request_timeout_s", "max_batch_wait_ms")
+    @classmethod
+    def _positive_float(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("shadow_sample_rate")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError("must be between 0 and 1")
         return v
 
     @field_validator("budget_bytes")
@@ -75,6 +111,11 @@ class Settings(BaseSettings):
         return OffloadConfig(
             self.mode, self.budget_experts, self.budget_bytes, self.policy, self.tier, self.prefetch_k, self.expert_dir
         )
+
+    @property
+    def mode_is_explicit(self) -> bool:
+        """True when the mode came from a flag, the environment or a config file (not the default)."""
+        return "mode" in self.model_fields_set
 
     @field_validator("port")
     @classmethod

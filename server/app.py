@@ -1,0 +1,354 @@
+"""The HTTP front end (FastAPI): OpenAI-style completions, classification, health, info and metrics.
+
+Handlers validate and tokenize, hand `Request`s to the pipeline and await their futures; every error
+leaves in the `{"error": {message, type, param, code}}` envelope with the status of DESIGN.md §6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.schemas import ClassifyRequest, CompletionRequest, error_body
+from server.tasks import get_task, sst2_prompt
+from server.workers import DeadlineExceeded, Pipeline, QueueFull, Request
+
+log = logging.getLogger("sida")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+            headers,
+        )
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model_name: str
+    max_input_tokens: int
+    request_timeout_s: float
+    max_body_bytes: int
+    api_key: str | None
+
+
+class State:
+    def __init__(self):
+        self.ready = False
+        self.draining = False
+        self.runner = None
+        self.pipeline: Pipeline | None = None
+        self.metrics = None
+        self.info: dict = {}
+
+
+def build_app(opts: ServeOptions, setup, teardown=None) -> FastAPI:
+    """`setup()` → (runner, pipeline, metrics, info) runs in the lifespan (nothing heavy at import)."""
+    state = State()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.runner, state.pipeline, state.metrics, state.info = await asyncio.to_thread(setup)
+        state.pipeline.start()
+        state.ready = True
+        log.info("sida ready: %s", json.dumps(state.info))
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.ready = False
+            await asyncio.to_thread(state.pipeline.stop)  # everything accepted is answered first
+            if teardown is not None:
+                teardown()
+
+    app = FastAPI(title="sida", lifespan=lifespan)
+    app.state.sida = state
+
+    def envelope(err: APIError) -> JSONResponse:
+        return JSONResponse(error_body(err.message, err.type, err.param, err.code), err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, err: APIError):
+        return envelope(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, err: RequestValidationError):
+        first = err.errors()[0]
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        param = loc[0] if loc else None
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            msg, param = "request body is not valid JSON", None
+        return envelope(APIError(400, f"{param + ': ' if param else ''}{msg}", "invalid_request_error", param))
+
+    @app.middleware("http")
+    async def _guard(request: HTTPRequest, call_next):
+        t0 = time.perf_counter()
+        path = request.url.path
+        try:
+            if request.method == "POST":
+                length = request.headers.get("content-length")
+                if length is not None and int(length) > opts.max_body_bytes:
+                    raise APIError(413, f"request body over {opts.max_body_bytes} bytes", "invalid_request_error")
+            if path.startswith("/v1/") and opts.api_key is not None:
+                auth = request.headers.get("authorization", "")
+                token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+                if not hmac.compare_digest(token.encode(), opts.api_key.encode()):
+                    raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+            if path.startswith("/v1/") and request.method == "POST" and not state.ready:
+                raise APIError(
+                    503, "server is starting or draining", "service_unavailable", headers={"Retry-After": "1"}
+                )
+            response = await call_next(request)
+        except APIError as err:
+            response = envelope(err)
+        if state.metrics is not None and path.startswith("/v1/"):
+            state.metrics.requests.labels(path, str(response.status_code)).inc()
+            state.metrics.request_duration.labels(path).observe(time.perf_counter() - t0)
+        return response
+
+    def check_model(name: str) -> None:
+        if name != opts.model_name:
+            raise APIError(
+                404,
+                f"model {name!r} not found; this server serves {opts.model_name!r}",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+
+    def tokenize(texts: list[str], param: str) -> list[list[int]]:
+        ids = state.runner.tokenize(texts)
+        for i, x in enumerate(ids):
+            if len(x) > opts.max_input_tokens:
+                raise APIError(
+                    400,
+                    f"{param}[{i}] has {len(x)} tokens; the limit is {opts.max_input_tokens}",
+                    "invalid_request_error",
+                    param,
+                    "context_length_exceeded",
+                )
+        return ids
+
+    def submit(reqs: list[Request]) -> None:
+        try:
+            state.pipeline.submit_many(reqs)
+        except QueueFull:
+            raise APIError(
+                429,
+                "the request queue is full; retry shortly",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    async def wait(reqs: list[Request], deadline: float) -> list:
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(r.future for r in reqs)), max(0.0, deadline - time.monotonic())
+            )
+        except (asyncio.TimeoutError, DeadlineExceeded):
+            raise APIError(
+                504,
+                f"the request did not finish within {opts.request_timeout_s} s",
+                "timeout_error",
+                code="deadline_exceeded",
+            ) from None
+
+    def new_requests(kind, ids, key, params, on_text=None) -> tuple[list[Request], float]:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + opts.request_timeout_s
+        reqs = [
+            Request(kind, x, key, params, deadline, loop, loop.create_future(), on_text[i] if on_text else None)
+            for i, x in enumerate(ids)
+        ]
+        return reqs, deadline
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest):
+        check_model(body.model)
+        task = get_task(body.task)
+        ids = tokenize([sst2_prompt(t) for t in body.inputs], "input")
+        reqs, deadline = new_requests("classify", ids, ("classify", task.name), {"task": task})
+        submit(reqs)
+        results = await wait(reqs, deadline)
+        prompt_tokens = sum(len(x) for x in ids)
+        state.metrics.tokens.labels("prompt").inc(prompt_tokens)
+        return {
+            "object": "list",
+            "model": opts.model_name,
+            "data": [{"index": i, "label": r.label, "probs": r.probs} for i, r in enumerate(results)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        ids = tokenize(body.prompts, "prompt")
+        params = {
+            "max_tokens": body.max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "seed": body.seed,
+            "stops": body.stops,
+        }
+        key = ("complete", body.max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stops))
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if not body.stream:
+            reqs, deadline = new_requests("complete", ids, key, params)
+            submit(reqs)
+            results = await wait(reqs, deadline)
+            usage = _usage(results)
+            state.metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
+            state.metrics.tokens.labels("completion").inc(usage["completion_tokens"])
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": opts.model_name,
+                "choices": [
+                    {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                    for i, r in enumerate(results)
+                ],
+                "usage": usage,
+            }
+        return stream(ids, key, params, cid, created)
+
+    def stream(ids, key, params, cid, created) -> StreamingResponse:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        def callback(i: int):
+            return lambda delta: loop.call_soon_threadsafe(chunks.put_nowait, (i, delta))
+
+        callbacks = [callback(i) for i in range(len(ids))]
+        reqs, deadline = new_requests("complete", ids, key, params, callbacks)
+        submit(reqs)  # 429 before the stream starts
+        t0 = time.perf_counter()
+
+        def event(choices) -> str:
+            return (
+                "data: "
+                + json.dumps(
+                    {
+                        "id": cid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": opts.model_name,
+                        "choices": choices,
+                    }
+                )
+                + "\n\n"
+            )
+
+        async def gen():
+            done = asyncio.ensure_future(asyncio.gather(*(r.future for r in reqs)))
+            first = True
+            while True:
+                getter = asyncio.ensure_future(chunks.get())
+                finished, _ = await asyncio.wait(
+                    {getter, done}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in finished:
+                    i, delta = getter.result()
+                    if first:
+                        state.metrics.ttft.observe(time.perf_counter() - t0)
+                        first = False
+                    yield event([{"index": i, "text": delta, "logprobs": None, "finish_reason": None}])
+                    continue
+                getter.cancel()
+                if done in finished:
+                    while not chunks.empty():
+                        i, delta = chunks.get_nowait()
+                        yield event([{"index": i, "text": delta, "logprobs": None, "finish_reason": None}])
+                    try:
+                        results = done.result()
+                    except Exception as e:  # noqa: BLE001 — reported in-stream, the HTTP status is already sent
+                        yield "data: " + json.dumps(error_body(str(e), "server_error")) + "\n\n"
+                        break
+                    yield event(
+                        [
+                            {"index": i, "text": "", "logprobs": None, "finish_reason": r.finish_reason}
+                            for i, r in enumerate(results)
+                        ]
+                    )
+                    usage = _usage(results)
+                    state.metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
+                    state.metrics.tokens.labels("completion").inc(usage["completion_tokens"])
+                    break
+                yield (
+                    "data: "
+                    + json.dumps(error_body("deadline exceeded", "timeout_error", code="deadline_exceeded"))
+                    + "\n\n"
+                )
+                break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": opts.model_name, "object": "model", "owned_by": "sida", "created": 0}],
+        }
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready():
+        if not state.ready:
+            status = "draining" if state.draining else "starting"
+            return JSONResponse(error_body(f"server is {status}", "service_unavailable"), 503)
+        return {"status": "ready"}
+
+    @app.get("/info")
+    async def info():
+        engine = state.runner.engine if state.runner is not None else None
+        return {
+            **state.info,
+            "ready": state.ready,
+            "queue_depth": state.pipeline.pending if state.pipeline else 0,
+            "offload": engine.summary() if engine is not None else None,
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.metrics is None:
+            return Response("", media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _usage(results) -> dict:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

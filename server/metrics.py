@@ -1,0 +1,110 @@
+"""Prometheus series (prefix `sida_`, base units; names of DESIGN.md §7).
+
+Request-side series are observed by the HTTP layer and the workers. Expert and hash counters are not
+recomputed here: a collector reads the cache's and the routing context's own accounting at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from prometheus_client import CollectorRegistry, Gauge, Histogram, Info
+from prometheus_client import Counter as PCounter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
+
+
+class Metrics:
+    def __init__(self, engine=None, model: str = "", mode: str = "", version: str = ""):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = PCounter(
+            "sida_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "sida_request_duration_seconds", "Request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "sida_time_to_first_token_seconds", "Time to first streamed token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "sida_queue_wait_seconds", "Accepted until its batch started", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("sida_queue_depth", "Accepted requests not yet started", registry=r)
+        self.batch_size = Histogram("sida_batch_size", "Requests per batch", buckets=SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "sida_batch_tokens", "Real input tokens per batch", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.tokens = PCounter("sida_tokens", "Tokens processed", ["kind"], registry=r)
+        self.hash_build_seconds = Histogram(
+            "sida_hash_build_seconds", "Predictor time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.hash_queue_depth = Gauge("sida_hash_queue_depth", "Hashed batches waiting for inference", registry=r)
+        self.batch_errors = PCounter("sida_batch_errors", "Batches that failed in the inference worker", registry=r)
+        Info("sida_build", "Build information", registry=r).info({"version": version, "model": model, "mode": mode})
+        if engine is not None:
+            r.register(_EngineCollector(engine))
+
+    def observe_batch(self, size: int, real_tokens: int, padded_tokens: int) -> None:
+        self.batch_size.observe(size)
+        self.batch_tokens.observe(real_tokens)
+
+    def after_batch(self, engine) -> None:
+        """Hook for per-batch observations; engine counters are read at scrape time instead."""
+
+
+class _EngineCollector:
+    """Reads the offload engine's own accounting (device cache, routing context) when Prometheus scrapes."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        e = self.engine
+        ctx = e.context
+        lookups = CounterMetricFamily("sida_hash_lookups", "Real tokens whose hash entry was checked", labels=["layer"])
+        for layer, n in sorted(ctx.hash_lookups.items()):
+            lookups.add_metric([str(layer)], n)
+        yield lookups
+        hits = CounterMetricFamily(
+            "sida_hash_hits", "Real tokens whose router choice was among the top-k predictions", labels=["layer", "k"]
+        )
+        for (layer, k), n in sorted(ctx.hash_hits.items()):
+            hits.add_metric([str(layer), str(k)], n)
+        yield hits
+        cache_hits = CounterMetricFamily("sida_expert_cache_hits", "Expert lookups found resident", labels=["layer"])
+        cache_misses = CounterMetricFamily(
+            "sida_expert_cache_misses", "Expert lookups loaded on demand", labels=["layer"]
+        )
+        resident = GaugeMetricFamily("sida_resident_experts", "Experts resident on the device", labels=["layer"])
+        memory = GaugeMetricFamily("sida_device_memory_bytes", "Device memory", labels=["kind"])
+        budget = GaugeMetricFamily("sida_expert_budget_bytes", "Device bytes reserved for experts")
+        budget.add_metric([], e.capacity * e.expert_bytes)
+        stats = e.cache.stats if e.cache is not None else None
+        per_layer = Counter(k[0] for k in e.cache.resident_keys) if e.cache is not None else None
+        for layer in range(e.num_layers):
+            if stats is not None:
+                cache_hits.add_metric([str(layer)], stats.hits_by_layer[layer])
+                cache_misses.add_metric([str(layer)], stats.misses_by_layer[layer])
+                resident.add_metric([str(layer)], per_layer[layer])
+            else:  # resident mode: every expert stays on the device
+                resident.add_metric([str(layer)], e.num_experts)
+        memory.add_metric(["experts"], e.capacity * e.expert_bytes)
+        if e.device.type == "cuda":
+            memory.add_metric(["allocated"], torch.cuda.memory_allocated(e.device))
+            memory.add_metric(["reserved"], torch.cuda.memory_reserved(e.device))
+        yield from (cache_hits, cache_misses, resident, memory, budget)
+        counters = {
+            "sida_expert_loads": ("Experts copied to the device", stats.loads if stats else 0),
+            "sida_expert_evictions": ("Experts evicted from the device", stats.evictions if stats else 0),
+            "sida_expert_bytes_transferred": ("Bytes of expert weights copied", stats.bytes_moved if stats else 0),
+            "sida_expert_stall_seconds": ("Time compute waited for expert copies", stats.stall_seconds if stats else 0),
+        }
+        for name, (doc, value) in counters.items():
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c

@@ -1,0 +1,233 @@
+"""The serving pipeline: a bounded intake, the predictor worker (batches requests, builds hash table i+1) and
+the single inference worker (owns the model and the expert cache, runs batch i).
+
+   submit() ──▶ intake queue ──▶ PredictorWorker: Batcher → pad → HashTable ──▶ hash queue (depth 2)
+                                                                       ──▶ InferenceWorker: run → futures
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.batcher import Batcher
+
+_STOP = object()
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Request:
+    kind: str  # "classify" | "complete"
+    ids: list[int]
+    key: tuple  # compatibility: requests with equal keys may share a batch
+    params: dict[str, Any]
+    deadline: float  # time.monotonic() after which the answer is useless
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    on_text: Callable[[str], None] | None = None  # streaming, called from the inference thread
+    arrival: float = field(default_factory=time.monotonic)
+    started: float | None = None
+
+    def resolve(self, result=None, error: BaseException | None = None) -> None:
+        def set_():
+            if not self.future.done():
+                self.future.set_exception(error) if error is not None else self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(set_)
+
+
+@dataclass
+class _Batch:
+    requests: list[Request]
+    enc: dict[str, torch.Tensor]
+    table: Any
+    hash_seconds: float
+
+
+class Pipeline:
+    def __init__(
+        self,
+        runner,
+        metrics,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 8192,
+        max_wait_s: float = 0.005,
+        max_queue: int = 256,
+        hash_depth: int = 2,
+        shadow_sample_rate: float = 0.0,
+    ):
+        self.runner = runner
+        self.metrics = metrics
+        self.batcher = Batcher(max_batch_size, max_batch_tokens, max_wait_s)
+        self.max_queue = max_queue
+        self._intake: queue.Queue = queue.Queue()
+        self._hashed: queue.Queue = queue.Queue(maxsize=hash_depth)
+        self._pending = 0  # accepted and not yet started
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._shadow_rate = shadow_sample_rate
+        self._batches = 0
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ intake (event-loop side)
+
+    def submit_many(self, reqs: list[Request]) -> None:
+        """Accept all of a call's requests or none of them (QueueFull)."""
+        with self._lock:
+            if self._pending + len(reqs) > self.max_queue:
+                raise QueueFull
+            self._pending += len(reqs)
+        self.metrics.queue_depth.set(self._pending)
+        for r in reqs:
+            self._intake.put(r)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        for target, name in ((self._predictor_loop, "sida-predictor"), (self._inference_loop, "sida-inference")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Finish everything accepted, then stop both workers."""
+        self._intake.put(_STOP)
+        for t in self._threads:
+            t.join()
+
+    def _started(self, req: Request) -> None:
+        with self._lock:
+            self._pending -= 1
+        self.metrics.queue_depth.set(self._pending)
+
+    # ------------------------------------------------------------------ predictor worker
+
+    def _predictor_loop(self) -> None:
+        stopping = False
+        while True:
+            timeout = self.batcher.time_to_next(time.monotonic())
+            try:
+                item = self._intake.get(timeout=timeout) if not stopping else self._intake.get_nowait()
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                stopping = True
+            elif item is not None:
+                self.batcher.add(item, item.key, len(item.ids), item.arrival)
+                continue_draining = not self._intake.empty()
+                if continue_draining:
+                    continue
+            while (batch := self.batcher.pop_ready(time.monotonic(), flush=stopping)) is not None:
+                self._hash(batch)
+            if stopping and len(self.batcher) == 0 and self._intake.empty():
+                self._hashed.put(_STOP)
+                return
+
+    def _hash(self, requests: list[Request]) -> None:
+        live = self._drop_expired(requests)
+        if not live:
+            return
+        enc = self.runner.pad([r.ids for r in live])
+        t0 = time.perf_counter()
+        table = None
+        if self.runner.hash_fn is not None:
+            start = torch.zeros((len(live), 1), dtype=torch.long, device=self.runner.device)
+            table = self.runner.hash_fn(enc["input_ids"], enc["attention_mask"], start)
+        seconds = time.perf_counter() - t0
+        if table is not None:
+            self.metrics.hash_build_seconds.observe(seconds)
+        self._hashed.put(_Batch(live, enc, table, seconds))
+        self.metrics.hash_queue_depth.set(self._hashed.qsize())
+
+    def _drop_expired(self, requests: list[Request]) -> list[Request]:
+        now = time.monotonic()
+        live = []
+        for r in requests:
+            if now > r.deadline:
+                self._started(r)
+                r.resolve(error=DeadlineExceeded("the request's deadline passed before it was started"))
+            else:
+                live.append(r)
+        return live
+
+    # ------------------------------------------------------------------ inference worker
+
+    def _inference_loop(self) -> None:
+        while True:
+            item = self._hashed.get()
+            self.metrics.hash_queue_depth.set(self._hashed.qsize())
+            if item is _STOP:
+                return
+            live = self._drop_expired(item.requests)
+            if len(live) != len(item.requests):  # rebuild the batch without the dropped rows
+                keep = [i for i, r in enumerate(item.requests) if r in live]
+                item.enc = {k: v[keep] for k, v in item.enc.items()}
+                if item.table is not None:
+                    item.table = item.table.select_rows(keep)
+            if not live:
+                continue
+            try:
+                self._run(live, item)
+            except Exception as e:  # noqa: BLE001 — one failing batch must not kill the server
+                self.error = e
+                self.metrics.batch_errors.inc()
+                for r in live:
+                    r.resolve(error=e)
+
+    def _run(self, requests: list[Request], batch: _Batch) -> None:
+        now = time.monotonic()
+        for r in requests:
+            r.started = now
+            self._started(r)
+            self.metrics.queue_wait_seconds.observe(now - r.arrival)
+        self.metrics.observe_batch(
+            len(requests), int(batch.enc["attention_mask"].sum()), batch.enc["input_ids"].numel()
+        )
+        self._batches += 1
+        engine = self.runner.engine
+        if engine is not None:
+            engine.context.shadow = (
+                self._shadow_rate > 0 and (self._batches * self._shadow_rate) % 1 < self._shadow_rate
+            )
+        first = requests[0]
+        if first.kind == "classify":
+            results = self.runner.classify_ids(batch.enc, first.params["task"], hash_table=batch.table)
+        else:
+            p = first.params
+            on_text = None
+            if any(r.on_text is not None for r in requests):
+
+                def on_text(row: int, delta: str) -> None:
+                    if requests[row].on_text is not None:
+                        requests[row].on_text(delta)
+
+            results = self.runner.complete_ids(
+                batch.enc,
+                p["max_tokens"],
+                p["temperature"],
+                p["top_p"],
+                p["seed"],
+                p["stops"],
+                on_text,
+                hash_table=batch.table,
+            )
+        self.metrics.after_batch(engine)
+        for r, res in zip(requests, results):
+            r.resolve(res)
