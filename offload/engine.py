@@ -123,6 +123,17 @@ class OffloadEngine:
                 keys = hash_table.candidates(first, ctx.prefetch_k, mask=mask)
                 self.cache.prefetch([(first, e) for e in keys])
 
+    def reset_stats(self) -> None:
+        """Start counting afresh (after a warm-up); experts already resident stay where they are."""
+        from offload.device_cache import CacheStats
+
+        ctx = self.context
+        ctx.hash_lookups.clear()
+        ctx.hash_hits.clear()
+        ctx.router_fallbacks = 0
+        if self.cache is not None:
+            self.cache.stats = CacheStats(peak_resident=len(self.cache.resident_keys))
+
     def summary(self) -> dict:
         """The offload figures `sida eval --json` reports (measured by the cache, not recomputed)."""
         ctx = self.context

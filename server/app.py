@@ -243,6 +243,7 @@ def build_app(opts: ServeOptions, setup, teardown=None) -> FastAPI:
     def stream(ids, key, params, cid, created) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
+
         def callback(i: int):
             return lambda delta: loop.call_soon_threadsafe(chunks.put_nowait, (i, delta))
 
@@ -352,3 +353,43 @@ def _usage(results) -> dict:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def app_from_settings(settings, hash_source: str = "auto") -> FastAPI:
+    """The app `sida serve` runs; tests build it the same way."""
+    name = settings.served_model_name or settings.model_dir.name
+
+    def setup():
+        from importlib.metadata import version
+
+        from server.metrics import Metrics
+        from server.runner import build_runner
+
+        runner = build_runner(settings, hash_source)
+        engine = runner.engine
+        mode = engine.cfg.mode if engine.cache is not None else "resident"
+        metrics = Metrics(engine, name, mode, version("sida"))
+        pipeline = Pipeline(
+            runner,
+            metrics,
+            settings.max_batch_size,
+            settings.max_batch_tokens,
+            settings.max_batch_wait_ms / 1000,
+            settings.max_queue,
+            shadow_sample_rate=settings.shadow_sample_rate,
+        )
+        runner.classify(["warm-up"])  # the first forward happens outside any request's latency
+        engine.reset_stats()
+        info = {
+            "model": name,
+            "model_dir": str(settings.model_dir),
+            "fingerprint": runner.loaded.fingerprint,
+            "device": str(runner.device),
+            "predictor": runner.hash_fn is not None,
+        }
+        return runner, pipeline, metrics, info
+
+    opts = ServeOptions(
+        name, settings.max_input_tokens, settings.request_timeout_s, settings.max_body_bytes, settings.api_key
+    )
+    return build_app(opts, setup)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from server.runner import build_runner
 from server.settings import Settings, SettingsError, load_settings
 
 
@@ -125,45 +126,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
 
 
-def _runner(settings: Settings, hash_source: str = "auto"):
-    import torch
-
-    from offload.device import resolve_device
-    from offload.engine import OffloadEngine
-    from offload.model_loader import load_model
-    from predictor.artifact import PredictorHash, find_predictor, load_predictor
-    from server.runner import Runner
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device = resolve_device(settings.device)
-    offload = settings.offload_config()
-    loaded = load_model(settings.model_dir, settings.dtype, str(device))
-    k = max(3, offload.prefetch_k)
-    hash_fn = None
-    if hash_source == "oracle":
-        from predictor.oracle import OracleHash
-
-        hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=k)
-    elif hash_source == "auto" and offload.mode != "resident":
-        path = settings.predictor or find_predictor(loaded.path)
-        if path is not None:
-            pred, _meta = load_predictor(path, loaded.fingerprint)
-            hash_fn = PredictorHash(pred.to(device), k=k)
-    if offload.mode == "predicted" and hash_fn is None:
-        raise ValueError(f"predicted mode needs hash tables: {loaded.path} ships no predictor (--predictor, --hash)")
-    if offload.mode == "exact" and hash_fn is None and not settings.mode_is_explicit and hash_source == "auto":
-        import dataclasses
-        import logging
-
-        logging.getLogger("sida").warning("%s ships no predictor: serving in resident mode", loaded.path)
-        offload = dataclasses.replace(offload, mode="resident")
-    engine = OffloadEngine(loaded, offload, device)
-    return Runner(loaded, str(device), settings.max_input_tokens, engine, hash_fn)
-
-
 def cmd_classify(args, settings: Settings) -> None:
-    runner = _runner(settings, args.hash)
+    runner = build_runner(settings, args.hash)
     for text, c in zip(args.text, runner.classify(args.text, args.task)):
         if args.json:
             print(json.dumps({"text": text, "label": c.label, "probs": c.probs}))
@@ -172,7 +136,7 @@ def cmd_classify(args, settings: Settings) -> None:
 
 
 def cmd_complete(args, settings: Settings) -> None:
-    runner = _runner(settings, args.hash)
+    runner = build_runner(settings, args.hash)
     max_new = args.max_new_tokens or settings.max_new_tokens
     for text, c in zip(args.text, runner.complete(args.text, max_new, args.temperature, args.top_p, args.seed)):
         if args.json:
@@ -184,7 +148,7 @@ def cmd_complete(args, settings: Settings) -> None:
 def cmd_eval(args, settings: Settings) -> None:
     from server.evaluation import evaluate, write_predictions
 
-    runner = _runner(settings, args.hash)
+    runner = build_runner(settings, args.hash)
     result = evaluate(runner, args.task, args.data, args.limit, settings.batch_size)
     summary = {"model": str(settings.model_dir), "fingerprint": runner.loaded.fingerprint, **result.summary()}
     summary.update(runner.engine.summary())
@@ -207,49 +171,36 @@ def cmd_eval(args, settings: Settings) -> None:
 
 
 def cmd_serve(args, settings: Settings) -> None:
+    import contextlib
     import logging
+    import signal
 
     import uvicorn
 
-    from server.app import ServeOptions, build_app
+    from server.app import app_from_settings
+
+    class GracefulServer(uvicorn.Server):
+        """SIGTERM/SIGINT: stop accepting, answer everything accepted (the lifespan drains the pipeline), exit 0.
+
+        Plain uvicorn re-raises the signal after its shutdown, so the process ends with -15; a daemon under
+        systemd or Kubernetes should report a clean stop instead.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    name = settings.served_model_name or settings.model_dir.name
-
-    def setup():
-        from importlib.metadata import version
-
-        from server.metrics import Metrics
-        from server.workers import Pipeline
-
-        runner = _runner(settings, args.hash)
-        engine = runner.engine
-        metrics = Metrics(engine, name, engine.cfg.mode if engine.cache is not None else "resident", version("sida"))
-        pipeline = Pipeline(
-            runner,
-            metrics,
-            settings.max_batch_size,
-            settings.max_batch_tokens,
-            settings.max_batch_wait_ms / 1000,
-            settings.max_queue,
-            shadow_sample_rate=settings.shadow_sample_rate,
-        )
-        runner.classify(["warm-up"])  # first forward outside any request's latency
-        info = {
-            "model": name,
-            "model_dir": str(settings.model_dir),
-            "fingerprint": runner.loaded.fingerprint,
-            "device": str(runner.device),
-            "predictor": runner.hash_fn is not None,
-            **engine.summary(),
-        }
-        return runner, pipeline, metrics, info
-
-    opts = ServeOptions(
-        name, settings.max_input_tokens, settings.request_timeout_s, settings.max_body_bytes, settings.api_key
+    app = app_from_settings(settings, args.hash)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
     )
-    app = build_app(opts, setup)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)
+    GracefulServer(config).run()
 
 
 def cmd_config(args, settings: Settings) -> None:

@@ -180,3 +180,40 @@ class Runner:
             reason = "stop" if finished or stopped[r] else "length"
             results.append(Completion(text, int(mask.sum()), len(tokens), reason))
         return results
+
+
+def build_runner(settings, hash_source: str = "auto") -> Runner:
+    """The composition root: model, offload engine and hash function as the settings say."""
+    import torch
+
+    from offload.device import resolve_device
+    from offload.engine import OffloadEngine
+    from offload.model_loader import load_model
+    from predictor.artifact import PredictorHash, find_predictor, load_predictor
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    offload = settings.offload_config()
+    loaded = load_model(settings.model_dir, settings.dtype, str(device))
+    k = max(3, offload.prefetch_k)
+    hash_fn = None
+    if hash_source == "oracle":
+        from predictor.oracle import OracleHash
+
+        hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=k)
+    elif hash_source == "auto" and offload.mode != "resident":
+        path = settings.predictor or find_predictor(loaded.path)
+        if path is not None:
+            pred, _meta = load_predictor(path, loaded.fingerprint)
+            hash_fn = PredictorHash(pred.to(device), k=k)
+    if offload.mode == "predicted" and hash_fn is None:
+        raise ValueError(f"predicted mode needs hash tables: {loaded.path} ships no predictor (--predictor, --hash)")
+    if offload.mode == "exact" and hash_fn is None and not settings.mode_is_explicit and hash_source == "auto":
+        import dataclasses
+        import logging
+
+        logging.getLogger("sida").warning("%s ships no predictor: serving in resident mode", loaded.path)
+        offload = dataclasses.replace(offload, mode="resident")
+    engine = OffloadEngine(loaded, offload, device)
+    return Runner(loaded, str(device), settings.max_input_tokens, engine, hash_fn)
