@@ -9,7 +9,7 @@ MODEL ?= models/sida-switch-demo
 # CPU machines: this exact pin resolves to a CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run test install demo-model demo-card lint clean
+.PHONY: run demo test install demo-model demo-card demo-predictor bench-http lint clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: $(STAMP)
+	$(SIDA) serve --model $(MODEL) --host 0.0.0.0 --port 8000
+
+# The CLI on the demo model, without the server.
+demo: $(STAMP)
 	$(SIDA) classify --model $(MODEL) \
 		"a gorgeous , witty , seductive movie ." \
 		"the plot is nothing but boilerplate clichés from start to finish ." \
@@ -39,6 +43,19 @@ demo-model: $(STAMP)
 
 demo-card: $(STAMP)
 	$(PY) -m server.model_card --model $(MODEL) --data $(DATA)
+
+# Rebuild the demo model's predictor: router traces on SST-2/MRPC train and the C4 sample, then training.
+demo-predictor: $(STAMP)
+	mkdir -p runs
+	$(SIDA) predictor trace --model $(MODEL) --data $(DATA)/sst2/train.tsv --limit 30000 \
+		--data $(DATA)/mrpc/train.tsv --limit 3668 --data $(DATA)/c4_sample/c4_sample.jsonl --limit 1000 \
+		--out runs/demo-traces.safetensors
+	$(SIDA) predictor train --model $(MODEL) --traces runs/demo-traces.safetensors --out $(MODEL)/predictor \
+		--checkpoint runs/demo-predictor.ckpt
+
+# HTTP throughput against `sida eval` on the same sentences (issue: serving daemon).
+bench-http: $(STAMP)
+	$(PY) bench/http_vs_eval.py --data $(DATA)/sst2/dev.tsv
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server predictor offload tests bench

@@ -1,0 +1,139 @@
+"""Throughput through HTTP (`sida serve`, one request per sentence, concurrent clients) against `sida eval`'s
+batched loop on the same sentences, with the same mode and budget, measured in one run.
+
+    .venv/bin/python bench/http_vs_eval.py --data ../shared/data/sst2/dev.tsv --mode exact --budget-experts 32
+
+Prints one JSON object; `ratio` = HTTP sentences/s ÷ eval sentences/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eval_throughput(args, sentences: list[str]) -> float:
+    from server.runner import build_runner
+    from server.settings import load_settings
+    from server.tasks import get_task, sst2_prompt
+
+    settings = load_settings(**_offload_flags(args), batch_size=args.batch_size)
+    runner = build_runner(settings)
+    prompts = [sst2_prompt(s) for s in sentences]
+    task = get_task("sst2")
+    runner.classify_prompts(prompts[: args.batch_size], task)  # warm-up, as the server does
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), args.batch_size):
+        runner.classify_prompts(prompts[i : i + args.batch_size], task)
+    return len(prompts) / (time.perf_counter() - t0)
+
+
+def _offload_flags(args) -> dict:
+    return {"mode": args.mode, "budget_experts": args.budget_experts, "policy": args.policy, "threads": args.threads}
+
+
+async def http_throughput(base: str, sentences: list[str], concurrency: int) -> float:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+
+        async def one(text: str):
+            async with sem:
+                r = await client.post("/v1/classify", json={"model": "sida-switch-demo", "input": text})
+                r.raise_for_status()
+
+        await asyncio.gather(*(one(s) for s in sentences[:concurrency]))  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(s) for s in sentences))
+        return len(sentences) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"))
+    p.add_argument("--mode", default="exact")
+    p.add_argument("--budget-experts", type=int, default=32)
+    p.add_argument("--policy", default="lru")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    from server.tasks import get_task
+
+    sentences = [e.prompt.removeprefix("sst2 sentence: ") for e in get_task("sst2").read(args.data)]
+    eval_rate = eval_throughput(args, sentences)
+
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--mode",
+        args.mode,
+        "--budget-experts",
+        str(args.budget_experts),
+        "--policy",
+        args.policy,
+        "--threads",
+        str(args.threads),
+        "--max-batch-size",
+        str(args.batch_size),
+        "--max-batch-wait-ms",
+        "10",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        http_rate = asyncio.run(http_throughput(base, sentences, args.concurrency))
+        metrics = httpx.get(base + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    size_sum = float(next(x.split()[-1] for x in metrics.splitlines() if x.startswith("sida_batch_size_sum")))
+    size_count = float(next(x.split()[-1] for x in metrics.splitlines() if x.startswith("sida_batch_size_count")))
+    print(
+        json.dumps(
+            {
+                "sentences": len(sentences),
+                "mode": args.mode,
+                "budget_experts": args.budget_experts,
+                "eval_sentences_per_s": round(eval_rate, 1),
+                "http_sentences_per_s": round(http_rate, 1),
+                "ratio": round(http_rate / eval_rate, 3),
+                "http_mean_batch_size": round(size_sum / size_count, 2),
+                "concurrency": args.concurrency,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
