@@ -1,0 +1,70 @@
+"""Decoder layers: their tokens do not exist before generation, so no hash table can be built ahead.
+
+The cheapest per-step guess is from the token generated at the previous step: `PrevTokenTable` counts, in
+teacher-forced traces, which experts each decoder MoE layer used at positions whose decoder input was
+token v, and predicts the most frequent ones. `decoder_hit_rates` measures it (real tokens only) against a
+frequency-only baseline, which is what decides whether decoder prefetch is worth wiring in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload.adapters import capture_routing
+from offload.model_loader import LoadedModel
+
+
+@torch.inference_mode()
+def decoder_routes(loaded: LoadedModel, batches):
+    """Yield (layer, previous tokens [n], router top-1 [n]) over real decoder positions of teacher-forced batches."""
+    layers = [la for la in loaded.adapter.moe_layers(loaded.model) if la.stack == "decoder"]
+    for input_ids, attention_mask, dec_ids, dec_mask in batches:
+        with capture_routing(layers) as cap:
+            loaded.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=dec_ids,
+                decoder_attention_mask=dec_mask,
+            )
+        mask = dec_mask.bool()
+        for la in layers:
+            (rec,) = cap.records[la.index]
+            yield la.index, dec_ids[mask], rec.expert[mask]
+
+
+class PrevTokenTable:
+    def __init__(self, vocab_size: int, num_experts: int):
+        self.counts: dict[int, torch.Tensor] = {}
+        self.shape = (vocab_size, num_experts)
+
+    def fit(self, routes) -> PrevTokenTable:
+        for layer, prev, expert in routes:
+            c = self.counts.setdefault(layer, torch.zeros(self.shape, dtype=torch.long))
+            c.index_put_((prev, expert), torch.ones_like(prev), accumulate=True)
+        return self
+
+    def predict(self, layer: int, prev: torch.Tensor, k: int) -> torch.Tensor:
+        """[n, k] experts; tokens never seen fall back to the layer's most used experts."""
+        c = self.counts[layer].float()
+        prior = c.sum(0)  # [E]
+        scores = c[prev] + prior / (prior.sum() + 1)  # ties and unseen tokens broken by overall frequency
+        return scores.topk(k, dim=-1).indices
+
+
+def decoder_hit_rates(table: PrevTokenTable, routes, ks=(1, 3)) -> dict:
+    hits, base, tokens = {}, {}, {}
+    for layer, prev, expert in routes:
+        tokens[layer] = tokens.get(layer, 0) + expert.numel()
+        prior = table.counts[layer].sum(0).topk(max(ks)).indices
+        ranked = table.predict(layer, prev, max(ks))
+        for k in ks:
+            hits[(layer, k)] = hits.get((layer, k), 0) + int((ranked[:, :k] == expert[:, None]).any(-1).sum())
+            base[(layer, k)] = base.get((layer, k), 0) + int(torch.isin(expert, prior[:k]).sum())
+    return {
+        str(layer): {
+            "tokens": n,
+            **{f"prev_token_top{k}": round(hits[(layer, k)] / n, 4) for k in ks},
+            **{f"frequency_top{k}": round(base[(layer, k)] / n, 4) for k in ks},
+        }
+        for layer, n in sorted(tokens.items())
+    }
