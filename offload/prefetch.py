@@ -25,6 +25,9 @@ class Transfer:
         if not self.cuda:
             dst.copy_(src)
             return None
+        # the slot may still be read by compute already queued (the expert it held was evicted, not finished):
+        # the copy waits for that work, and for nothing issued after this point
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             if not src.is_pinned():
                 # the bounce buffer is reused: the previous staged copy must have left it

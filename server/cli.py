@@ -95,35 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = (
-        "model_dir",
-        "device",
-        "dtype",
-        "threads",
-        "batch_size",
-        "max_input_tokens",
-        "max_new_tokens",
-        "mode",
-        "budget_experts",
-        "budget_bytes",
-        "policy",
-        "tier",
-        "prefetch_k",
-        "expert_dir",
-        "predictor",
-        "host",
-        "port",
-        "served_model_name",
-        "max_batch_size",
-        "max_batch_tokens",
-        "max_batch_wait_ms",
-        "max_queue",
-        "request_timeout_s",
-        "api_key",
-        "shadow_sample_rate",
-        "log_level",
-    )
-    return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+    """Flags are named after settings; a flag not given (None) leaves the YAML/env/default value."""
+    return load_settings(args.config, **{k: getattr(args, k, None) for k in Settings.model_fields})
 
 
 def cmd_classify(args, settings: Settings) -> None:
