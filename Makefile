@@ -36,10 +36,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Rebuild the embedded demo model from $(DATA) (about 50 minutes on 2 CPU cores), then its model card.
+# Rebuild the embedded demo model from $(DATA) (about an hour on 2 CPU cores), its model card and predictor.
 demo-model: $(STAMP)
 	$(SIDA) build-demo --data $(DATA) --out $(MODEL)
-	$(MAKE) demo-card
+	$(MAKE) demo-card demo-predictor
 
 demo-card: $(STAMP)
 	$(PY) -m server.model_card --model $(MODEL) --data $(DATA)

@@ -33,18 +33,27 @@ class LoadedModel:
         return self.path.name
 
 
-def fingerprint(model_dir: str | Path) -> str:
-    """sha256 over config.json's content and the names and sizes of the weight files.
+FINGERPRINT_SAMPLE = 1 << 20  # bytes read from each end of every weight file
 
-    Artifacts built for a model (predictor, traces) store it and are refused by a different model.
-    Sizes, not contents, keep it cheap for multi-GB checkpoints.
+
+def fingerprint(model_dir: str | Path) -> str:
+    """sha256 over config.json's content and, per weight file, its name, size and first and last MiB.
+
+    Artifacts built for a model (predictor, traces) store it and are refused by a different model. Sampling
+    the ends (the safetensors header and the last tensors) catches retrained weights of the same shapes
+    while staying cheap for multi-GB checkpoints.
     """
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     config = json.loads((model_dir / "config.json").read_text())
     h.update(json.dumps(config, sort_keys=True).encode())
     for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(FINGERPRINT_SAMPLE))
+            fh.seek(max(0, size - FINGERPRINT_SAMPLE))
+            h.update(fh.read(FINGERPRINT_SAMPLE))
     return h.hexdigest()[:16]
 
 

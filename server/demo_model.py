@@ -51,6 +51,8 @@ class DemoRecipe:
     lm_prefix: tuple[int, int] = (16, 64)
     lm_target: int = 32
     evals_per_epoch: int = 2
+    revive_epochs: float = 0.5  # stage 2: fine-tune after splitting unused decoder experts
+    revive_lr: float = 1e-4
     seed: int = 0
 
 
@@ -203,63 +205,81 @@ def label_accuracy(model, tok: Tokenizer, pairs, label_ids: list[int], batch_siz
     return correct / max(1, len(pairs))
 
 
-def train(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=print) -> dict:
-    from tqdm import tqdm
+@dataclass
+class Prepared:
+    tok: Tokenizer
+    data: dict[str, list]
+    heldout: list
+    label_ids: list[int]
+    rng: random.Random
+    c4: list[str]
 
-    torch.manual_seed(recipe.seed)
+
+def prepare(data_dir: Path, recipe: DemoRecipe, tok: Tokenizer | None = None) -> Prepared:
+    """Read and encode the training data; with no tokenizer given, train one (stage 1)."""
     rng = random.Random(recipe.seed)
-    t0 = time.time()
-
     sst2 = TASKS["sst2"].read(data_dir / "sst2" / "train.tsv")
     mrpc = TASKS["mrpc"].read(data_dir / "mrpc" / "train.tsv")
     c4 = read_c4_texts(data_dir / "c4_sample" / "c4_sample.jsonl")
     rng.shuffle(sst2)
     heldout, sst2 = sst2[: recipe.heldout], sst2[recipe.heldout :]
-
-    tok = train_tokenizer([e.prompt for e in sst2 + mrpc] + c4, recipe.vocab_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tok, out_dir, model_max_length=512)
-    log(f"tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.0f}s)")
-
+    if tok is None:
+        tok = train_tokenizer([e.prompt for e in sst2 + mrpc] + c4, recipe.vocab_size)
     data = {
         "sst2": encode_examples(tok, sst2, recipe.max_input_tokens),
         "mrpc": encode_examples(tok, mrpc, recipe.max_input_tokens),
         "c4_lm": lm_pairs(tok, c4, recipe, rng),
     }
     heldout_pairs = encode_examples(tok, heldout, recipe.max_input_tokens)
-    sst2_label_ids = [tok.token_to_id(w) for w in TASKS["sst2"].labels]
-    log("examples: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))
+    label_ids = [tok.token_to_id(w) for w in TASKS["sst2"].labels]
+    return Prepared(tok, data, heldout_pairs, label_ids, rng, c4)
 
-    config = make_config(recipe, tok.get_vocab_size())
-    model = new_model(config, recipe.router_init_std)
+
+def fit(
+    model,
+    prep: Prepared,
+    out_dir: Path,
+    epochs: float,
+    lr: float,
+    warmup: int,
+    recipe: DemoRecipe,
+    log=print,
+    desc="demo-model",
+) -> dict:
+    """AdamW with warm-up and linear decay; the EMA weights with the best held-out accuracy are saved."""
+    from tqdm import tqdm
+
+    t0 = time.time()
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr,
+        lr=lr,
         betas=(0.9, 0.98),
     )
-    steps_per_epoch = sum(math.ceil(len(v) / recipe.batch_size) for v in data.values())
-    total = steps_per_epoch * recipe.epochs
+    steps_per_epoch = sum(math.ceil(len(v) / recipe.batch_size) for v in prep.data.values())
+    total = int(steps_per_epoch * epochs)
 
     def lr_at(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        return max(0.0, (total - step) / max(1, total - recipe.warmup_steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
     best = {"heldout_acc": -1.0}
     history = []
-    eval_every = max(1, steps_per_epoch // recipe.evals_per_epoch)
+    eval_every = max(1, min(total, steps_per_epoch // recipe.evals_per_epoch))
     step = 0
-    bar = tqdm(total=total, desc="demo-model", file=sys.stderr, mininterval=5)
-    for _epoch in range(recipe.epochs):
-        batches = [b for task, pairs in data.items() for b in make_batches(pairs, task, recipe.batch_size, rng)]
-        rng.shuffle(batches)
-        for b in batches:
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, mininterval=5)
+    while step < total:
+        batches = [
+            b for task, pairs in prep.data.items() for b in make_batches(pairs, task, recipe.batch_size, prep.rng)
+        ]
+        prep.rng.shuffle(batches)
+        for b in batches[: total - step]:
             out = model(
                 input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels, output_router_logits=True
             )
@@ -281,7 +301,7 @@ def train(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=
             if step % eval_every == 0 or step == total:
                 live = [p.detach().clone() for p in params]
                 _load(params, ema)
-                acc = label_accuracy(model, tok, heldout_pairs, sst2_label_ids)
+                acc = label_accuracy(model, prep.tok, prep.heldout, prep.label_ids)
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "heldout_acc": acc}
                 row["minutes"] = round((time.time() - t0) / 60, 1)
                 history.append(row)
@@ -294,19 +314,131 @@ def train(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=
     return {"best": best, "history": history, "steps": total, "minutes": round((time.time() - t0) / 60, 1)}
 
 
+def train(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=print) -> dict:
+    """Stage 1: tokenizer and model from scratch."""
+    torch.manual_seed(recipe.seed)
+    t0 = time.time()
+    prep = prepare(data_dir, recipe)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(prep.tok, out_dir, model_max_length=512)
+    log(f"tokenizer: {prep.tok.get_vocab_size()} tokens ({time.time() - t0:.0f}s)")
+    log("examples: " + ", ".join(f"{k} {len(v)}" for k, v in prep.data.items()))
+    model = new_model(make_config(recipe, prep.tok.get_vocab_size()), recipe.router_init_std)
+    return fit(model, prep, out_dir, recipe.epochs, recipe.lr, recipe.warmup_steps, recipe, log)
+
+
+@torch.no_grad()
+def decoder_usage(model, prep: Prepared, batches: int = 40) -> dict[int, tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Per decoder MoE block: tokens per expert and the router inputs each expert received, on teacher-forced
+    completion batches (padding excluded)."""
+    from offload.adapters import SwitchAdapter, capture_routing
+
+    layers = [la for la in SwitchAdapter().moe_layers(model) if la.stack == "decoder"]
+    experts = model.config.num_experts
+    counts = {la.block: torch.zeros(experts, dtype=torch.long) for la in layers}
+    inputs = {la.block: [[] for _ in range(experts)] for la in layers}
+    seen = {}
+    hooks = [
+        la.router.register_forward_hook(lambda m, i, o, b=la.block: seen.__setitem__(b, i[0].detach().float()))
+        for la in layers
+    ]
+    model.eval()
+    try:
+        for b in make_batches(prep.data["c4_lm"], "c4_lm", 64, random.Random(1))[:batches]:
+            start = torch.full_like(b.labels[:, :1], model.config.decoder_start_token_id)
+            dec_ids = torch.cat([start, b.labels[:, :-1].clamp(min=0)], dim=1)  # teacher forcing: shifted right
+            with capture_routing(layers) as cap:
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask, decoder_input_ids=dec_ids)
+            mask = b.labels != -100
+            for la in layers:
+                chosen = cap.records[la.index][0].expert[mask]
+                counts[la.block] += torch.bincount(chosen, minlength=experts)
+                h = seen[la.block][mask]
+                for e in chosen.unique().tolist():
+                    inputs[la.block][e].append(h[chosen == e])
+    finally:
+        for hk in hooks:
+            hk.remove()
+    model.train()
+    return {blk: (counts[blk], [torch.cat(x) if x else None for x in inputs[blk]]) for blk in counts}
+
+
+@torch.no_grad()
+def split_dead_experts(model, usage: dict, noise: float = 0.01, seed: int = 0) -> dict:
+    """Give every unused decoder expert a copy of a busy one and split the busy one's tokens between the two.
+
+    The pair's router rows become w ± δ, with δ along the donor's tokens' main direction of variation
+    (orthogonal to their mean), scaled so that a typical token prefers its side by the median top-1/top-2
+    logit gap of those tokens: about half go each way, and other experts' tokens are hardly disturbed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    done = {}
+    for block, (counts, inputs) in usage.items():
+        mlp = model.decoder.block[block].layer[-1].mlp
+        router = mlp.router.classifier.weight  # [experts, d_model]
+        dead = (counts == 0).nonzero().flatten().tolist()
+        donors = counts.argsort(descending=True).tolist()[: len(dead)]
+        for d, src in zip(dead, donors):
+            h = inputs[src]  # [tokens, d_model]
+            mean = h.mean(0)
+            centered = h - mean
+            direction = torch.linalg.svd(centered, full_matrices=False).Vh[0]
+            unit_mean = mean / mean.norm()
+            direction = direction - (direction @ unit_mean) * unit_mean
+            direction = direction / direction.norm()
+            spread = (centered @ direction).abs().median().clamp(min=1e-6)
+            top2 = (h @ router.T).topk(2, dim=-1).values  # [tokens, 2] the router's logits, as it chose
+            margin = (top2[:, 0] - top2[:, 1]).median()
+            delta = direction * (margin / 2) / spread
+            for p_dst, p_src in zip(mlp.experts[f"expert_{d}"].parameters(), mlp.experts[f"expert_{src}"].parameters()):
+                p_dst.copy_(p_src + noise * p_src.std() * torch.randn(p_src.shape, generator=g))
+            base = router[src].clone()
+            router[src].copy_(base + delta)
+            router[d].copy_(base - delta)
+        done[block] = dict(zip(dead, donors))
+    return done
+
+
+def revive(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=print) -> dict:
+    """Stage 2: decoder experts that stage 1 left unused get a copy of a busy expert, then a short fine-tune.
+
+    Decoder MoE layers see one token per classification example, so the per-sequence load-balancing loss
+    cannot keep them all alive (DEMO-MODEL-NOTES.md); this stage makes every expert carry tokens.
+    """
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(recipe.seed + 1)
+    prep = prepare(data_dir, recipe, Tokenizer.from_file(str(out_dir / "tokenizer.json")))
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
+    before = decoder_usage(model, prep)
+    split = split_dead_experts(model, before)
+    used = {b: int((c > 0).sum()) for b, (c, _) in before.items()}
+    log(json.dumps({"decoder_experts_used_before": used, "split": split}))
+    report = fit(model, prep, out_dir, recipe.revive_epochs, recipe.revive_lr, 100, recipe, log, desc="revive")
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
+    after = decoder_usage(model, prep)
+    if any((c == 0).any() for c, _ in after.values()):  # the fine-tune let a few die again: split once more
+        report["split_after_finetune"] = split_dead_experts(model, after, seed=recipe.seed + 1)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        after = decoder_usage(model, prep)
+    report["decoder_experts_used"] = {"before": used, "after": {b: int((c > 0).sum()) for b, (c, _) in after.items()}}
+    log(json.dumps(report["decoder_experts_used"]))
+    return report
+
+
 @torch.no_grad()
 def _load(params, values) -> None:
     for p, v in zip(params, values):
         p.copy_(v)
 
 
-def finalize(out_dir: Path, train_report: dict, recipe: DemoRecipe) -> None:
+def finalize(out_dir: Path, reports: dict, recipe: DemoRecipe) -> None:
     """Store the chosen checkpoint as fp16 safetensors and record how it was made."""
     from transformers import SwitchTransformersForConditionalGeneration
 
     model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
     model.half().save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "training.json").write_text(json.dumps({"recipe": asdict(recipe), **train_report}, indent=1) + "\n")
+    (out_dir / "training.json").write_text(json.dumps({"recipe": asdict(recipe), **reports}, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -317,12 +449,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("models/sida-switch-demo"))
     p.add_argument("--epochs", type=int, default=DemoRecipe.epochs)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stage", choices=["all", "revive"], default="all", help="revive: stage 2 only, on --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = DemoRecipe(epochs=args.epochs)
-    report = train(args.data, args.out, recipe)
-    finalize(args.out, report, recipe)
-    print(json.dumps(report["best"]))
+    reports = {}
+    if args.stage == "all":
+        reports["stage1"] = train(args.data, args.out, recipe)
+        finalize(args.out, reports, recipe)
+    else:
+        reports = json.loads((args.out / "training.json").read_text())
+        reports = {k: v for k, v in reports.items() if k != "recipe"}
+        if "stage1" not in reports:  # a stage-1 report written before stages were named
+            reports = {"stage1": reports}
+    reports["stage2"] = revive(args.data, args.out, recipe)
+    finalize(args.out, reports, recipe)
+    print(json.dumps({k: v["best"] for k, v in reports.items()}))
 
 
 if __name__ == "__main__":

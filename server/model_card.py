@@ -98,6 +98,7 @@ def measure(model_dir: Path, data_dir: Path) -> dict:
 
 def render(m: dict, training: dict) -> str:
     c = training.get("recipe", {})
+    s1, s2 = training.get("stage1", {}), training.get("stage2", {})
     lines = [
         "# sida-switch-demo",
         "",
@@ -165,10 +166,18 @@ def render(m: dict, training: dict) -> str:
         f"- Routers re-initialised with std {c.get('router_init_std')}; aux (load-balancing) loss coefficient "
         f"{c.get('router_aux_loss_coef')}, z-loss {c.get('router_z_loss_coef')}.",
         f"- Weights: EMA (decay {c.get('ema_decay')}); the EMA checkpoint with the best held-out SST-2 accuracy "
-        f"was kept (step {training.get('best', {}).get('step')}, held-out accuracy "
-        f"{training.get('best', {}).get('heldout_acc', 0):.4f}).",
-        f"- {training.get('steps')} steps in {training.get('minutes')} minutes on 2 CPU cores "
-        "(other work was running on the same cores). History: `training.json`.",
+        f"was kept (stage 1: step {s1.get('best', {}).get('step')}, held-out accuracy "
+        f"{s1.get('best', {}).get('heldout_acc', 0):.4f}).",
+        f"- Stage 1: {s1.get('steps')} steps in {s1.get('minutes')} minutes on 2 CPU cores "
+        "(other work was running on the same cores).",
+        "- Stage 2: decoder MoE layers see one token per classification example, so the per-sequence",
+        "  load-balancing loss left some decoder experts unused after stage 1 "
+        f"({s2.get('decoder_experts_used', {}).get('before')} experts used per decoder block). Each unused",
+        "  expert got a copy of a busy one (weights and router row, plus 1% noise) and the model was fine-tuned",
+        f"  for {c.get('revive_epochs')} epoch at lr {c.get('revive_lr')} ({s2.get('steps')} steps, "
+        f"{s2.get('minutes')} minutes); after it: {s2.get('decoder_experts_used', {}).get('after')} "
+        f"experts used, held-out accuracy {s2.get('best', {}).get('heldout_acc', 0):.4f}.",
+        "- History of both stages: `training.json`.",
         "",
         "## Data licences",
         "SST-2 (cite Socher et al. 2013), MRPC (Microsoft Research Shared Source License: **non-commercial use",

@@ -29,6 +29,18 @@ def test_fingerprint_is_stable_and_tracks_config(tiny_dir, tmp_path):
     assert fingerprint(d) != fingerprint(tiny_dir)
 
 
+def test_fingerprint_tracks_retrained_weights_of_the_same_size(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy(tiny_dir, tmp_path / "m")
+    tensors = load_file(d / "model.safetensors")
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    assert (d / "model.safetensors").stat().st_size == (tiny_dir / "model.safetensors").stat().st_size
+    assert fingerprint(d) != fingerprint(tiny_dir)
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         check_model_dir(tmp_path / "absent")

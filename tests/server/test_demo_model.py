@@ -64,7 +64,8 @@ def test_demo_model_sst2_dev_accuracy(demo_loaded, data_dir):
 
 
 def test_demo_routers_spread(demo_loaded, data_dir):
-    """Every expert used and none over half the tokens: encoder layers on SST-2 dev, all layers on WikiText."""
+    """Every expert used and none over half the tokens: encoder layers on SST-2 dev, decoder layers on
+    WikiText-2 continuations (teacher-forced)."""
     from server.model_card import _wikitext_paragraphs, classification_batches, lm_batches, routing_report
     from server.runner import Runner
     from server.tasks import get_task
@@ -75,6 +76,8 @@ def test_demo_routers_spread(demo_loaded, data_dir):
     for r in enc.values():
         if r["stack"] == "encoder":
             assert r["experts_used"] == 16 and r["max_share"] < 0.5, r
+    # decoder layers see one token per SST-2 example; they are measured on multi-token continuations
     wiki = _wikitext_paragraphs(data_dir / "wikitext2" / "wiki.valid.tokens", 200)
     for r in routing_report(demo_loaded, lm_batches(runner, wiki)).values():
-        assert r["experts_used"] == 16 and r["max_share"] < 0.5, r
+        if r["stack"] == "decoder":
+            assert r["experts_used"] == 16 and r["max_share"] < 0.5, r
