@@ -422,6 +422,7 @@ def revive(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log
         model.save_pretrained(out_dir, safe_serialization=True)
         after = decoder_usage(model, prep)
     report["decoder_experts_used"] = {"before": used, "after": {b: int((c > 0).sum()) for b, (c, _) in after.items()}}
+    report["heldout_acc_final"] = label_accuracy(model, prep.tok, prep.heldout, prep.label_ids)
     log(json.dumps(report["decoder_experts_used"]))
     return report
 

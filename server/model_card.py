@@ -113,7 +113,7 @@ def render(m: dict, training: dict) -> str:
         f"- {m['parameters'] / 1e6:.2f} M parameters, {m['expert_parameters'] / 1e6:.2f} M of them in experts; "
         "stored as fp16 safetensors.",
         "- Files: " + ", ".join(f"`{k}` {v / 1e6:.2f} MB" for k, v in m["files"].items()) + ".",
-        f"- Fingerprint (config + weight file sizes): `{m['fingerprint']}`.",
+        f"- Fingerprint (config, weight file sizes and sampled contents): `{m['fingerprint']}`.",
         "",
         "## Tasks and prompts",
         "- `sst2 sentence: <sentence>` → `positive` | `negative`",
@@ -172,11 +172,14 @@ def render(m: dict, training: dict) -> str:
         "(other work was running on the same cores).",
         "- Stage 2: decoder MoE layers see one token per classification example, so the per-sequence",
         "  load-balancing loss left some decoder experts unused after stage 1 "
-        f"({s2.get('decoder_experts_used', {}).get('before')} experts used per decoder block). Each unused",
-        "  expert got a copy of a busy one (weights and router row, plus 1% noise) and the model was fine-tuned",
-        f"  for {c.get('revive_epochs')} epoch at lr {c.get('revive_lr')} ({s2.get('steps')} steps, "
-        f"{s2.get('minutes')} minutes); after it: {s2.get('decoder_experts_used', {}).get('after')} "
-        f"experts used, held-out accuracy {s2.get('best', {}).get('heldout_acc', 0):.4f}.",
+        f"({s2.get('decoder_experts_used', {}).get('before')} experts used per decoder block, on C4",
+        "  continuations). Each unused expert got a copy of a busy one (weights plus 1% noise) and the pair's",
+        "  router rows became w ± δ, δ along the busy expert's tokens' main direction of variation, so that",
+        f"  they share its tokens; then a fine-tune of {c.get('revive_epochs')} epoch at lr {c.get('revive_lr')} "
+        f"({s2.get('steps')} steps, {s2.get('minutes')} minutes), and the same split once more for experts",
+        f"  the fine-tune left unused ({s2.get('split_after_finetune')}). After it: "
+        f"{s2.get('decoder_experts_used', {}).get('after')} experts used, held-out accuracy "
+        f"{s2.get('heldout_acc_final', s2.get('best', {}).get('heldout_acc', 0)):.4f}.",
         "- History of both stages: `training.json`.",
         "",
         "## Data licences",
