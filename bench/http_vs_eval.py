@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,12 +19,6 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def eval_throughput(args, sentences: list[str]) -> float:
@@ -80,14 +72,9 @@ def main() -> None:
     sentences = [e.prompt.removeprefix("sst2 sentence: ") for e in get_task("sst2").read(args.data)]
     eval_rate = eval_throughput(args, sentences)
 
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--port",
-        str(port),
+    from server.subprocess_server import start_serve
+
+    flags = [
         "--log-level",
         "warning",
         "--mode",
@@ -103,15 +90,8 @@ def main() -> None:
         "--max-batch-wait-ms",
         "10",
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_serve(flags, timeout_s=240)
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         http_rate = asyncio.run(http_throughput(base, sentences, args.concurrency))
         metrics = httpx.get(base + "/metrics").text
     finally:

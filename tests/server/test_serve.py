@@ -3,35 +3,18 @@
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import REPO
+from server.subprocess_server import start_serve
 
 MODEL = "sida-switch-demo"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(demo_dir):
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--port",
-        str(port),
+    flags = [
         "--mode",
         "exact",
         "--budget-experts",
@@ -43,17 +26,7 @@ def server(demo_dir):
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(proc.stdout.read())
-        time.sleep(0.5)
+    proc, base = start_serve(flags)
     yield proc, base
     if proc.poll() is None:
         proc.terminate()
