@@ -10,26 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from offload.adapters import capture_routing
 from offload.model_loader import LoadedModel
+from predictor.traces import trace_batch
 
 
-@torch.inference_mode()
 def decoder_routes(loaded: LoadedModel, batches):
     """Yield (layer, previous tokens [n], router top-1 [n]) over real decoder positions of teacher-forced batches."""
-    layers = [la for la in loaded.adapter.moe_layers(loaded.model) if la.stack == "decoder"]
     for input_ids, attention_mask, dec_ids, dec_mask in batches:
-        with capture_routing(layers) as cap:
-            loaded.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                decoder_input_ids=dec_ids,
-                decoder_attention_mask=dec_mask,
-            )
-        mask = dec_mask.bool()
-        for la in layers:
-            (rec,) = cap.records[la.index]
-            yield la.index, dec_ids[mask], rec.expert[mask]
+        for t in trace_batch(loaded, input_ids, attention_mask, dec_ids, dec_mask):
+            if t.stack == "decoder":
+                yield t.layer, dec_ids[dec_mask.bool()], t.expert
 
 
 class PrevTokenTable:

@@ -49,12 +49,9 @@ class Metrics:
         if engine is not None:
             r.register(_EngineCollector(engine))
 
-    def observe_batch(self, size: int, real_tokens: int, padded_tokens: int) -> None:
+    def observe_batch(self, size: int, real_tokens: int) -> None:
         self.batch_size.observe(size)
         self.batch_tokens.observe(real_tokens)
-
-    def after_batch(self, engine) -> None:
-        """Hook for per-batch observations; engine counters are read at scrape time instead."""
 
 
 class _EngineCollector:

@@ -131,8 +131,7 @@ class Pipeline:
                 stopping = True
             elif item is not None:
                 self.batcher.add(item, item.key, len(item.ids), item.arrival)
-                continue_draining = not self._intake.empty()
-                if continue_draining:
+                if not self._intake.empty():  # take in everything that has arrived before batching
                     continue
             while (batch := self.batcher.pop_ready(time.monotonic(), flush=stopping)) is not None:
                 self._hash(batch)
@@ -197,9 +196,7 @@ class Pipeline:
             r.started = now
             self._started(r)
             self.metrics.queue_wait_seconds.observe(now - r.arrival)
-        self.metrics.observe_batch(
-            len(requests), int(batch.enc["attention_mask"].sum()), batch.enc["input_ids"].numel()
-        )
+        self.metrics.observe_batch(len(requests), int(batch.enc["attention_mask"].sum()))
         self._batches += 1
         engine = self.runner.engine
         if engine is not None:
@@ -228,6 +225,5 @@ class Pipeline:
                 on_text,
                 hash_table=batch.table,
             )
-        self.metrics.after_batch(engine)
         for r, res in zip(requests, results):
             r.resolve(res)
