@@ -9,7 +9,7 @@ MODEL ?= models/sida-switch-demo
 # CPU machines: this exact pin resolves to a CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run demo test install demo-model demo-card demo-predictor bench-http lint clean
+.PHONY: run demo test install demo-model demo-card demo-predictor bench bench-gpu bench-http lint clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $@
 
 run: $(STAMP)
@@ -44,7 +44,8 @@ demo-model: $(STAMP)
 demo-card: $(STAMP)
 	$(PY) -m server.model_card --model $(MODEL) --data $(DATA)
 
-# Rebuild the demo model's predictor: router traces on SST-2/MRPC train and the C4 sample, then training.
+# Rebuild the demo model's predictor: router traces on SST-2/MRPC train and the C4 sample, then training;
+# then the decoder layers' per-step table (experts by decoder input token).
 demo-predictor: $(STAMP)
 	mkdir -p runs
 	$(SIDA) predictor trace --model $(MODEL) --data $(DATA)/sst2/train.tsv --limit 30000 \
@@ -52,6 +53,22 @@ demo-predictor: $(STAMP)
 		--out runs/demo-traces.safetensors
 	$(SIDA) predictor train --model $(MODEL) --traces runs/demo-traces.safetensors --out $(MODEL)/predictor \
 		--checkpoint runs/demo-predictor.ckpt
+	$(SIDA) predictor decoder --model $(MODEL) --data $(DATA) --out $(MODEL)/predictor
+
+# SiDA against resident / accelerate / lru on the same batches (CPU preset, about 10 minutes on 2 cores):
+# bench/results/cpu.json, then the tables and plots in docs/benchmarks.md.
+bench: $(STAMP)
+	$(PY) bench/offload_bench.py --preset cpu --out bench/results/cpu.json
+	$(PY) bench/report.py bench/results/cpu.json --doc docs/benchmarks.md --plots docs/img
+
+# On a GPU box: the full matrix in chunks of under 10 minutes each, appended to bench/results/gpu.json.
+bench-gpu: $(STAMP)
+	rm -f bench/results/gpu.json
+	$(PY) bench/offload_bench.py --preset gpu --models demo --out bench/results/gpu.json --append
+	for m in switch-base-64 switch-base-128 switch-base-256; do for d in float32 bfloat16; do \
+		$(PY) bench/offload_bench.py --preset gpu --models $$m --dtypes $$d --out bench/results/gpu.json --append \
+		|| exit 1; done; done
+	$(PY) bench/report.py bench/results/gpu.json --doc docs/benchmarks.md --plots docs/img
 
 # HTTP throughput against `sida eval` on the same sentences (issue: serving daemon).
 bench-http: $(STAMP)

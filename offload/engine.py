@@ -66,6 +66,9 @@ class OffloadEngine:
         self.context = RoutingContext(mode=cfg.mode, prefetch_k=cfg.prefetch_k)
         self.cache: DeviceExpertCache | None = None
         self.first_layer_stack = layers[0].stack
+        self.layer_stack = {la.index: la.stack for la in layers}
+        self.decoder_layers = [la.index for la in layers if la.stack == "decoder"]
+        self.decoder_guess = None  # predictor.decoder.DecoderGuess: per-step guesses for decoder layers
         if cfg.mode == "resident":
             self.expert_bytes = sum(p.numel() * p.element_size() for p in layers[0].experts[0].parameters())
             self.capacity = self.total_experts
@@ -107,15 +110,59 @@ class OffloadEngine:
             )
             adapter.replace_moe(model, la, module.to(device))
         del layers  # the original sparse MLPs, and with them the model's own expert weights, are freed
+        if self.decoder_layers:
+            model.get_decoder().register_forward_pre_hook(self._on_decoder_call, with_kwargs=True)
 
-    def begin_batch(self, token_mask: torch.Tensor | None = None, hash_table: HashTable | None = None) -> None:
-        """Reset per-batch routing state; with a table, start loading the first MoE layer's experts now."""
+    def set_decoder_guess(self, guess) -> None:
+        missing = set(self.decoder_layers) - set(guess.layers)
+        if missing:
+            raise ValueError(f"the decoder table has no rows for decoder MoE layers {sorted(missing)}")
+        self.decoder_guess = guess.to(self.device)
+
+    def _guess_decoder(self, decoder_input_ids: torch.Tensor) -> None:
+        """Guess every decoder MoE layer's experts for the positions of this decoder call (their input tokens
+        are known now, at the start of the step)."""
+        ctx = self.context
+        first = ctx.offsets[self.decoder_layers[0]]
+        k = ctx.prefetch_k
+        ids = decoder_input_ids.to(self.device)
+        ctx.decoder_rows = {la: (first, self.decoder_guess.predict(la, ids, k)) for la in self.decoder_layers}
+
+    def _on_decoder_call(self, _module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.decoder_guess is None or ids is None:
+            return
+        self._guess_decoder(ids)
+        layer = self.decoder_layers[0]
+        first, guess = self.context.decoder_rows[layer]
+        self.cache.prefetch([(layer, e) for e in sorted(set(guess.reshape(-1).tolist()))])
+
+    @property
+    def wants_hash_table(self) -> bool:
+        """Whether a batch's hash table would change anything: `predicted` routes by it; `exact` prefetches with it,
+        which pays only where experts get evicted. With a budget that holds every expert, nothing is ever evicted:
+        each expert is loaded once, on its first use, and hashing every batch would be pure overhead."""
+        if self.cfg.mode == "predicted":
+            return True
+        return self.cache is not None and self.capacity < self.total_experts
+
+    def begin_batch(
+        self,
+        token_mask: torch.Tensor | None = None,
+        hash_table: HashTable | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Reset per-batch routing state; with a table, start loading the first MoE layer's experts now. With the
+        decoder's first input tokens and a decoder table, the last encoder layer prefetches for the decoder."""
         ctx = self.context
         if ctx.mode == "predicted" and hash_table is None:
             raise ValueError("predicted mode needs a hash table for every batch (a predictor or --hash oracle)")
         ctx.hash_table = hash_table
         ctx.token_mask = token_mask
         ctx.offsets.clear()
+        ctx.decoder_rows = {}
+        if self.decoder_guess is not None and decoder_input_ids is not None and self.cache is not None:
+            self._guess_decoder(decoder_input_ids)
         if self.cache is not None and hash_table is not None:
             first = min(hash_table.experts) if hash_table.experts else None
             if first is not None:
@@ -168,12 +215,17 @@ class OffloadEngine:
             waves=s.waves,
             stall_seconds=round(s.stall_seconds, 6),
         )
-        if ctx.hash_lookups:
-            lookups = sum(ctx.hash_lookups.values())
-            ks = sorted({k for _, k in ctx.hash_hits})
-            out["hash_hit_rate"] = {
-                f"top{k}": round(sum(v for (_, kk), v in ctx.hash_hits.items() if kk == k) / lookups, 6) for k in ks
-            }
+        for stack, key in (("encoder", "hash_hit_rate"), ("decoder", "decoder_hash_hit_rate")):
+            layers = {la for la, s in self.layer_stack.items() if s == stack}
+            lookups = sum(n for la, n in ctx.hash_lookups.items() if la in layers)
+            if lookups:
+                ks = sorted({k for la, k in ctx.hash_hits if la in layers})
+                out[key] = {
+                    f"top{k}": round(
+                        sum(n for (la, kk), n in ctx.hash_hits.items() if kk == k and la in layers) / lookups, 6
+                    )
+                    for k in ks
+                }
         if ctx.mode == "predicted":
             out["router_fallbacks"] = ctx.router_fallbacks
         return out

@@ -32,6 +32,9 @@ class RoutingContext:
     hash_hits: Counter = field(default_factory=Counter)  # (layer, k) → tokens whose router choice was in top-k
     router_fallbacks: int = 0  # predicted mode: layer calls the table did not cover, routed by the router
     shadow: bool = False  # predicted mode: also run the router (output unused) to measure live hit rates
+    # decoder layers: per-step guesses from the decoder's input token (layer → (first position, [batch, seq, k])),
+    # used to prefetch only; routing there is always the router's
+    decoder_rows: dict = field(default_factory=dict)
 
 
 class SiDAMoELayer(nn.Module):
@@ -75,15 +78,22 @@ class SiDAMoELayer(nn.Module):
         out = torch.zeros_like(flat)
         needed = torch.unique(flat_expert[flat_expert >= 0]).tolist()
         keys = [(self.index, e) for e in needed]
-        for i, wave in enumerate(self.cache.waves(keys)):
+        upcoming = self._next_keys()
+        waves = self.cache.waves(keys)
+        for i, wave in enumerate(waves):
             params = self.cache.acquire(wave)
+            later = [k for w in waves[i + 1 :] for k in w]  # this layer's experts of the waves still to come
             if i == 0:  # copies for the next layer overlap this layer's compute, never evicting its experts
-                self._prefetch_next(protect=set(keys))
-            for key in wave:
+                self.cache.prefetch(upcoming, protect=set(keys))
+            for j, key in enumerate(wave):
                 rows = torch.nonzero(flat_expert == key[1]).squeeze(1)  # ascending token order, as HF
                 y = self.expert_forward(params[key], flat[rows])  # [rows, d_model]
                 out.index_add_(0, rows, (y * flat_alpha[rows]).to(out.dtype))
-            self.cache.release(wave)
+                # The expert is done: its slot may take what comes next (this layer's later waves first, then
+                # the next layer's predicted experts) while the rest of the wave computes.
+                self.cache.release([key])
+                if later or upcoming:
+                    self.cache.prefetch(later + upcoming, protect=set(wave[j + 1 :]))
         return out.view(batch, seq, d_model)
 
     def _route(self, hidden_states: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +109,23 @@ class SiDAMoELayer(nn.Module):
             ctx.router_fallbacks += 1
         one_hot, top_prob, logits = self.router(hidden_states)  # capacity already applied by the router
         expert = torch.where(one_hot.sum(-1) > 0, one_hot.argmax(-1), -1)
-        if rows is not None:
-            self._count_hits(logits.argmax(-1), rows[0])  # the router's choice before any capacity drop
+        guess = rows[0] if rows is not None else None
+        if guess is None and self.stack == "decoder":
+            guess = self._decoder_guess(self.index, start)
+            seq = hidden_states.shape[1]
+            guess = guess[:, :seq] if guess is not None and guess.shape[1] >= seq else None
+        if guess is not None:
+            self._count_hits(logits.argmax(-1), guess)  # the router's choice before any capacity drop
         return expert, top_prob.squeeze(-1)
+
+    def _decoder_guess(self, layer: int, position: int) -> torch.Tensor | None:
+        """[batch, positions from `position` on, k] guessed experts of a decoder layer, if this step has them."""
+        got = self.context.decoder_rows.get(layer)
+        if got is None:
+            return None
+        first, guess = got
+        pos = position - first
+        return guess[:, pos:] if 0 <= pos < guess.shape[1] else None
 
     def _apply_capacity(self, expert: torch.Tensor) -> torch.Tensor:
         """Switch's rule: per sequence, an expert takes its first `capacity` tokens; later ones are dropped."""
@@ -121,13 +145,19 @@ class SiDAMoELayer(nn.Module):
         for k in range(1, pred.shape[1] + 1):
             self.context.hash_hits[(self.index, k)] += int(match[:, :k].any(-1).sum())
 
-    def _prefetch_next(self, protect: set) -> None:
+    def _next_keys(self) -> list:
+        """The next MoE layer's predicted experts (top-k of its real tokens), to load ahead of it."""
         ctx = self.context
-        if ctx.hash_table is None or self.next_layer is None:
-            return
         nxt = self.next_layer
+        if nxt is None:
+            return []
+        table = ctx.hash_table
         if self.next_stack == "encoder":
-            keys = ctx.hash_table.candidates(nxt, ctx.prefetch_k, mask=ctx.token_mask)
-        else:  # the next decoder call processes the next position (one step while generating)
-            keys = ctx.hash_table.candidates(nxt, ctx.prefetch_k, start=ctx.offsets[nxt], length=1)
-        self.cache.prefetch([(nxt, e) for e in keys], protect=protect)
+            experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, mask=ctx.token_mask)
+        else:  # the next decoder call processes the positions from its offset on
+            start = ctx.offsets[nxt]
+            experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, start=start)
+            guess = self._decoder_guess(nxt, start) if not experts else None
+            if guess is not None:
+                experts = sorted(set(guess[..., : ctx.prefetch_k].reshape(-1).tolist()))
+        return [(nxt, e) for e in experts]

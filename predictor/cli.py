@@ -30,6 +30,12 @@ def add_parser(sub) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--checkpoint", help="resumable training state (torch.save of tensors, weights_only load)")
 
+    t = psub.add_parser("decoder", help="the decoder layers' per-step table (experts by decoder input token)")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", required=True, help="the shared data folder (C4 sample, SST-2, MRPC, WikiText-2)")
+    t.add_argument("--out", required=True, help="the predictor folder; writes decoder.safetensors there")
+    t.add_argument("--docs", type=int, default=1000, help="C4 documents to fit on")
+
     t = psub.add_parser("eval", help="hit rates and latency of a predictor on an input file")
     t.add_argument("--model", required=True)
     t.add_argument("--predictor", help="default: the one shipped in the model folder")
@@ -46,7 +52,8 @@ def run(args) -> None:
     from offload.model_loader import load_model
 
     loaded = load_model(args.model)
-    {"trace": _trace, "train": _train, "eval": _eval}[args.predictor_command](args, loaded)
+    commands = {"trace": _trace, "train": _train, "decoder": _decoder, "eval": _eval}
+    commands[args.predictor_command](args, loaded)
 
 
 def _trace(args, loaded) -> None:
@@ -83,6 +90,34 @@ def _train(args, loaded) -> None:
     info = {"training_data": [str(p) for p in args.traces], "training": report}
     save_predictor(pred, args.out, loaded.fingerprint, info)
     print(json.dumps({"out": args.out, **{k: report["val"][k] for k in ("top1_hit_rate", "top3_hit_rate")}}))
+
+
+def _decoder(args, loaded) -> None:
+    """Fit on teacher-forced C4 continuations and the first decoder step of SST-2/MRPC train prompts; measure on
+    WikiText-2 valid continuations and SST-2 dev (never fitted on)."""
+    from predictor.decoder import DecoderGuess, PrevTokenTable, decoder_hit_rates, decoder_routes
+    from server.model_card import _wikitext_paragraphs, classification_batches, lm_batches
+    from server.runner import Runner
+    from server.tasks import get_task, read_c4_texts
+
+    data = Path(args.data)
+    runner = Runner(loaded)
+    c4 = [t for t in read_c4_texts(data / "c4_sample" / "c4_sample.jsonl", args.docs) if len(t.split()) > 60]
+    prompts = [e.prompt for e in get_task("sst2").read(data / "sst2" / "train.tsv", 4000)]
+    prompts += [e.prompt for e in get_task("mrpc").read(data / "mrpc" / "train.tsv", 2000)]
+    table = PrevTokenTable(loaded.config.vocab_size, loaded.adapter.num_experts(loaded.model))
+    table.fit(decoder_routes(loaded, lm_batches(runner, c4)))
+    table.fit(decoder_routes(loaded, classification_batches(runner, prompts)))
+    wiki = _wikitext_paragraphs(data / "wikitext2" / "wiki.valid.tokens", 600)
+    dev = [e.prompt for e in get_task("sst2").read(data / "sst2" / "dev.tsv")]
+    info = {
+        "fit": f"{len(c4)} C4 documents (teacher-forced continuations) + first decoder step of {len(prompts)} "
+        "SST-2/MRPC train prompts",
+        "wikitext_valid": decoder_hit_rates(table, decoder_routes(loaded, lm_batches(runner, wiki))),
+        "sst2_dev_first_step": decoder_hit_rates(table, decoder_routes(loaded, classification_batches(runner, dev))),
+    }
+    DecoderGuess.from_table(table).save(args.out, loaded.fingerprint, info)
+    print(json.dumps({"out": str(Path(args.out) / DecoderGuess.FILE), **info}))
 
 
 def _concat(parts):

@@ -58,3 +58,69 @@ def decoder_hit_rates(table: PrevTokenTable, routes, ks=(1, 3)) -> dict:
         }
         for layer, n in sorted(tokens.items())
     }
+
+
+class DecoderGuess:
+    """The frozen form of a PrevTokenTable that sida serves with: per decoder MoE layer, every token's experts
+    ranked best first ([vocab, experts] int16). `predict` is a gather: cheap enough to run at every decoder step."""
+
+    FILE = "decoder.safetensors"
+
+    def __init__(self, ranked: dict[int, torch.Tensor]):
+        self.ranked = ranked
+
+    @classmethod
+    def from_table(cls, table: PrevTokenTable) -> DecoderGuess:
+        ranked = {}
+        for layer, counts in table.counts.items():
+            c = counts.float()
+            prior = c.sum(0)
+            ranked[layer] = (c + prior / (prior.sum() + 1)).argsort(dim=-1, descending=True).to(torch.int16)
+        return cls(ranked)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.ranked)
+
+    def to(self, device) -> DecoderGuess:
+        return DecoderGuess({k: v.to(device) for k, v in self.ranked.items()})
+
+    def predict(self, layer: int, prev: torch.Tensor, k: int) -> torch.Tensor:
+        """[..., k] experts for decoder input tokens `prev` [...]; ids beyond the table use the top row's prior."""
+        ranked = self.ranked[layer]
+        return ranked[prev.clamp(0, ranked.shape[0] - 1), :k].long()
+
+    def save(self, folder, fingerprint: str, info: dict) -> None:
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {f"layer{k}.ranked": v.contiguous() for k, v in self.ranked.items()},
+            str(folder / self.FILE),
+            metadata={"fingerprint": fingerprint, "info": json.dumps(info)},
+        )
+
+    @classmethod
+    def load(cls, folder, fingerprint: str) -> DecoderGuess | None:
+        """The guess shipped in a predictor folder, or None; one built for another model is an error."""
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        path = Path(folder) / cls.FILE
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            ranked = {int(k.removeprefix("layer").split(".")[0]): f.get_tensor(k) for k in f.keys()}
+        if meta.get("fingerprint") != fingerprint:
+            from predictor.artifact import PredictorError
+
+            raise PredictorError(
+                f"{path}: decoder table was built for model {meta.get('fingerprint')}, this model is {fingerprint}"
+            )
+        return cls(ranked)

@@ -53,6 +53,10 @@ class DemoRecipe:
     evals_per_epoch: int = 2
     revive_epochs: float = 0.5  # stage 2: fine-tune after splitting unused decoder experts
     revive_lr: float = 1e-4
+    sharpen_epochs: float = 1.0  # stage 3: make encoder routers decisive (DEMO-MODEL-NOTES: near-uniform routers)
+    sharpen_lr: float = 1e-4
+    sharpen_entropy: float = 0.05  # coefficient of the mean router entropy of real encoder tokens
+    sharpen_aux_loss_coef: float = 0.01
     seed: int = 0
 
 
@@ -245,8 +249,12 @@ def fit(
     recipe: DemoRecipe,
     log=print,
     desc="demo-model",
+    extra_loss=None,
 ) -> dict:
-    """AdamW with warm-up and linear decay; the EMA weights with the best held-out accuracy are saved."""
+    """AdamW with warm-up and linear decay; the EMA weights with the best held-out accuracy are saved.
+
+    `extra_loss(batch)`, if given, is added to the model's loss after each forward (it may read what
+    forward hooks saw during that forward)."""
     from tqdm import tqdm
 
     t0 = time.time()
@@ -283,8 +291,9 @@ def fit(
             out = model(
                 input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels, output_router_logits=True
             )
+            loss = out.loss if extra_loss is None else out.loss + extra_loss(b)
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -427,6 +436,87 @@ def revive(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log
     return report
 
 
+def sharpen(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=print) -> dict:
+    """Experiment (not in the shipped recipe): fine-tune with a penalty on the encoder routers' entropy (real
+    tokens only), so that routers stop being near-uniform and a token's expert is a clearer choice.
+
+    Measured on the shipped model (1 epoch, held-out accuracy 0.883; "token-majority" = each token's most
+    frequent expert on 8000 SST-2 train sentences, scored on SST-2 dev):
+    aux 0.01: mean top-1 router prob 0.12/0.09 → 0.20/0.14, token-majority top-1 0.62/0.47 → 0.71/0.57,
+    but dev uses 12 and 9 of 16 experts (was 16/16); aux 0.001: 0.80/0.69, with 11 and 7 experts used.
+    Sharper routers are more predictable only by collapsing onto fewer experts, so the demo keeps stage 2."""
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    from offload.adapters import SwitchAdapter
+
+    torch.manual_seed(recipe.seed + 2)
+    prep = prepare(data_dir, recipe, Tokenizer.from_file(str(out_dir / "tokenizer.json")))
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
+    model.config.router_aux_loss_coef = model.router_aux_loss_coef = recipe.sharpen_aux_loss_coef
+    layers = [la for la in SwitchAdapter().moe_layers(model) if la.stack == "encoder"]
+    before = router_confidence(model, prep, layers)
+    log(json.dumps({"router_confidence_before": before}))
+    seen: list[torch.Tensor] = []
+
+    def keep(module, _inputs, outputs) -> None:  # training forwards only: fit()'s held-out evaluations run too
+        if module.training:
+            seen.append(outputs[2])
+
+    hooks = [la.router.register_forward_hook(keep) for la in layers]
+
+    def entropy(b: Batch) -> torch.Tensor:
+        mask = b.attention_mask.bool()
+        h = [-(lg.float().log_softmax(-1) * lg.float().softmax(-1)).sum(-1)[mask].mean() for lg in seen]
+        seen.clear()
+        return recipe.sharpen_entropy * torch.stack(h).mean()
+
+    try:
+        report = fit(
+            model, prep, out_dir, recipe.sharpen_epochs, recipe.sharpen_lr, 100, recipe, log, "sharpen", entropy
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
+    layers = [la for la in SwitchAdapter().moe_layers(model) if la.stack == "encoder"]
+    report["router_confidence"] = {"before": before, "after": router_confidence(model, prep, layers)}
+    log(json.dumps(report["router_confidence"]))
+    return report
+
+
+@torch.no_grad()
+def router_confidence(model, prep: Prepared, layers) -> dict:
+    """Per encoder MoE block, on the held-out rows: mean top-1 router probability, mean top-1 − top-2 margin,
+    experts used and the largest expert's share of tokens."""
+    from offload.adapters import capture_routing
+
+    model.eval()
+    top1 = {la.block: [] for la in layers}
+    margin = {la.block: [] for la in layers}
+    chosen = {la.block: [] for la in layers}
+    for b in make_batches(prep.heldout, "sst2", 128, random.Random(0)):
+        with capture_routing(layers) as cap:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+        mask = b.attention_mask.bool()
+        for la in layers:
+            (rec,) = cap.records[la.index]
+            p2 = rec.logits.softmax(-1).topk(2, dim=-1).values[mask]
+            top1[la.block].append(p2[:, 0])
+            margin[la.block].append(p2[:, 0] - p2[:, 1])
+            chosen[la.block].append(rec.expert[mask])
+    model.train()
+    out = {}
+    for la in layers:
+        counts = torch.bincount(torch.cat(chosen[la.block]), minlength=model.config.num_experts)
+        out[la.block] = {
+            "mean_top1_prob": round(float(torch.cat(top1[la.block]).mean()), 4),
+            "mean_margin": round(float(torch.cat(margin[la.block]).mean()), 4),
+            "experts_used": int((counts > 0).sum()),
+            "max_share": round(float(counts.max() / counts.sum()), 4),
+        }
+    return out
+
+
 @torch.no_grad()
 def _load(params, values) -> None:
     for p, v in zip(params, values):
@@ -450,7 +540,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("models/sida-switch-demo"))
     p.add_argument("--epochs", type=int, default=DemoRecipe.epochs)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stage", choices=["all", "revive"], default="all", help="revive: stage 2 only, on --out")
+    p.add_argument(
+        "--stage",
+        choices=["all", "revive", "sharpen"],
+        default="all",
+        help="revive: stage 2 only, on --out; sharpen: the router-sharpening experiment, on --out",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = DemoRecipe(epochs=args.epochs)
@@ -463,7 +558,10 @@ def main(argv: list[str] | None = None) -> None:
         reports = {k: v for k, v in reports.items() if k != "recipe"}
         if "stage1" not in reports:  # a stage-1 report written before stages were named
             reports = {"stage1": reports}
-    reports["stage2"] = revive(args.data, args.out, recipe)
+    if args.stage in ("all", "revive"):
+        reports["stage2"] = revive(args.data, args.out, recipe)
+    else:  # an experiment, not part of the shipped recipe (see the stage's docstring for what it gave)
+        reports["sharpen"] = sharpen(args.data, args.out, recipe)
     finalize(args.out, reports, recipe)
     print(json.dumps({k: v["best"] for k, v in reports.items()}))
 

@@ -7,6 +7,7 @@ logit, so every label costs one decoder step and comes with a probability over t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,13 +44,19 @@ class Runner:
         self.hash_fn = hash_fn
         self._label_ids: dict[str, list[int]] = {}
 
+    def hash_table(self, enc: dict[str, torch.Tensor], decoder_input_ids: torch.Tensor):
+        """The batch's hash table, or None where there is no hash function or the engine has no use for one."""
+        if self.hash_fn is None or self.engine is None or not self.engine.wants_hash_table:
+            return None
+        return self.hash_fn(enc["input_ids"], enc["attention_mask"], decoder_input_ids)
+
     def _begin_batch(self, enc: dict[str, torch.Tensor], decoder_input_ids: torch.Tensor, table=None) -> None:
         """Hand the batch's hash table (given, e.g. built ahead by the predictor worker, or built now) to the engine."""
         if self.engine is None:
             return
-        if table is None and self.hash_fn is not None:
-            table = self.hash_fn(enc["input_ids"], enc["attention_mask"], decoder_input_ids)
-        self.engine.begin_batch(enc["attention_mask"], table)
+        if table is None:
+            table = self.hash_table(enc, decoder_input_ids)
+        self.engine.begin_batch(enc["attention_mask"], table, decoder_input_ids)
 
     def label_ids(self, task: Task) -> list[int]:
         """Token id of each label word; every label word must be a single token of this tokenizer."""
@@ -190,6 +197,7 @@ def build_runner(settings, hash_source: str = "auto") -> Runner:
     from offload.engine import OffloadEngine
     from offload.model_loader import load_model
     from predictor.artifact import PredictorHash, find_predictor, load_predictor
+    from predictor.decoder import DecoderGuess
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -197,7 +205,7 @@ def build_runner(settings, hash_source: str = "auto") -> Runner:
     offload = settings.offload_config()
     loaded = load_model(settings.model_dir, settings.dtype, str(device))
     k = max(3, offload.prefetch_k)
-    hash_fn = None
+    hash_fn = decoder_guess = None
     if hash_source == "oracle":
         from predictor.oracle import OracleHash
 
@@ -207,6 +215,8 @@ def build_runner(settings, hash_source: str = "auto") -> Runner:
         if path is not None:
             pred, _meta = load_predictor(path, loaded.fingerprint)
             hash_fn = PredictorHash(pred.to(device), k=k)
+            folder = Path(path).parent if Path(path).suffix == ".safetensors" else Path(path)
+            decoder_guess = DecoderGuess.load(folder, loaded.fingerprint)
     if offload.mode == "predicted" and hash_fn is None:
         raise ValueError(f"predicted mode needs hash tables: {loaded.path} ships no predictor (--predictor, --hash)")
     if offload.mode == "exact" and hash_fn is None and not settings.mode_is_explicit and hash_source == "auto":
@@ -216,4 +226,6 @@ def build_runner(settings, hash_source: str = "auto") -> Runner:
         logging.getLogger("sida").warning("%s ships no predictor: serving in resident mode", loaded.path)
         offload = dataclasses.replace(offload, mode="resident")
     engine = OffloadEngine(loaded, offload, device)
+    if decoder_guess is not None and engine.cache is not None:
+        engine.set_decoder_guess(decoder_guess)
     return Runner(loaded, str(device), settings.max_input_tokens, engine, hash_fn)

@@ -145,10 +145,8 @@ class Pipeline:
             return
         enc = self.runner.pad([r.ids for r in live])
         t0 = time.perf_counter()
-        table = None
-        if self.runner.hash_fn is not None:
-            start = torch.zeros((len(live), 1), dtype=torch.long, device=self.runner.device)
-            table = self.runner.hash_fn(enc["input_ids"], enc["attention_mask"], start)
+        start = torch.zeros((len(live), 1), dtype=torch.long, device=self.runner.device)
+        table = self.runner.hash_table(enc, start)
         seconds = time.perf_counter() - t0
         if table is not None:
             self.metrics.hash_build_seconds.observe(seconds)

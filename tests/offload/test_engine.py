@@ -132,3 +132,64 @@ def test_experts_leave_the_model(tiny8_dir):
 def test_bad_configuration(tiny_dir, cfg, message):
     with pytest.raises(ValueError, match=message):
         OffloadEngine(load_model(tiny_dir), OffloadConfig(**cfg), CPU)
+
+
+def test_freed_slots_take_the_next_layers_experts_while_the_layer_computes(tiny8_dir, reference):
+    """A budget of one layer's worth: with a perfect table, slots freed as each expert finishes are refilled with the
+    next layer's experts, so only the first layer ever waits (its experts have nowhere to go ahead of it)."""
+    logits, engine = run(tiny8_dir, mode="exact", budget_experts=8, table="oracle", prefetch_k=1)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    s = engine.cache.stats
+    later = [la for la in engine.layer_stack if la > 0]
+    assert s.prefetch_loads > 0 and sum(s.misses_by_layer[la] for la in later) == 0
+
+
+def test_a_budget_holding_every_expert_needs_no_hash_table(tiny8_dir):
+    loaded = load_model(tiny8_dir)
+    full = OffloadEngine(loaded, OffloadConfig(mode="exact", budget_experts=16), CPU)
+    calls = []
+    runner = Runner(loaded, engine=full, hash_fn=lambda *a: calls.append(1))
+    enc = runner.encode(PROMPTS)
+    assert not full.wants_hash_table and runner.hash_table(enc, enc["input_ids"][:, :1]) is None and not calls
+    assert OffloadEngine(load_model(tiny8_dir), OffloadConfig(mode="exact", budget_experts=15), CPU).wants_hash_table
+    assert OffloadEngine(load_model(tiny8_dir), OffloadConfig(mode="predicted", budget_experts=16), CPU).wants_hash_table
+
+
+def _decoder_guess(model_dir, decoder_len=3):
+    from predictor.decoder import DecoderGuess, PrevTokenTable, decoder_routes
+
+    loaded = load_model(model_dir)
+    enc = Runner(loaded).encode(PROMPTS)
+    dec = torch.zeros((len(PROMPTS), decoder_len), dtype=torch.long)
+    dec[:, 1:] = enc["input_ids"][:, : decoder_len - 1]
+    batch = (enc["input_ids"], enc["attention_mask"], dec, torch.ones_like(dec))
+    table = PrevTokenTable(loaded.config.vocab_size, 8).fit(decoder_routes(loaded, [batch]))
+    return DecoderGuess.from_table(table)
+
+
+def test_decoder_guesses_prefetch_decoder_experts_and_are_scored(tiny8_dir, reference):
+    def decoder_misses(guess):
+        loaded = load_model(tiny8_dir)
+        engine = OffloadEngine(loaded, OffloadConfig(mode="exact", budget_experts=4, prefetch_k=3), CPU)
+        if guess is not None:
+            engine.set_decoder_guess(guess)
+        logits = forward(loaded, engine)
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)  # guesses never change the output
+        return sum(engine.cache.stats.misses_by_layer[la] for la in engine.decoder_layers), engine.summary()
+
+    without, summary = decoder_misses(None)
+    assert "decoder_hash_hit_rate" not in summary
+    with_guess, summary = decoder_misses(_decoder_guess(tiny8_dir))
+    assert with_guess < without
+    assert 0 < summary["decoder_hash_hit_rate"]["top1"] <= summary["decoder_hash_hit_rate"]["top3"] <= 1
+    assert "hash_hit_rate" not in summary  # no encoder table was given: encoder figures are not mixed in
+
+
+def test_decoder_guesses_during_generation_keep_the_output(tiny8_dir):
+    prompts = PROMPTS[:3]
+    plain = Runner(load_model(tiny8_dir)).complete(prompts, max_new_tokens=6)
+    loaded = load_model(tiny8_dir)
+    engine = OffloadEngine(loaded, OffloadConfig(mode="exact", budget_experts=2, prefetch_k=2), CPU)
+    engine.set_decoder_guess(_decoder_guess(tiny8_dir))
+    assert Runner(loaded, engine=engine).complete(prompts, max_new_tokens=6) == plain
+    assert engine.context.hash_lookups  # every generated step was guessed and scored

@@ -1,0 +1,466 @@
+"""SiDA against the baselines, side by side on the same batches in one process (`make bench`; DESIGN.md §9).
+
+Methods (every one classifies the same length-sorted batches of real task text):
+- `resident`: the Hugging Face model with every expert in memory;
+- `accelerate`: accelerate's own offload of the expert modules (`dispatch_model` with a device map: the
+  budget's share of each layer's experts stays on the compute device, the rest on `disk` (CPU run, with an
+  `offload_folder`) or `cpu` (GPU run); accelerate's hooks load an offloaded expert for each call);
+- `lru`: sida's expert cache with no predictor (load on miss, evict least recently used: mixtral-offloading);
+- `exact`: sida with the predictor prefetching its top-k (k = 1 and 3) per token; routing stays the router's;
+- `predicted`: sida routing by the hash table; the router runs beside it (output unused) only to count hits.
+
+Every number in a row is measured in that cell: wall time per batch, the cache's own counters (loads, bytes,
+stalls, peak experts held), the labels. Nothing is carried over from another cell or assumed.
+
+    .venv/bin/python bench/offload_bench.py --preset cpu --out bench/results/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from offload.engine import OffloadConfig, OffloadEngine  # noqa: E402
+from offload.model_loader import LoadedModel, load_model  # noqa: E402
+from server.runner import Runner  # noqa: E402
+from server.tasks import Task, get_task  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+DEMO = REPO / "models" / "sida-switch-demo"
+TASK_FILES = {"sst2": "sst2/dev.tsv", "mrpc": "mrpc/dev.tsv", "multirc": "multirc/dev.jsonl"}
+BUDGETS = (0.10, 0.25, 0.50, 1.00)
+# (method, prefetch_k): the columns of the matrix
+METHODS = (("resident", None), ("accelerate", None), ("lru", None), ("exact", 1), ("exact", 3), ("predicted", None))
+
+
+@dataclass(frozen=True)
+class Preset:
+    models: tuple[str, ...]  # "demo" or "switch-base-N"
+    tasks: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    limit: dict  # model → examples per task (None: the whole dev set)
+    budgets: tuple[float, ...] = BUDGETS
+    predictor_traces: int = 2000  # SST-2 train sentences traced to train a random-weight model's predictor
+    predictor_epochs: int = 4
+
+
+PRESETS = {
+    # ≤ 15 minutes on 2 CPU cores (the development and CI machines)
+    "cpu": Preset(("demo", "switch-base-8"), ("sst2",), (32,), ("float32",), {"demo": None, "switch-base-8": 256}),
+    # a GPU box: run it in chunks (--models/--batch-sizes/--dtypes) of under 10 minutes each
+    "gpu": Preset(
+        ("demo", "switch-base-64", "switch-base-128", "switch-base-256"),
+        ("sst2", "mrpc", "multirc"),
+        (1, 32),
+        ("float32", "bfloat16"),
+        {"demo": None, "switch-base-64": 512, "switch-base-128": 512, "switch-base-256": 512},
+        predictor_traces=4000,
+        predictor_epochs=6,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------ workloads
+
+
+@dataclass
+class Workload:
+    name: str  # the model's row label: the demo folder's name or switch-base-N
+    loaded: LoadedModel  # pristine: every cell runs on a deep copy (offload replaces the MoE layers)
+    task: Task
+    batches: list[dict]  # encoded batches, length-sorted as `sida eval` does
+    labels: list[list[str]] | None
+    predictor: object | None  # HashPredictor
+    predictor_info: dict
+    decoder_guess: object | None  # DecoderGuess: decoder layers' per-step guesses
+
+    @property
+    def examples(self) -> int:
+        return sum(b["input_ids"].shape[0] for b in self.batches)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(int(b["attention_mask"].sum()) for b in self.batches)
+
+
+def load_workload(
+    model: str, task_name: str, batch_size: int, dtype: str, device: torch.device, preset: Preset, log
+) -> Workload:
+    from predictor.artifact import find_predictor, load_predictor
+    from predictor.decoder import DecoderGuess
+
+    # the pristine model stays on the host; each cell moves its own copy to the device
+    if model == "demo":
+        loaded = load_model(DEMO, dtype)
+        pred, meta = load_predictor(find_predictor(DEMO), loaded.fingerprint)
+        guess = DecoderGuess.load(find_predictor(DEMO), loaded.fingerprint)
+        info = {"source": "shipped", "val": meta.get("training", {}).get("val", {})}
+        name = loaded.name
+    else:
+        loaded = random_switch(int(model.rsplit("-", 1)[1]), dtype)
+        pred, guess, info = quick_predictor(loaded, preset, log)
+        name = model
+    task = get_task(task_name)
+    examples = task.read(DATA / TASK_FILES[task_name], preset.limit.get(model))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    runner = Runner(loaded, str(device))
+    batches, labels = [], []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batches.append(runner.encode([examples[i].prompt for i in idx]))
+        labels.append([examples[i].label for i in idx])
+    has_labels = all(e.label is not None for e in examples)
+    return Workload(name, loaded, task, batches, labels if has_labels else None, pred.to(device), info, guess)
+
+
+def random_switch(num_experts: int, dtype: str) -> LoadedModel:
+    """switch-base-N with random weights (seed 0) and the demo model's tokenizer (its ids fit the vocabulary)."""
+    from offload.adapters import SwitchAdapter
+    from offload.switch_shapes import switch_base_model
+
+    torch.manual_seed(0)
+    model = switch_base_model(num_experts, "cpu", getattr(torch, dtype))
+    tokenizer = load_model(DEMO).tokenizer
+    return LoadedModel(
+        model, tokenizer, SwitchAdapter(), model.config, Path(f"switch-base-{num_experts}"), f"random-{num_experts}-0"
+    )
+
+
+def quick_predictor(loaded: LoadedModel, preset: Preset, log):
+    """Train a predictor on this model's own router traces (SST-2 train), so its hit rates are real; the decoder
+    table from the first decoder step of a quarter of those sentences."""
+    from predictor.decoder import DecoderGuess, PrevTokenTable, decoder_routes
+    from predictor.traces import collect_traces
+    from predictor.train import TrainConfig, train
+    from server.model_card import classification_batches
+    from server.tasks import read_inputs, sst2_prompt
+
+    t0 = time.perf_counter()
+    texts = [sst2_prompt(s) for s in read_inputs(DATA / "sst2" / "train.tsv", preset.predictor_traces)]
+    table = PrevTokenTable(loaded.config.vocab_size, loaded.adapter.num_experts(loaded.model))
+    table.fit(decoder_routes(loaded, classification_batches(Runner(loaded), texts[: len(texts) // 4], 32)))
+    traces = collect_traces(loaded, texts, batch_size=32)
+    emb = loaded.adapter.embeddings(loaded.model).weight.detach().float()
+    cfg = TrainConfig(max_epochs=preset.predictor_epochs, patience=2)
+    pred, report = train(traces, emb, loaded.adapter.num_experts(loaded.model), cfg, log=log)
+    info = {
+        "source": f"trained here on {len(texts)} SST-2 train sentences, {cfg.max_epochs} epochs",
+        "val": report["val"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    log(json.dumps({"predictor": loaded.name, **info["val"]}))
+    return pred, DecoderGuess.from_table(table), info
+
+
+# ------------------------------------------------------------------------------------------ one cell
+
+
+def budget_experts(total: int, fraction: float) -> int:
+    return max(1, round(total * fraction))
+
+
+class AccelerateOffload:
+    """Expert modules offloaded by accelerate's `dispatch_model`; counts the loads its hooks make."""
+
+    def __init__(self, loaded: LoadedModel, fraction: float, device: torch.device, folder: Path):
+        from accelerate import dispatch_model
+
+        layers = loaded.adapter.moe_layers(loaded.model)
+        experts = loaded.adapter.num_experts(loaded.model)
+        keep = budget_experts(len(layers) * experts, fraction)
+        per_layer = [keep // len(layers) + (1 if i < keep % len(layers) else 0) for i in range(len(layers))]
+        offload_to = "disk" if device.type == "cpu" else "cpu"
+        device_map = {"": str(device) if device.type == "cpu" else device.index or 0}
+        self.offloaded = []
+        for la, n in zip(layers, per_layer):
+            for e in range(n, experts):
+                name = f"{la.name}.experts.expert_{e}"
+                device_map[name] = offload_to
+                self.offloaded.append(name)
+        self.expert_bytes = sum(p.numel() * p.element_size() for p in layers[0].experts[0].parameters())
+        self.all_experts = [m for la in layers for m in la.experts]
+        self.resident = len(self.all_experts) - len(self.offloaded)
+        kwargs = {"offload_dir": str(folder)} if offload_to == "disk" else {}
+        self.model = dispatch_model(loaded.model, device_map=device_map, main_device=str(device), **kwargs)
+        self.loads = 0
+        self.peak_bytes = self.resident * self.expert_bytes
+        for name in self.offloaded:
+            expert = self.model.get_submodule(name)
+            expert.register_forward_pre_hook(self._on_load)
+            expert.wi.register_forward_pre_hook(self._held)  # runs while accelerate has the expert loaded
+
+    def _on_load(self, *_):
+        self.loads += 1
+
+    def _held(self, *_):
+        held = sum(p.numel() * p.element_size() for m in self.all_experts for p in m.parameters() if not p.is_meta)
+        self.peak_bytes = max(self.peak_bytes, held)
+
+    def reset(self) -> None:
+        self.loads = 0
+
+
+def run_cell(work: Workload, method: str, fraction: float, k: int | None, device: torch.device, resident_preds=None):
+    """One method at one budget over all of the workload's batches; returns the row (figures of this cell only)."""
+    model = copy.deepcopy(work.loaded.model)
+    if method != "accelerate":  # accelerate places the modules itself, offloaded experts never reach the device
+        model = model.to(device)
+    loaded = dataclasses.replace(work.loaded, model=model)
+    total = len(loaded.adapter.moe_layers(loaded.model)) * loaded.adapter.num_experts(loaded.model)
+    hash_time = [0.0]
+    engine = acc = hash_fn = None
+    folder = None
+    if method == "accelerate":
+        folder = tempfile.TemporaryDirectory(prefix="sida-bench-offload-")
+        acc = AccelerateOffload(loaded, fraction, device, Path(folder.name))
+        runner = Runner(loaded, str(device), 10**6)
+    else:
+        from predictor.artifact import PredictorHash
+
+        mode = "exact" if method == "lru" else method
+        cfg = OffloadConfig(mode=mode, budget_experts=budget_experts(total, fraction), prefetch_k=k or 1)
+        engine = OffloadEngine(loaded, cfg, device)
+        if method in ("exact", "predicted"):
+            table = PredictorHash(work.predictor, k=max(3, k or 1))
+
+            def hash_fn(*args):
+                t0 = time.perf_counter()
+                out = table(*args)
+                hash_time[0] += time.perf_counter() - t0
+                return out
+
+            if work.decoder_guess is not None:
+                engine.set_decoder_guess(work.decoder_guess)
+        engine.context.shadow = method == "predicted"  # count hash hits against the router's real choice
+        runner = Runner(loaded, str(device), 10**6, engine, hash_fn)
+
+    def classify(batch):
+        labels = [c.label for c in runner.classify_ids(batch, work.task)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return labels
+
+    classify(work.batches[0])  # warm-up: first-call costs and a first fill, not counted
+    if engine is not None:
+        engine.reset_stats()
+    if acc is not None:
+        acc.reset()
+    hash_time[0] = 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, preds = [], []
+    for batch in work.batches:
+        t0 = time.perf_counter()
+        preds.append(classify(batch))
+        times.append(time.perf_counter() - t0)
+    if folder is not None:
+        folder.cleanup()
+    return _row(work, method, fraction, k, engine, acc, times, preds, hash_time[0], device, resident_preds, total)
+
+
+def _row(work, method, fraction, k, engine, acc, times, preds, hash_seconds, device, resident_preds, total) -> dict:
+    seconds = sum(times)
+    ms = sorted(t * 1e3 for t in times)
+    row = {
+        "method": method,
+        "model": work.name,
+        "task": work.task.name,
+        "dtype": str(work.loaded.model.dtype).removeprefix("torch."),
+        "batch_size": work.batches[0]["input_ids"].shape[0],
+        "budget_fraction": fraction,
+        "prefetch_k": k,
+        "budget_experts": None if method == "resident" else budget_experts(total, fraction),
+        "total_experts": total,
+        "examples": work.examples,
+        "seq_per_s": round(work.examples / seconds, 3),
+        "tokens_per_s": round(work.real_tokens / seconds, 1),
+        "p50_ms": round(_percentile(ms, 50), 3),
+        "p99_ms": round(_percentile(ms, 99), 3),
+        "hash_seconds": round(hash_seconds, 4),
+        "batch_ms": [round(t * 1e3, 3) for t in times],
+    }
+    if engine is not None:
+        s = engine.summary()
+        row.update(
+            expert_bytes=s["expert_bytes"],
+            budget_bytes=None if engine.cache is None else engine.cache.budget_bytes,
+            peak_expert_bytes=s["peak_resident_experts"] * s["expert_bytes"],
+            bytes_moved=s["expert_bytes_moved"],
+            on_demand_loads=s["on_demand_loads"],
+            prefetch_loads=s.get("prefetch_loads", 0),
+            expert_uses=s.get("expert_lookups"),
+            hit_rate=s["cache_hit_rate"],
+            stall_seconds=s["stall_seconds"],
+            hash_hit_rate=s.get("hash_hit_rate"),
+            decoder_hash_hit_rate=s.get("decoder_hash_hit_rate"),
+        )
+        if method == "resident":
+            row.update(expert_uses=None, hit_rate=None)
+    else:
+        row.update(  # the hooks see only offloaded experts' calls: every one is a load the forward waits for
+            expert_bytes=acc.expert_bytes,
+            budget_bytes=acc.resident * acc.expert_bytes,
+            peak_expert_bytes=acc.peak_bytes,
+            bytes_moved=acc.loads * acc.expert_bytes,
+            on_demand_loads=acc.loads,
+            prefetch_loads=0,
+            expert_uses=None,
+            hit_rate=None,
+            stall_seconds=None,
+            hash_hit_rate=None,
+            decoder_hash_hit_rate=None,
+            offloaded_experts=len(acc.offloaded),
+        )
+    if device.type == "cuda":
+        row["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    flat = [p for batch in preds for p in batch]
+    row["accuracy"] = None
+    if work.labels is not None:
+        truth = [x for batch in work.labels for x in batch]
+        row["accuracy"] = round(sum(p == t for p, t in zip(flat, truth)) / len(truth), 6)
+    row["agreement_with_resident"] = (
+        None if resident_preds is None else round(sum(a == b for a, b in zip(flat, resident_preds)) / len(flat), 6)
+    )
+    row["_predictions"] = flat
+    return row
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    i = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[i]
+
+
+# ------------------------------------------------------------------------------------------ GPU copy bandwidth
+
+
+def copy_bandwidth(device: torch.device, expert_bytes: int, large_bytes: int = 1 << 30, repeats: int = 10) -> dict:
+    """Host-to-device GB/s from pinned and from pageable memory: one expert's size and one large copy."""
+    out = {}
+    for label, size in (("expert", expert_bytes), ("large", large_bytes)):
+        dst = torch.empty(size, dtype=torch.uint8, device=device)
+        for kind in ("pinned", "pageable"):
+            src = torch.empty(size, dtype=torch.uint8, pin_memory=kind == "pinned")
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            out[f"{kind}_{label}_gbps"] = round(size * repeats / (time.perf_counter() - t0) / 1e9, 2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def header(args, device: torch.device) -> dict:
+    import transformers
+
+    try:
+        import accelerate
+
+        acc_version = accelerate.__version__
+    except ImportError:
+        acc_version = None
+    head = {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
+        "threads": torch.get_num_threads(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": acc_version,
+        },
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    return head
+
+
+def run(args, log=print) -> dict:
+    preset = PRESETS[args.preset]
+    if args.limit:
+        preset = dataclasses.replace(preset, limit={m: args.limit for m in preset.models})
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = args.models or preset.models
+    methods = [m for m in METHODS if not args.methods or m[0] in args.methods]
+    budgets = args.budgets or preset.budgets
+    result = {"header": header(args, device), "rows": [], "predictors": {}}
+    if device.type == "cuda":
+        result["header"]["bandwidth"] = copy_bandwidth(device, expert_bytes=2 * 768 * 3072 * 4)
+    for model in models:
+        for dtype in args.dtypes or preset.dtypes:
+            for task in args.tasks or preset.tasks:
+                for bs in args.batch_sizes or preset.batch_sizes:
+                    work = load_workload(model, task, bs, dtype, device, preset, log)
+                    result["predictors"][f"{work.name}/{dtype}"] = work.predictor_info
+                    resident_preds = None
+                    for method, k in methods:
+                        for fraction in (1.0,) if method == "resident" else budgets:
+                            t0 = time.perf_counter()
+                            row = run_cell(work, method, fraction, k, device, resident_preds)
+                            preds = row.pop("_predictions")
+                            if method == "resident":
+                                resident_preds = preds
+                            result["rows"].append(row)
+                            log(json.dumps({**_brief(row), "cell_seconds": round(time.perf_counter() - t0, 1)}))
+                    del work
+    return result
+
+
+def _brief(row: dict) -> dict:
+    keys = ("method", "model", "budget_fraction", "prefetch_k", "seq_per_s", "on_demand_loads", "hit_rate", "accuracy")
+    return {k: row[k] for k in keys}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--out", type=Path, help="JSON file; with --append, rows are added to those already there")
+    p.add_argument("--append", action="store_true", help="add to --out (GPU chunks) instead of replacing it")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--models", nargs="+", help="subset of the preset's models (demo, switch-base-N)")
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASK_FILES))
+    p.add_argument("--batch-sizes", nargs="+", type=int)
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--budgets", nargs="+", type=float)
+    p.add_argument("--methods", nargs="+", choices=sorted({m for m, _ in METHODS}))
+    p.add_argument("--limit", type=int, help="examples per task for every model (default: the preset's)")
+    args = p.parse_args(argv)
+    result = run(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.append and args.out.is_file():
+            old = json.loads(args.out.read_text())
+            result["rows"] = old["rows"] + result["rows"]
+            result["predictors"] = {**old.get("predictors", {}), **result["predictors"]}
+            result["header"]["chunks"] = old["header"].get("chunks", [old["header"]["command"]]) + [
+                result["header"]["command"]
+            ]
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"rows": len(result["rows"]), "out": str(args.out) if args.out else None}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The benchmark on a slice of SST-2 dev: every method runs, rows carry the documented fields, and the
+figures hang together (lossless methods agree with resident, peaks stay under budgets, bytes = loads × size)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import offload_bench  # noqa: E402
+import report  # noqa: E402
+
+ROW_FIELDS = (
+    "method model batch_size budget_fraction prefetch_k seq_per_s p50_ms p99_ms peak_expert_bytes bytes_moved "
+    "on_demand_loads hit_rate accuracy"
+).split()
+
+
+@pytest.fixture(scope="module")
+def result(demo_dir, data_dir):
+    args = argparse.Namespace(
+        preset="cpu",
+        device="cpu",
+        threads=None,
+        models=["demo"],
+        tasks=None,
+        batch_sizes=None,
+        dtypes=None,
+        budgets=[0.25, 1.0],
+        methods=None,
+        limit=64,
+    )
+    return offload_bench.run(args, log=lambda m: None)
+
+
+def test_every_method_and_budget_has_a_row_with_the_documented_fields(result):
+    cells = {(r["method"], r["prefetch_k"], r["budget_fraction"]) for r in result["rows"]}
+    assert ("resident", None, 1.0) in cells
+    for method, k in offload_bench.METHODS[1:]:
+        assert {(method, k, 0.25), (method, k, 1.0)} <= cells
+    for row in result["rows"]:
+        assert set(ROW_FIELDS) <= set(row)
+        assert row["model"] == "sida-switch-demo" and row["batch_size"] == 32 and row["examples"] == 64
+    for key in ("device", "versions", "command", "date"):
+        assert key in result["header"]
+
+
+def test_lossless_methods_predict_what_resident_predicts(result):
+    for row in result["rows"]:
+        if row["method"] in ("accelerate", "lru", "exact"):
+            assert row["agreement_with_resident"] == 1.0, row
+
+
+def test_the_counts_hang_together(result):
+    for row in result["rows"]:
+        if row["method"] == "resident":
+            assert row["bytes_moved"] == 0 and row["on_demand_loads"] == 0
+            continue
+        assert row["peak_expert_bytes"] <= row["budget_bytes"] + (
+            row["expert_bytes"] if row["method"] == "accelerate" else 0
+        )
+        loads = row["on_demand_loads"] + row["prefetch_loads"]
+        assert row["bytes_moved"] == loads * row["expert_bytes"], row
+    small = [r for r in result["rows"] if r["budget_fraction"] == 0.25 and r["method"] != "resident"]
+    assert all(r["on_demand_loads"] > 0 for r in small if r["method"] in ("accelerate", "lru"))
+    exact = [r for r in small if r["method"] == "exact"]
+    assert all(r["prefetch_loads"] > 0 and r["hash_hit_rate"]["top1"] > 0 for r in exact)
+
+
+def test_report_writes_tables_goals_and_plots(result, tmp_path):
+    path = tmp_path / "cpu.json"
+    for row in result["rows"]:
+        row.pop("_predictions", None)
+    path.write_text(json.dumps(result))
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    doc.write_text("# Benchmarks\n\nhand-written text\n\n<!-- BEGIN cpu -->\nold\n<!-- END cpu -->\n")
+    report.main([str(path), "--doc", str(doc), "--plots", str(tmp_path / "docs" / "img")])
+    text = doc.read_text()
+    assert "hand-written text" in text and "old" not in text.split("BEGIN cpu")[1]
+    assert "| resident |" in text and "Goals:" in text and "exact` k3 at 100% budget" in text
+    assert list((tmp_path / "docs" / "img").glob("cpu-*.png"))
