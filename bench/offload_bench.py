@@ -21,6 +21,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import gc
 import json
 import platform
 import shlex
@@ -269,9 +270,15 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
         t0 = time.perf_counter()
         preds.append(classify(batch))
         times.append(time.perf_counter() - t0)
+    row = _row(work, method, fraction, k, engine, acc, times, preds, hash_time[0], device, resident_preds, total)
+    # this cell's model copy, its hooks and its expert store must go before the next cell makes its own
+    runner = engine = acc = loaded = model = hash_fn = None
+    gc.collect()
     if folder is not None:
         folder.cleanup()
-    return _row(work, method, fraction, k, engine, acc, times, preds, hash_time[0], device, resident_preds, total)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 def _row(work, method, fraction, k, engine, acc, times, preds, hash_seconds, device, resident_preds, total) -> dict:
@@ -381,7 +388,7 @@ def header(args, device: torch.device) -> dict:
         acc_version = None
     head = {
         "preset": args.preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {_cpu_name()}",
         "threads": torch.get_num_threads(),
         "versions": {
             "python": platform.python_version(),
@@ -393,6 +400,17 @@ def header(args, device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return head
+
+
+def _cpu_name() -> str:
+    import os
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
+    except OSError:
+        name = platform.processor() or "unknown"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def run(args, log=print) -> dict:

@@ -1,7 +1,8 @@
 """The batching policy: pure, driven by the caller's clock (tests use a fake one; no threads here).
 
 Requests are grouped by a compatibility key (task, sampling parameters). A group is released when it is
-full (size or padded tokens) or when its oldest request has waited `max_wait_s`; oldest group first.
+full (size or padded tokens) or when its oldest request has waited `max_wait_s`; oldest group first. A
+batch is the group's oldest request and the requests closest to it in length.
 """
 
 from __future__ import annotations
@@ -35,17 +36,23 @@ class Batcher:
         self._pending.append(_Pending(item, key, tokens, now))
 
     def _take(self, key: Hashable) -> list[_Pending]:
-        """The longest prefix of the key's requests that fits size and padded-token limits (at least one)."""
-        chosen, longest = [], 0
-        for p in self._pending:
-            if p.key != key:
-                continue
-            width = max(longest, p.tokens)
-            if chosen and (len(chosen) + 1 > self.max_batch_size or width * (len(chosen) + 1) > self.max_batch_tokens):
+        """The key's oldest request and, of the others, those closest to it in length, while the size and
+        padded-token limits hold (at least the oldest). Similar lengths waste less on padding; including the
+        oldest every time means no request waits for more than the batches ahead of it."""
+        members = [p for p in self._pending if p.key == key]
+        oldest = members[0]
+        others = sorted(members[1:], key=lambda p: abs(p.tokens - oldest.tokens))  # stable: ties by arrival
+        chosen, width = [oldest], oldest.tokens
+        for p in others:
+            if len(chosen) == self.max_batch_size:
                 break
+            w = max(width, p.tokens)
+            if w * (len(chosen) + 1) > self.max_batch_tokens:
+                continue
             chosen.append(p)
-            longest = width
-        return chosen
+            width = w
+        order = {id(p): i for i, p in enumerate(members)}
+        return sorted(chosen, key=lambda p: order[id(p)])  # arrival order
 
     def pop_ready(self, now: float, flush: bool = False) -> list[Any] | None:
         """A batch to run now, or None. `flush` releases the oldest group without waiting (shutdown)."""

@@ -1,7 +1,7 @@
 """The serving pipeline: a bounded intake, the predictor worker (batches requests, builds hash table i+1) and
 the single inference worker (owns the model and the expert cache, runs batch i).
 
-   submit() ──▶ intake queue ──▶ PredictorWorker: Batcher → pad → HashTable ──▶ hash queue (depth 2)
+   submit() ──▶ intake queue ──▶ PredictorWorker: Batcher → pad → HashTable ──▶ hash queue (depth 1)
                                                                        ──▶ InferenceWorker: run → futures
 """
 
@@ -68,7 +68,7 @@ class Pipeline:
         max_batch_tokens: int = 8192,
         max_wait_s: float = 0.005,
         max_queue: int = 256,
-        hash_depth: int = 2,
+        hash_depth: int = 1,  # batch i+1 is hashed while batch i runs (paper §3.2)
         shadow_sample_rate: float = 0.0,
     ):
         self.runner = runner
@@ -122,7 +122,12 @@ class Pipeline:
     def _predictor_loop(self) -> None:
         stopping = False
         while True:
+            # A hashed batch already waits for the inference worker: a batch cut now could not start any sooner,
+            # so keep collecting (it grows fuller) and look again for room every few milliseconds.
+            busy = self._hashed.full()
             timeout = self.batcher.time_to_next(time.monotonic())
+            if busy and timeout is not None:
+                timeout = max(timeout, 0.002)
             try:
                 item = self._intake.get(timeout=timeout) if not stopping else self._intake.get_nowait()
             except queue.Empty:
@@ -133,8 +138,12 @@ class Pipeline:
                 self.batcher.add(item, item.key, len(item.ids), item.arrival)
                 if not self._intake.empty():  # take in everything that has arrived before batching
                     continue
+            if busy and not stopping:
+                continue
             while (batch := self.batcher.pop_ready(time.monotonic(), flush=stopping)) is not None:
                 self._hash(batch)
+                if self._hashed.full() and not stopping:
+                    break
             if stopping and len(self.batcher) == 0 and self._intake.empty():
                 self._hashed.put(_STOP)
                 return

@@ -58,3 +58,20 @@ def test_oversized_single_request_still_runs():
 def test_bad_limits():
     with pytest.raises(ValueError):
         Batcher(0, 10, 0)
+
+
+def test_a_batch_gathers_lengths_close_to_its_oldest_request():
+    b = Batcher(max_batch_size=3, max_batch_tokens=10_000, max_wait_s=10)
+    for name, tokens in [("old", 40), ("s1", 5), ("l1", 42), ("s2", 6), ("l2", 39), ("s3", 4)]:
+        b.add(name, "k", tokens, now=0)
+    assert b.pop_ready(now=0) == ["old", "l1", "l2"]  # full: goes at once, padded to 42 instead of 40 + shorts
+    assert b.pop_ready(now=0) == ["s1", "s2", "s3"]  # a full batch again
+
+
+def test_the_oldest_request_is_always_in_the_next_batch_of_its_key():
+    b = Batcher(max_batch_size=2, max_batch_tokens=10_000, max_wait_s=0)
+    b.add("odd", "k", 100, now=0)
+    for i in range(5):
+        b.add(f"short{i}", "k", 5, now=0.001 * (i + 1))
+    first = b.pop_ready(now=1)
+    assert "odd" in first
