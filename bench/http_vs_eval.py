@@ -41,18 +41,20 @@ def _offload_flags(args) -> dict:
     return {"mode": args.mode, "budget_experts": args.budget_experts, "policy": args.policy, "threads": args.threads}
 
 
-async def http_throughput(base: str, sentences: list[str], concurrency: int) -> float:
+async def http_throughput(base: str, sentences: list[str], concurrency: int, per_request: int = 1) -> float:
     sem = asyncio.Semaphore(concurrency)
+    calls = [sentences[i : i + per_request] for i in range(0, len(sentences), per_request)]
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
 
-        async def one(text: str):
+        async def one(texts: list[str]):
             async with sem:
-                r = await client.post("/v1/classify", json={"model": "sida-switch-demo", "input": text})
+                body = {"model": "sida-switch-demo", "input": texts[0] if len(texts) == 1 else texts}
+                r = await client.post("/v1/classify", json=body)
                 r.raise_for_status()
 
-        await asyncio.gather(*(one(s) for s in sentences[:concurrency]))  # warm-up
+        await asyncio.gather(*(one(c) for c in calls[:concurrency]))  # warm-up
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(s) for s in sentences))
+        await asyncio.gather(*(one(c) for c in calls))
         return len(sentences) / (time.perf_counter() - t0)
 
 
@@ -64,7 +66,14 @@ def main() -> None:
     p.add_argument("--policy", default="lru")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the `sida eval` loop")
+    p.add_argument(
+        "--server-threads",
+        type=int,
+        default=1,
+        help="torch threads of the server: its predictor and inference workers run at once, so 2 cores want 1 each",
+    )
+    p.add_argument("--per-request", type=int, default=1, help="sentences per HTTP call (`input` as a list)")
     args = p.parse_args()
 
     from server.tasks import get_task
@@ -84,7 +93,7 @@ def main() -> None:
         "--policy",
         args.policy,
         "--threads",
-        str(args.threads),
+        str(args.server_threads),
         "--max-batch-size",
         str(args.batch_size),
         "--max-batch-wait-ms",
@@ -92,7 +101,7 @@ def main() -> None:
     ]
     proc, base = start_serve(flags, timeout_s=240)
     try:
-        http_rate = asyncio.run(http_throughput(base, sentences, args.concurrency))
+        http_rate = asyncio.run(http_throughput(base, sentences, args.concurrency, args.per_request))
         metrics = httpx.get(base + "/metrics").text
     finally:
         proc.terminate()
@@ -110,6 +119,8 @@ def main() -> None:
                 "ratio": round(http_rate / eval_rate, 3),
                 "http_mean_batch_size": round(size_sum / size_count, 2),
                 "concurrency": args.concurrency,
+                "sentences_per_request": args.per_request,
+                "threads": {"eval": args.threads, "server": args.server_threads},
             }
         )
     )

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     t.add_argument("--traces", required=True, action="append")
     t.add_argument("--out", required=True, help="folder for predictor.safetensors + predictor.json")
     t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--hidden", type=int, default=256)
+    t.add_argument("--hidden", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--checkpoint", help="resumable training state (torch.save of tensors, weights_only load)")
 
@@ -153,10 +153,25 @@ def _eval(args, loaded) -> None:
         "top1_hit_rate": round(rates["top1_hit_rate"], 6),
         "top3_hit_rate": round(rates["top3_hit_rate"], 6),
         "per_layer": {k: {kk: round(vv, 6) for kk, vv in v.items()} for k, v in rates["per_layer"].items()},
-        "decoder": "not predicted: decoder layers are routed by the router (exact)",
+        "decoder": _decoder_eval(loaded, path, inputs),
         **_latency(loaded, pred, inputs[:32]),
     }
     print(json.dumps(summary) if args.json else json.dumps(summary, indent=1))
+
+
+def _decoder_eval(loaded, path, inputs: list[str]) -> dict:
+    """Decoder layers: hit rates of the shipped per-step table at the first decoder step of these inputs (what
+    classification runs); the router always routes them, the table only prefetches."""
+    from predictor.decoder import DecoderGuess, decoder_routes, guess_hit_rates
+    from server.model_card import classification_batches
+    from server.runner import Runner
+
+    folder = Path(path).parent if Path(path).suffix == ".safetensors" else Path(path)
+    guess = DecoderGuess.load(folder, loaded.fingerprint)
+    if guess is None:
+        return {"table": None, "note": "no decoder.safetensors: decoder experts are loaded when the router asks"}
+    routes = decoder_routes(loaded, classification_batches(Runner(loaded), inputs))
+    return {"table": str(folder / DecoderGuess.FILE), "first_step": guess_hit_rates(guess, routes)}
 
 
 @torch.inference_mode()

@@ -124,3 +124,18 @@ class DecoderGuess:
                 f"{path}: decoder table was built for model {meta.get('fingerprint')}, this model is {fingerprint}"
             )
         return cls(ranked)
+
+
+def guess_hit_rates(guess: DecoderGuess, routes, ks=(1, 3)) -> dict:
+    """Per decoder layer: share of real decoder positions whose router choice is in the guess's top-k."""
+    hits: dict = {}
+    tokens: dict = {}
+    for layer, prev, expert in routes:
+        tokens[layer] = tokens.get(layer, 0) + expert.numel()
+        ranked = guess.predict(layer, prev, max(ks))
+        for k in ks:
+            hits[(layer, k)] = hits.get((layer, k), 0) + int((ranked[:, :k] == expert[:, None]).any(-1).sum())
+    return {
+        str(layer): {"tokens": n, **{f"top{k}": round(hits[(layer, k)] / n, 4) for k in ks}}
+        for layer, n in sorted(tokens.items())
+    }

@@ -57,6 +57,7 @@ class _Batch:
     enc: dict[str, torch.Tensor]
     table: Any
     hash_seconds: float
+    ready: Any = None  # CUDA event recorded after the table was built on the predictor's stream
 
 
 class Pipeline:
@@ -83,6 +84,8 @@ class Pipeline:
         self._shadow_rate = shadow_sample_rate
         self._batches = 0
         self.error: BaseException | None = None
+        device = runner.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     # ------------------------------------------------------------------ intake (event-loop side)
 
@@ -155,11 +158,18 @@ class Pipeline:
         enc = self.runner.pad([r.ids for r in live])
         t0 = time.perf_counter()
         start = torch.zeros((len(live), 1), dtype=torch.long, device=self.runner.device)
-        table = self.runner.hash_table(enc, start)
+        ready = None
+        if self._stream is not None:  # on its own CUDA stream, so it never queues behind batch i's kernels
+            with torch.cuda.stream(self._stream):
+                table = self.runner.hash_table(enc, start)
+                ready = torch.cuda.Event()
+                ready.record(self._stream)
+        else:
+            table = self.runner.hash_table(enc, start)
         seconds = time.perf_counter() - t0
         if table is not None:
             self.metrics.hash_build_seconds.observe(seconds)
-        self._hashed.put(_Batch(live, enc, table, seconds))
+        self._hashed.put(_Batch(live, enc, table, seconds, ready))
         self.metrics.hash_queue_depth.set(self._hashed.qsize())
 
     def _drop_expired(self, requests: list[Request]) -> list[Request]:
@@ -205,6 +215,8 @@ class Pipeline:
             self.metrics.queue_wait_seconds.observe(now - r.arrival)
         self.metrics.observe_batch(len(requests), int(batch.enc["attention_mask"].sum()))
         self._batches += 1
+        if batch.ready is not None:  # the compute stream waits for the table's kernels, the host does not
+            torch.cuda.current_stream(self.runner.device).wait_event(batch.ready)
         engine = self.runner.engine
         if engine is not None:
             engine.context.shadow = (

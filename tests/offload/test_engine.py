@@ -152,7 +152,9 @@ def test_a_budget_holding_every_expert_needs_no_hash_table(tiny8_dir):
     enc = runner.encode(PROMPTS)
     assert not full.wants_hash_table and runner.hash_table(enc, enc["input_ids"][:, :1]) is None and not calls
     assert OffloadEngine(load_model(tiny8_dir), OffloadConfig(mode="exact", budget_experts=15), CPU).wants_hash_table
-    assert OffloadEngine(load_model(tiny8_dir), OffloadConfig(mode="predicted", budget_experts=16), CPU).wants_hash_table
+    assert OffloadEngine(
+        load_model(tiny8_dir), OffloadConfig(mode="predicted", budget_experts=16), CPU
+    ).wants_hash_table
 
 
 def _decoder_guess(model_dir, decoder_len=3):

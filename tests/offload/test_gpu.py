@@ -26,3 +26,22 @@ def test_exact_on_cuda_equals_resident_and_keeps_the_budget(demo_dir, data_dir):
     result = evaluate(Runner(loaded, "cuda", engine=engine), "sst2", data, progress=False)
     assert result.predictions == resident.predictions
     assert engine.cache.stats.peak_resident <= 3
+
+
+def test_served_on_cuda_the_predictor_stream_feeds_the_inference_stream(demo_dir):
+    """The predictor worker builds tables on its own stream; the inference worker's stream waits on its event."""
+    from fastapi.testclient import TestClient
+
+    from server.app import app_from_settings
+    from server.runner import Runner
+    from server.settings import load_settings
+
+    sentences = ["a gorgeous , witty , seductive movie .", "a dull , lifeless , boring mess ."] * 20
+    expected = [c.label for c in Runner(load_model(demo_dir)).classify(sentences)]
+    settings = load_settings(device="cuda", mode="exact", budget_experts=8)
+    with TestClient(app_from_settings(settings)) as client:
+        r = client.post("/v1/classify", json={"model": "sida-switch-demo", "input": sentences})
+        assert r.status_code == 200, r.text
+        assert [d["label"] for d in r.json()["data"]] == expected
+        metrics = client.get("/metrics").text
+    assert "sida_hash_lookups_total" in metrics

@@ -73,3 +73,23 @@ def test_eval_refuses_unlabeled_data(demo_dir, data_dir):
 def test_config_prints_resolved_settings(demo_dir):
     r = sida("config", "--threads", "2")
     assert r.returncode == 0 and "threads: 2" in r.stdout
+
+
+def test_predictor_eval_reports_encoder_and_decoder_figures_apart(demo_dir, data_dir):
+    r = sida(
+        "predictor",
+        "eval",
+        "--model",
+        str(demo_dir),
+        "--data",
+        str(data_dir / "sst2" / "dev.tsv"),
+        "--limit",
+        "40",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert 0 < out["top1_hit_rate"] <= out["top3_hit_rate"] <= 1 and set(out["per_layer"]) == {"0", "1"}
+    first = out["decoder"]["first_step"]
+    assert set(first) == {"2", "3"} and all(v["tokens"] == 40 and v["top1"] <= v["top3"] for v in first.values())
+    assert out["predictor_ms"] > 0 and out["model_ms"] > 0
