@@ -124,7 +124,7 @@ class OffloadEngine:
         are known now, at the start of the step)."""
         ctx = self.context
         first = ctx.offsets[self.decoder_layers[0]]
-        k = ctx.prefetch_k
+        k = max(3, ctx.prefetch_k)  # ranked as deep as the encoder's tables, for the top-1..3 hit counts
         ids = decoder_input_ids.to(self.device)
         ctx.decoder_rows = {la: (first, self.decoder_guess.predict(la, ids, k)) for la in self.decoder_layers}
 
@@ -134,8 +134,9 @@ class OffloadEngine:
             return
         self._guess_decoder(ids)
         layer = self.decoder_layers[0]
-        first, guess = self.context.decoder_rows[layer]
-        self.cache.prefetch([(layer, e) for e in sorted(set(guess.reshape(-1).tolist()))])
+        _first, guess = self.context.decoder_rows[layer]
+        experts = sorted(set(guess[..., : self.context.prefetch_k].reshape(-1).tolist()))
+        self.cache.prefetch([(layer, e) for e in experts])
 
     @property
     def wants_hash_table(self) -> bool:
