@@ -48,6 +48,39 @@ class HashPredictor(nn.Module):
         self.sparsemax = Sparsemax(dim=-1)
         self.norm = nn.LayerNorm(h)
         self.heads = nn.ModuleList(nn.Linear(h, arch.num_experts) for _ in arch.layers)
+        self._directions: list | None = None  # see _by_direction
+
+    def _by_direction(self) -> list[list[nn.LSTM]]:
+        """Per LSTM layer, its forward (and reverse) direction as single-direction LSTMs that share `self.lstm`'s
+        parameters (not submodules: the state dict keeps one copy). On right-padded batches they compute what the
+        packed bidirectional LSTM computes, without packing, which costs more than the LSTM itself on CPU."""
+        if self._directions is None:
+            lstm, dirs = self.lstm, []
+            width = lstm.hidden_size * (2 if lstm.bidirectional else 1)
+            for layer in range(lstm.num_layers):
+                pair = []
+                for suffix in ("", "_reverse") if lstm.bidirectional else ("",):
+                    one = nn.LSTM(lstm.input_size if layer == 0 else width, lstm.hidden_size, 1, batch_first=True)
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                        setattr(one, f"{name}_l0", getattr(lstm, f"{name}_l{layer}{suffix}"))
+                    pair.append(one)
+                dirs.append(pair)
+            self._directions = dirs
+        return self._directions
+
+    def encode(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The bidirectional LSTM over right-padded `x` [batch, seq, hidden]; padded positions come out as zeros."""
+        seq = x.shape[1]
+        lengths = attention_mask.sum(1, keepdim=True)  # [batch, 1]
+        t = torch.arange(seq, device=x.device)
+        rev = torch.where(t < lengths, lengths - 1 - t, t)[..., None]  # reverses each row's real tokens only
+        for directions in self._by_direction():
+            outs = [directions[0](x)[0]]  # forward: the padding comes after every real token, so never reaches it
+            if len(directions) == 2:
+                y = directions[1](x.gather(1, rev.expand(-1, -1, x.shape[-1])))[0]
+                outs.append(y.gather(1, rev.expand(-1, -1, y.shape[-1])))
+            x = torch.cat(outs, dim=-1)
+        return x * attention_mask[..., None].to(x.dtype)
 
     def attention_weights(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[batch, seq, seq] sparse weights: each row sums to 1 over real tokens and is mostly zeros."""
@@ -57,10 +90,6 @@ class HashPredictor(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Router-like logits [layers, batch, seq, experts]."""
-        x = self.proj(self.embed(input_ids))  # [batch, seq, hidden]
-        lengths = attention_mask.sum(1).clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed)
-        x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=input_ids.shape[1])
+        x = self.encode(self.proj(self.embed(input_ids)), attention_mask)  # [batch, seq, hidden]
         x = self.norm(x + self.attention_weights(x, attention_mask) @ x)  # residual over the attended context
         return torch.stack([head(x) for head in self.heads])

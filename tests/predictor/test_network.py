@@ -41,3 +41,17 @@ def test_embeddings_are_frozen():
     pred.train()
     pred(ids, mask).sum().backward()
     assert pred.embed.weight.grad is None and pred.proj.weight.grad is not None
+
+
+def test_the_unpacked_lstm_computes_what_the_packed_bidirectional_lstm_computes():
+    pred = make()
+    torch.manual_seed(1)
+    lengths = torch.tensor([7, 3, 5, 1])
+    mask = (torch.arange(7)[None, :] < lengths[:, None]).long()
+    x = torch.randn(4, 7, 32)
+    with torch.no_grad():
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        ref, _ = torch.nn.utils.rnn.pad_packed_sequence(pred.lstm(packed)[0], batch_first=True, total_length=7)
+        torch.testing.assert_close(pred.encode(x, mask), ref, rtol=1e-5, atol=1e-6)
+    assert set(pred.state_dict()) == set(make().state_dict())  # the direction views add no parameters
+    assert not any("_directions" in k for k in pred.state_dict())
