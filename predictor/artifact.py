@@ -36,11 +36,16 @@ def find_predictor(model_dir: str | Path) -> Path | None:
     return None
 
 
+def predictor_folder(path: str | Path) -> Path:
+    """The folder of a predictor given as its folder or as its `predictor.safetensors` file."""
+    path = Path(path)
+    return path.parent if path.suffix == ".safetensors" else path
+
+
 def load_predictor(path: str | Path, fingerprint: str) -> tuple[HashPredictor, dict]:
     from safetensors.torch import load_file
 
-    path = Path(path)
-    folder = path.parent if path.suffix == ".safetensors" else path
+    folder = predictor_folder(path)
     meta_path, weights = folder / "predictor.json", folder / "predictor.safetensors"
     if not meta_path.is_file() or not weights.is_file():
         raise PredictorError(f"{folder}: expected predictor.json and predictor.safetensors")

@@ -162,11 +162,12 @@ def _eval(args, loaded) -> None:
 def _decoder_eval(loaded, path, inputs: list[str]) -> dict:
     """Decoder layers: hit rates of the shipped per-step table at the first decoder step of these inputs (what
     classification runs); the router always routes them, the table only prefetches."""
+    from predictor.artifact import predictor_folder
     from predictor.decoder import DecoderGuess, decoder_routes, guess_hit_rates
     from server.model_card import classification_batches
     from server.runner import Runner
 
-    folder = Path(path).parent if Path(path).suffix == ".safetensors" else Path(path)
+    folder = predictor_folder(path)
     guess = DecoderGuess.load(folder, loaded.fingerprint)
     if guess is None:
         return {"table": None, "note": "no decoder.safetensors: decoder experts are loaded when the router asks"}

@@ -7,7 +7,6 @@ logit, so every label costs one decoder step and comes with a probability over t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -196,7 +195,7 @@ def build_runner(settings, hash_source: str = "auto") -> Runner:
     from offload.device import resolve_device
     from offload.engine import OffloadEngine
     from offload.model_loader import load_model
-    from predictor.artifact import PredictorHash, find_predictor, load_predictor
+    from predictor.artifact import PredictorHash, find_predictor, load_predictor, predictor_folder
     from predictor.decoder import DecoderGuess
 
     if settings.threads:
@@ -215,8 +214,7 @@ def build_runner(settings, hash_source: str = "auto") -> Runner:
         if path is not None:
             pred, _meta = load_predictor(path, loaded.fingerprint)
             hash_fn = PredictorHash(pred.to(device), k=k)
-            folder = Path(path).parent if Path(path).suffix == ".safetensors" else Path(path)
-            decoder_guess = DecoderGuess.load(folder, loaded.fingerprint)
+            decoder_guess = DecoderGuess.load(predictor_folder(path), loaded.fingerprint)
     if offload.mode == "predicted" and hash_fn is None:
         raise ValueError(f"predicted mode needs hash tables: {loaded.path} ships no predictor (--predictor, --hash)")
     if offload.mode == "exact" and hash_fn is None and not settings.mode_is_explicit and hash_source == "auto":
