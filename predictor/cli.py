@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from predictor.train import TrainConfig
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("predictor", help="router traces, hash-function training and evaluation")
@@ -26,7 +28,7 @@ def add_parser(sub) -> None:
     t.add_argument("--traces", required=True, action="append")
     t.add_argument("--out", required=True, help="folder for predictor.safetensors + predictor.json")
     t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--hidden", type=int, default=TrainConfig.hidden)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--checkpoint", help="resumable training state (torch.save of tensors, weights_only load)")
 
@@ -73,7 +75,7 @@ def _trace(args, loaded) -> None:
 def _train(args, loaded) -> None:
     from predictor.artifact import save_predictor
     from predictor.traces import load_traces, verify_alignment
-    from predictor.train import TrainConfig, train
+    from predictor.train import train
 
     parts = [load_traces(p) for p in args.traces]
     for path, part in zip(args.traces, parts):
@@ -176,7 +178,7 @@ def _decoder_eval(loaded, path, inputs: list[str]) -> dict:
 
 
 @torch.inference_mode()
-def _latency(loaded, pred, batch: list[str], repeats: int = 5) -> dict:
+def _latency(loaded, pred, batch: list[str], repeats: int = 21) -> dict:
     """Median wall time of one predictor forward vs one model forward (encoder + first decoder step)."""
     enc = loaded.tokenizer(batch, padding=True, return_tensors="pt")
     start = torch.zeros((len(batch), 1), dtype=torch.long)

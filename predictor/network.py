@@ -86,10 +86,36 @@ class HashPredictor(nn.Module):
         """[batch, seq, seq] sparse weights: each row sums to 1 over real tokens and is mostly zeros."""
         scores = self.query(x) @ self.key(x).transpose(1, 2) / math.sqrt(x.shape[-1])  # [batch, seq, seq]
         scores = scores.masked_fill(~mask[:, None, :].bool(), -1e4)
-        return self.sparsemax(scores)
+        if torch.is_grad_enabled():
+            return self.sparsemax(scores)
+        return sparsemax_small_support(scores, self.sparsemax)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Router-like logits [layers, batch, seq, experts]."""
         x = self.encode(self.proj(self.embed(input_ids)), attention_mask)  # [batch, seq, hidden]
         x = self.norm(x + self.attention_weights(x, attention_mask) @ x)  # residual over the attended context
-        return torch.stack([head(x) for head in self.heads])
+        weight = torch.cat([head.weight for head in self.heads])  # all heads as one matmul
+        bias = torch.cat([head.bias for head in self.heads])
+        logits = nn.functional.linear(x, weight, bias)  # [batch, seq, layers * experts]
+        return logits.unflatten(-1, (len(self.heads), -1)).permute(2, 0, 1, 3)
+
+
+def sparsemax_small_support(scores: torch.Tensor, full: Sparsemax, k: int = 24) -> torch.Tensor:
+    """Sparsemax over the last dim from each row's top-k scores only (no gradient), the same numbers as `full`.
+
+    Sparsemax keeps the j largest scores where j is the last index with 1 + j·z₍ⱼ₎ > z₍₁₎ + … + z₍ⱼ₎ (z sorted
+    descending, and the condition holds for a prefix of j). If it fails within the top k, that is the support;
+    rows whose support fills all k go through `full` (the sparsemax package). A full sort of every row costs
+    more than the rest of the predictor's attention on CPU."""
+    if scores.shape[-1] <= k:
+        return full(scores)
+    top = scores.topk(k, dim=-1).values
+    cums = top.cumsum(-1) - 1
+    j = torch.arange(1, k + 1, device=scores.device, dtype=scores.dtype)
+    support = (j * top > cums).sum(-1, keepdim=True)  # ≥ 1 always
+    tau = cums.gather(-1, support - 1) / support
+    out = (scores - tau).clamp(min=0)
+    wide = support[..., 0] == k
+    if wide.any():
+        out[wide] = full(scores[wide])
+    return out

@@ -17,10 +17,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 
 from server.schemas import ClassifyRequest, CompletionRequest, error_body
 from server.tasks import get_task, sst2_prompt
@@ -108,31 +108,56 @@ def build_app(opts: ServeOptions, setup, teardown=None) -> FastAPI:
             msg, param = "request body is not valid JSON", None
         return envelope(APIError(400, f"{param + ': ' if param else ''}{msg}", "invalid_request_error", param))
 
-    @app.middleware("http")
-    async def _guard(request: HTTPRequest, call_next):
-        t0 = time.perf_counter()
-        path = request.url.path
-        try:
-            if request.method == "POST":
-                length = request.headers.get("content-length")
-                if length is not None and int(length) > opts.max_body_bytes:
-                    raise APIError(413, f"request body over {opts.max_body_bytes} bytes", "invalid_request_error")
+    class Guard:
+        """Size limit (413), API key (401), readiness (503) and the request metrics, as a pure ASGI middleware
+        (Starlette's `@app.middleware("http")` costs about as much per request as the rest of the handler)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            t0 = time.perf_counter()
+            path = scope["path"]
+            status = 500
+
+            async def send_status(message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                err = self.refuse(scope, path)
+                if err is not None:
+                    await envelope(err)(scope, receive, send_status)
+                else:
+                    await self.inner(scope, receive, send_status)
+            finally:
+                if state.metrics is not None and path.startswith("/v1/"):
+                    state.metrics.requests.labels(path, str(status)).inc()
+                    state.metrics.request_duration.labels(path).observe(time.perf_counter() - t0)
+
+        @staticmethod
+        def refuse(scope, path: str) -> APIError | None:
+            headers = Headers(scope=scope)
+            if scope["method"] == "POST":
+                length = headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) > opts.max_body_bytes:
+                    return APIError(413, f"request body over {opts.max_body_bytes} bytes", "invalid_request_error")
             if path.startswith("/v1/") and opts.api_key is not None:
-                auth = request.headers.get("authorization", "")
+                auth = headers.get("authorization", "")
                 token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
                 if not hmac.compare_digest(token.encode(), opts.api_key.encode()):
-                    raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-            if path.startswith("/v1/") and request.method == "POST" and not state.ready:
-                raise APIError(
+                    return APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+            if path.startswith("/v1/") and scope["method"] == "POST" and not state.ready:
+                return APIError(
                     503, "server is starting or draining", "service_unavailable", headers={"Retry-After": "1"}
                 )
-            response = await call_next(request)
-        except APIError as err:
-            response = envelope(err)
-        if state.metrics is not None and path.startswith("/v1/"):
-            state.metrics.requests.labels(path, str(response.status_code)).inc()
-            state.metrics.request_duration.labels(path).observe(time.perf_counter() - t0)
-        return response
+            return None
+
+    app.add_middleware(Guard)
 
     def check_model(name: str) -> None:
         if name != opts.model_name:
@@ -201,12 +226,13 @@ def build_app(opts: ServeOptions, setup, teardown=None) -> FastAPI:
         results = await wait(reqs, deadline)
         prompt_tokens = sum(len(x) for x in ids)
         state.metrics.tokens.labels("prompt").inc(prompt_tokens)
-        return {
+        body = {
             "object": "list",
             "model": opts.model_name,
             "data": [{"index": i, "label": r.label, "probs": r.probs} for i, r in enumerate(results)],
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
+        return JSONResponse(body)  # plain JSON types already: skips FastAPI's per-field encoding
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):

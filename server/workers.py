@@ -51,6 +51,21 @@ class Request:
         self.loop.call_soon_threadsafe(set_)
 
 
+def resolve_all(requests: list[Request], results: list) -> None:
+    """`r.resolve(result)` for each, with one wake-up of each event loop instead of one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
+    for r, res in zip(requests, results):
+        by_loop.setdefault(r.loop, []).append((r.future, res))
+
+    def set_all(pairs) -> None:
+        for future, res in pairs:
+            if not future.done():
+                future.set_result(res)
+
+    for loop, pairs in by_loop.items():
+        loop.call_soon_threadsafe(set_all, pairs)
+
+
 @dataclass
 class _Batch:
     requests: list[Request]
@@ -244,5 +259,4 @@ class Pipeline:
                 on_text,
                 hash_table=batch.table,
             )
-        for r, res in zip(requests, results):
-            r.resolve(res)
+        resolve_all(requests, results)

@@ -55,3 +55,34 @@ def test_the_unpacked_lstm_computes_what_the_packed_bidirectional_lstm_computes(
         torch.testing.assert_close(pred.encode(x, mask), ref, rtol=1e-5, atol=1e-6)
     assert set(pred.state_dict()) == set(make().state_dict())  # the direction views add no parameters
     assert not any("_directions" in k for k in pred.state_dict())
+
+
+def test_small_support_sparsemax_equals_the_package():
+    """The inference path's top-k sparsemax gives the package's numbers, including rows whose support is wider
+    than k (they fall back to the package) and padded columns."""
+    from sparsemax import Sparsemax
+
+    from predictor.network import sparsemax_small_support
+
+    full = Sparsemax(dim=-1)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 30, 40, generator=g) * torch.tensor([0.05, 1.0, 5.0, 20.0])[:, None, None]
+    scores[:, :, 33:] = -1e4  # padding, as attention_weights masks it
+    scores[0, 0, :33] = 0.0  # a tie over every real column: support 33 > k
+    with torch.no_grad():
+        fast = sparsemax_small_support(scores, full, k=8)
+        want = full(scores)
+    assert (fast[0, 0] > 0).sum() == 33  # the wide rows really are there
+    assert ((want > 0).sum(-1) < 8).any()  # and so are narrow ones
+    torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_without_grad_equals_the_training_path():
+    pred = make()
+    ids, mask = batch()
+    x = pred.proj(pred.embed(ids)) * 5
+    with torch.enable_grad():
+        slow = pred.attention_weights(x, mask)
+    with torch.no_grad():
+        fast = pred.attention_weights(x, mask)
+    torch.testing.assert_close(fast, slow.detach())

@@ -34,3 +34,17 @@ def test_training_learns_and_the_artifact_checks_its_model(tiny8_dir, tiny_dir, 
     assert find_predictor(tmp_path / "pred") == tmp_path / "pred" and find_predictor(tmp_path) is None
     with pytest.raises(PredictorError, match="trained for model"):
         load_predictor(tmp_path / "pred", load_model(tiny_dir).fingerprint)
+
+
+def test_checkpoint_resumes_only_the_same_run(tiny8_dir, tmp_path):
+    loaded = load_model(tiny8_dir)
+    traces = collect_traces(loaded, list(dict.fromkeys(TINY_TEXTS)) * 4)
+    emb = loaded.adapter.embeddings(loaded.model).weight.detach()
+    ckpt, logs = tmp_path / "ckpt.pt", []
+    train(traces, emb, 8, TrainConfig(hidden=16, max_epochs=1, batch_size=8), ckpt=ckpt, log=logs.append)
+    _, report = train(traces, emb, 8, TrainConfig(hidden=16, max_epochs=2, batch_size=8), ckpt=ckpt, log=logs.append)
+    assert not any("resumed" in m for m in logs)  # max_epochs differs: another run
+    assert [r["epoch"] for r in report["history"]] == [1, 2]
+    logs.clear()
+    _, report = train(traces, emb, 8, TrainConfig(hidden=16, max_epochs=2, batch_size=8), ckpt=ckpt, log=logs.append)
+    assert any("resumed" in m and "epoch 2" in m for m in logs) and len(report["history"]) == 2
