@@ -524,8 +524,8 @@ def balanced_assignment(
 ) -> torch.Tensor:
     """Each token id seen in `counts` [vocab, experts] gets the expert of argmax(mean router logits + b), with
     one offset b per expert chosen (dual ascent) so that every expert holds between 1 / (slack·E) and
-    slack / E of the token occurrences. Offsets keep the assignment a
-    linear function of the routers' scores, so a router can learn it; unseen tokens get -1 (no target)."""
+    slack / E of the token occurrences. Offsets keep the assignment a linear function of the routers'
+    scores, so a router can learn it; unseen tokens get -1 (no target)."""
     freq = counts.sum(1).double()
     seen = freq > 0
     scores = logit_sums[seen].double() / freq[seen, None]
@@ -569,8 +569,10 @@ def consistent_round(data_dir: Path, out_dir: Path, recipe: DemoRecipe, weight: 
     every `consistent_refresh` steps. The router still makes the choice from the hidden state at inference;
     how often it agrees with the assignment is measured and reported.
 
-    Measured (rounds 0.3, 1.0, 2.0): mean top-1 router probability 0.12/0.09 → 0.64/0.71 → 0.88/0.92 → see
-    training.json; agreement with the assignment 0.85/0.79 → 0.96/0.96; 16 of 16 experts used throughout."""
+    Measured (rounds 0.3, 1.0, 2.0, encoder blocks 1/3): mean top-1 router probability 0.12/0.09 → 0.64/0.71 →
+    0.88/0.92 → 0.95/0.97; agreement with the assignment 0.85/0.79 → 0.96/0.96 → 0.989/0.989; 16 of 16 encoder
+    experts used throughout; held-out accuracy 0.883 → 0.890 → 0.895. Decoder layers are not constrained, and
+    some of their experts fell out of use (11 and 10 of 16 on WikiText continuations)."""
     from transformers import SwitchTransformersForConditionalGeneration
 
     from offload.adapters import SwitchAdapter
