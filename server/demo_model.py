@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class DemoRecipe:
     evals_per_epoch: int = 2
     revive_epochs: float = 0.5  # stage 2: fine-tune after splitting unused decoder experts
     revive_lr: float = 1e-4
-    sharpen_epochs: float = 1.0  # stage 3: make encoder routers decisive (DEMO-MODEL-NOTES: near-uniform routers)
+    sharpen_epochs: float = 1.0  # experiment: make encoder routers decisive by an entropy penalty (not shipped)
     sharpen_lr: float = 1e-4
     sharpen_entropy: float = 0.05  # coefficient of the mean router entropy of real encoder tokens
     sharpen_aux_loss_coef: float = 0.01
@@ -445,6 +446,24 @@ def revive(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log
     return report
 
 
+@contextmanager
+def training_router_logits(layers):
+    """A list that receives (block, router logits) from every training-mode forward of these layers' routers
+    (fit()'s held-out evaluations run in eval mode and are not kept); the hooks go when the block ends."""
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def keep(module, _inputs, outputs, block) -> None:
+        if module.training:
+            seen.append((block, outputs[2]))
+
+    hooks = [la.router.register_forward_hook(lambda m, i, o, block=la.block: keep(m, i, o, block)) for la in layers]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def sharpen(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=print) -> dict:
     """Experiment (not in the shipped recipe): fine-tune with a penalty on the encoder routers' entropy (real
     tokens only), so that routers stop being near-uniform and a token's expert is a clearer choice.
@@ -465,27 +484,17 @@ def sharpen(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), lo
     layers = [la for la in SwitchAdapter().moe_layers(model) if la.stack == "encoder"]
     before = router_confidence(model, prep, layers)
     log(json.dumps({"router_confidence_before": before}))
-    seen: list[torch.Tensor] = []
+    with training_router_logits(layers) as seen:
 
-    def keep(module, _inputs, outputs) -> None:  # training forwards only: fit()'s held-out evaluations run too
-        if module.training:
-            seen.append(outputs[2])
+        def entropy(b: Batch) -> torch.Tensor:
+            mask = b.attention_mask.bool()
+            h = [-(lg.float().log_softmax(-1) * lg.float().softmax(-1)).sum(-1)[mask].mean() for _, lg in seen]
+            seen.clear()
+            return recipe.sharpen_entropy * torch.stack(h).mean()
 
-    hooks = [la.router.register_forward_hook(keep) for la in layers]
-
-    def entropy(b: Batch) -> torch.Tensor:
-        mask = b.attention_mask.bool()
-        h = [-(lg.float().log_softmax(-1) * lg.float().softmax(-1)).sum(-1)[mask].mean() for lg in seen]
-        seen.clear()
-        return recipe.sharpen_entropy * torch.stack(h).mean()
-
-    try:
         report = fit(
             model, prep, out_dir, recipe.sharpen_epochs, recipe.sharpen_lr, 100, recipe, log, "sharpen", entropy
         )
-    finally:
-        for h in hooks:
-            h.remove()
     model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
     layers = [la for la in SwitchAdapter().moe_layers(model) if la.stack == "encoder"]
     report["router_confidence"] = {"before": before, "after": router_confidence(model, prep, layers)}
@@ -590,35 +599,28 @@ def consistent_round(data_dir: Path, out_dir: Path, recipe: DemoRecipe, weight: 
         block: round(float(counts[block].max(1).values.sum() / counts[block].sum()), 4) for block in counts
     }  # how often the router already agreed with each token's majority expert
     log(json.dumps({"router_confidence_before": before, "token_majority_agreement_before": seeded}))
-    seen: list[tuple[int, torch.Tensor]] = []
+    with training_router_logits(layers) as seen:
+        steps = [0]
 
-    def keep(module, _inputs, outputs, block) -> None:  # training forwards only: held-out evaluations run too
-        if module.training:
-            seen.append((block, outputs[2]))
+        def router_ce(b: Batch) -> torch.Tensor:
+            steps[0] += 1
+            if steps[0] % recipe.consistent_refresh == 0:  # the assignment follows the routing as the model moves
+                fresh = token_routing(model, prep, layers, recipe.consistent_sequences // 4)
+                for block, (c, z) in fresh.items():  # the older counts weigh half as much at each re-count
+                    counts[block] = counts[block] // 2 + c
+                    sums[block] = sums[block] / 2 + z
+                    targets[block] = balanced_assignment(counts[block], sums[block], recipe.consistent_slack)
+            mask = b.attention_mask.bool()
+            terms = []
+            for block, logits in seen:
+                want = targets[block][b.input_ids][mask]
+                known = want >= 0
+                terms.append(torch.nn.functional.cross_entropy(logits.float()[mask][known], want[known]))
+            seen.clear()
+            return weight * torch.stack(terms).mean()
 
-    hooks = [la.router.register_forward_hook(lambda m, i, o, block=la.block: keep(m, i, o, block)) for la in layers]
-    steps = [0]
-
-    def router_ce(b: Batch) -> torch.Tensor:
-        steps[0] += 1
-        if steps[0] % recipe.consistent_refresh == 0:  # the assignment follows the routing as the model moves
-            fresh = token_routing(model, prep, layers, recipe.consistent_sequences // 4)
-            for block, (c, z) in fresh.items():  # the older counts weigh half as much at each re-count
-                counts[block] = counts[block] // 2 + c
-                sums[block] = sums[block] / 2 + z
-                targets[block] = balanced_assignment(counts[block], sums[block], recipe.consistent_slack)
-        mask = b.attention_mask.bool()
-        terms = []
-        for block, logits in seen:
-            want = targets[block][b.input_ids][mask]
-            known = want >= 0
-            terms.append(torch.nn.functional.cross_entropy(logits.float()[mask][known], want[known]))
-        seen.clear()
-        return weight * torch.stack(terms).mean()
-
-    # A short EMA horizon and the last weights: a longer average would blend the routers back towards stage 2's.
-    short = replace(recipe, ema_decay=0.995)
-    try:
+        # A short EMA horizon and the last weights: a longer average would blend the routers back towards stage 2's.
+        short = replace(recipe, ema_decay=0.995)
         report = fit(
             model,
             prep,
@@ -632,9 +634,6 @@ def consistent_round(data_dir: Path, out_dir: Path, recipe: DemoRecipe, weight: 
             router_ce,
             keep="last",
         )
-    finally:
-        for h in hooks:
-            h.remove()
     model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
     layers = [la for la in SwitchAdapter().moe_layers(model) if la.stack == "encoder"]
     after = {block: c for block, (c, _) in token_routing(model, prep, layers, recipe.consistent_sequences).items()}
