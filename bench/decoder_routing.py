@@ -18,9 +18,9 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     from offload.model_loader import load_model
     from predictor.decoder import PrevTokenTable, decoder_hit_rates, decoder_routes
-    from server.model_card import _wikitext_paragraphs, lm_batches
+    from server.model_card import lm_batches
     from server.runner import Runner
-    from server.tasks import read_c4_texts
+    from server.tasks import read_c4_texts, read_wikitext_paragraphs
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=str(REPO / "models" / "sida-switch-demo"))
@@ -33,7 +33,7 @@ def main() -> None:
     c4 = [t for t in read_c4_texts(data / "c4_sample" / "c4_sample.jsonl", args.fit_docs) if len(t.split()) > 60]
     table = PrevTokenTable(loaded.config.vocab_size, loaded.config.num_experts)
     table.fit(decoder_routes(loaded, lm_batches(runner, c4)))
-    wiki = _wikitext_paragraphs(data / "wikitext2" / "wiki.valid.tokens", 600)
+    wiki = read_wikitext_paragraphs(data / "wikitext2" / "wiki.valid.tokens", 600)
     print(
         json.dumps(
             {

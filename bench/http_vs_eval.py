@@ -41,21 +41,86 @@ def _offload_flags(args) -> dict:
     return {"mode": args.mode, "budget_experts": args.budget_experts, "policy": args.policy, "threads": args.threads}
 
 
-async def http_throughput(base: str, sentences: list[str], concurrency: int, per_request: int = 1) -> float:
-    sem = asyncio.Semaphore(concurrency)
+async def http_throughput(
+    base: str, sentences: list[str], concurrency: int, per_request: int = 1, client: str = "raw"
+) -> tuple[float, float]:
+    """(sentences/s, client CPU seconds per request) over HTTP, `concurrency` calls in flight."""
     calls = [sentences[i : i + per_request] for i in range(0, len(sentences), per_request)]
+    bodies = [json.dumps({"model": "sida-switch-demo", "input": c[0] if len(c) == 1 else c}).encode() for c in calls]
+    post = _raw_posts if client == "raw" else _httpx_posts
+    await post(base, bodies[:concurrency], concurrency)  # warm-up
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    await post(base, bodies, concurrency)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return len(sentences) / wall, cpu / len(bodies)
+
+
+async def _httpx_posts(base: str, bodies: list[bytes], concurrency: int) -> None:
+    sem = asyncio.Semaphore(concurrency)
+    headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
 
-        async def one(texts: list[str]):
+        async def one(body: bytes):
             async with sem:
-                body = {"model": "sida-switch-demo", "input": texts[0] if len(texts) == 1 else texts}
-                r = await client.post("/v1/classify", json=body)
+                r = await client.post("/v1/classify", content=body, headers=headers)
                 r.raise_for_status()
 
-        await asyncio.gather(*(one(c) for c in calls[:concurrency]))  # warm-up
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(c) for c in calls))
-        return len(sentences) / (time.perf_counter() - t0)
+        await asyncio.gather(*(one(b) for b in bodies))
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection that sends a request and waits for its Content-Length response: a
+    load generator costing the shared CPU a few tens of µs a call (httpx costs several hundred)."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"connection closed: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+        if len(self.buffer) < end + 4 + length:
+            return
+        status, body = int(head[9:12]), bytes(self.buffer[end + 4 : end + 4 + length])
+        del self.buffer[: end + 4 + length]
+        waiter, self.waiter = self.waiter, None
+        waiter.set_result((status, body))
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.waiter
+
+
+async def _raw_posts(base: str, bodies: list[bytes], concurrency: int) -> None:
+    url = httpx.URL(base)
+    loop = asyncio.get_running_loop()
+    head = f"POST /v1/classify HTTP/1.1\r\nhost: {url.host}:{url.port}\r\ncontent-type: application/json\r\n"
+    pending = iter(bodies)
+
+    async def worker():
+        _, conn = await loop.create_connection(_Connection, url.host, url.port)
+        try:
+            for body in pending:
+                status, reply = await conn.post(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+                if status != 200 or b'"label"' not in reply:
+                    raise RuntimeError(f"HTTP {status}: {reply[:200]!r}")
+        finally:
+            conn.transport.close()
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
 
 
 def main() -> None:
@@ -74,6 +139,12 @@ def main() -> None:
         help="torch threads of the server: its predictor and inference workers run at once, so 2 cores want 1 each",
     )
     p.add_argument("--per-request", type=int, default=1, help="sentences per HTTP call (`input` as a list)")
+    p.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="load generator: raw asyncio HTTP/1.1 (keep-alive, tens of µs a call) or httpx (several hundred µs)",
+    )
     args = p.parse_args()
 
     from server.tasks import get_task
@@ -101,7 +172,9 @@ def main() -> None:
     ]
     proc, base = start_serve(flags, timeout_s=240)
     try:
-        http_rate = asyncio.run(http_throughput(base, sentences, args.concurrency, args.per_request))
+        http_rate, client_cpu = asyncio.run(
+            http_throughput(base, sentences, args.concurrency, args.per_request, args.client)
+        )
         metrics = httpx.get(base + "/metrics").text
     finally:
         proc.terminate()
@@ -120,6 +193,8 @@ def main() -> None:
                 "http_mean_batch_size": round(size_sum / size_count, 2),
                 "concurrency": args.concurrency,
                 "sentences_per_request": args.per_request,
+                "client": args.client,
+                "client_cpu_us_per_request": round(client_cpu * 1e6),
                 "threads": {"eval": args.threads, "server": args.server_threads},
             }
         )

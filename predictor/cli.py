@@ -98,9 +98,9 @@ def _decoder(args, loaded) -> None:
     """Fit on teacher-forced C4 continuations and the first decoder step of SST-2/MRPC train prompts; measure on
     WikiText-2 valid continuations and SST-2 dev (never fitted on)."""
     from predictor.decoder import DecoderGuess, PrevTokenTable, decoder_hit_rates, decoder_routes
-    from server.model_card import _wikitext_paragraphs, classification_batches, lm_batches
+    from server.model_card import classification_batches, lm_batches
     from server.runner import Runner
-    from server.tasks import get_task, read_c4_texts
+    from server.tasks import get_task, read_c4_texts, read_wikitext_paragraphs
 
     data = Path(args.data)
     runner = Runner(loaded)
@@ -110,7 +110,7 @@ def _decoder(args, loaded) -> None:
     table = PrevTokenTable(loaded.config.vocab_size, loaded.adapter.num_experts(loaded.model))
     table.fit(decoder_routes(loaded, lm_batches(runner, c4)))
     table.fit(decoder_routes(loaded, classification_batches(runner, prompts)))
-    wiki = _wikitext_paragraphs(data / "wikitext2" / "wiki.valid.tokens", 600)
+    wiki = read_wikitext_paragraphs(data / "wikitext2" / "wiki.valid.tokens", 600)
     dev = [e.prompt for e in get_task("sst2").read(data / "sst2" / "dev.tsv")]
     info = {
         "fit": f"{len(c4)} C4 documents (teacher-forced continuations) + first decoder step of {len(prompts)} "
@@ -178,25 +178,37 @@ def _decoder_eval(loaded, path, inputs: list[str]) -> dict:
 
 
 @torch.inference_mode()
-def _latency(loaded, pred, batch: list[str], repeats: int = 21) -> dict:
-    """Median wall time of one predictor forward vs one model forward (encoder + first decoder step)."""
+def _latency(loaded, pred, batch: list[str], rounds: int = 15, block: int = 4) -> dict:
+    """Median wall time of one predictor forward vs one model forward (encoder + first decoder step), each in
+    its steady state: blocks of `block` + 1 calls of one then of the other, the first call of a block untimed
+    (it pays for the other's caches). Alternating blocks makes a busy neighbour on a shared machine slow both
+    rather than one; the strictly alternating time of the predictor is reported beside it."""
     enc = loaded.tokenizer(batch, padding=True, return_tensors="pt")
     start = torch.zeros((len(batch), 1), dtype=torch.long)
 
-    def median(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+    def predictor():
+        return pred(enc["input_ids"], enc["attention_mask"])
 
-    p = median(lambda: pred(enc["input_ids"], enc["attention_mask"]))
-    m = median(lambda: loaded.model(**enc, decoder_input_ids=start))
+    def model():
+        return loaded.model(**enc, decoder_input_ids=start)
+
+    times: dict = {predictor: [], model: []}
+    after_model = []
+    for _ in range(rounds):
+        for fn in (predictor, model):
+            for i in range(block + 1):
+                t0 = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - t0
+                if i > 0:
+                    times[fn].append(elapsed)
+                elif fn is predictor:
+                    after_model.append(elapsed)
+    p, m, cold = (sorted(t)[len(t) // 2] for t in (times[predictor], times[model], after_model[1:]))
     return {
         "batch": len(batch),
         "predictor_ms": round(p * 1e3, 3),
         "model_ms": round(m * 1e3, 3),
         "predictor_over_model": round(p / m, 4),
+        "predictor_ms_right_after_model": round(cold * 1e3, 3),
     }

@@ -60,6 +60,7 @@ def loss_fn(pred: HashPredictor, batch: TraceSet, cfg: TrainConfig) -> torch.Ten
 @torch.inference_mode()
 def hit_rates(pred: HashPredictor, traces: TraceSet, ks=(1, 3), batch_size: int = 256) -> dict:
     """Share of real tokens whose router top-1 is among the predictor's top-k, per layer and overall."""
+    was_training = pred.training
     pred.eval()
     hits = {(layer, k): 0 for layer in pred.arch.layers for k in ks}
     tokens = 0
@@ -73,7 +74,7 @@ def hit_rates(pred: HashPredictor, traces: TraceSet, ks=(1, 3), batch_size: int 
             ranked = logits[i][mask].topk(max(ks), dim=-1).indices
             for k in ks:
                 hits[(layer, k)] += int((ranked[:, :k] == truth[:, None]).any(-1).sum())
-    pred.train()
+    pred.train(was_training)
     out = {
         f"top{k}_hit_rate": sum(hits[(la, k)] for la in pred.arch.layers) / (tokens * len(pred.arch.layers)) for k in ks
     }

@@ -16,11 +16,7 @@ from offload.model_loader import load_model
 from predictor.traces import LayerTrace, expert_usage, trace_batch
 from server.evaluation import evaluate
 from server.runner import Runner
-
-
-def _wikitext_paragraphs(path: Path, limit: int) -> list[str]:
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    return [ln for ln in lines if len(ln.split()) > 40 and not ln.startswith("=")][:limit]
+from server.tasks import read_wikitext_paragraphs
 
 
 def lm_batches(runner: Runner, texts: list[str], prefix_words: int = 40, batch_size: int = 32):
@@ -73,7 +69,7 @@ def measure(model_dir: Path, data_dir: Path) -> dict:
     from server.tasks import TASKS
 
     sst2_prompts = [e.prompt for e in TASKS["sst2"].read(data_dir / "sst2" / "dev.tsv")]
-    wiki = _wikitext_paragraphs(data_dir / "wikitext2" / "wiki.valid.tokens", 600)
+    wiki = read_wikitext_paragraphs(data_dir / "wikitext2" / "wiki.valid.tokens", 600)
     random.Random(0).shuffle(wiki)
     params = sum(p.numel() for p in loaded.model.parameters())
     layers = loaded.adapter.moe_layers(loaded.model)
@@ -98,7 +94,7 @@ def measure(model_dir: Path, data_dir: Path) -> dict:
 
 def render(m: dict, training: dict) -> str:
     c = training.get("recipe", {})
-    s1, s2, s3 = training.get("stage1", {}), training.get("stage2", {}), training.get("stage3", {})
+    s1, s2, s3, s4 = (training.get(f"stage{i}", {}) for i in range(1, 5))
     lines = [
         "# sida-switch-demo",
         "",
@@ -113,7 +109,7 @@ def render(m: dict, training: dict) -> str:
         f"- {m['parameters'] / 1e6:.2f} M parameters, {m['expert_parameters'] / 1e6:.2f} M of them in experts; "
         "stored as fp16 safetensors.",
         "- Files: " + ", ".join(f"`{k}` {v / 1e6:.2f} MB" for k, v in m["files"].items()) + ".",
-        f"- Fingerprint (config, weight file sizes and sampled contents): `{m['fingerprint']}`.",
+        f"- Fingerprint (config, weight file sizes and contents): `{m['fingerprint']}`.",
         "",
         "## Tasks and prompts",
         "- `sst2 sentence: <sentence>` → `positive` | `negative`",
@@ -181,6 +177,7 @@ def render(m: dict, training: dict) -> str:
         f"{s2.get('decoder_experts_used', {}).get('after')} experts used, held-out accuracy "
         f"{s2.get('heldout_acc_final', s2.get('best', {}).get('heldout_acc', 0)):.4f}.",
         *_stage3_lines(s3, c),
+        *_stage4_lines(s4),
         "- History of every stage: `training.json`.",
         "",
         "## Data licences",
@@ -225,6 +222,21 @@ def _stage3_lines(s3: dict, recipe: dict) -> list[str]:
         "  re-derived every "
         f"{recipe.get('consistent_refresh')} steps) + the load-balancing loss. Rounds: " + "; ".join(steps) + ".",
         "  The router still chooses from the hidden state; the routing table above is what it does.",
+    ]
+
+
+def _stage4_lines(s4: dict) -> list[str]:
+    """What stage 4 (`server.demo_model.respread`) did: stage 2's split again, after stage 3, without a fine-tune."""
+    if not s4:
+        return []
+    used, acc = s4["decoder_experts_used"], s4["heldout_acc"]
+    return [
+        "- Stage 4: stage 3's fine-tune left decoder experts idle again "
+        f"({used['before']} used per decoder block on C4 continuations).",
+        "  Stage 2's split was applied to every expert with under 5% of an even share of the tokens, up to three",
+        f"  rounds ({s4['split']}), with no fine-tune: a copy and its donor compute",
+        f"  almost what the donor did, and the encoder is untouched. After it: {used['after']} experts used, "
+        f"held-out accuracy {acc['before']:.3f} → {acc['after']:.3f}.",
     ]
 
 

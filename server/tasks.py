@@ -114,6 +114,13 @@ def read_c4_texts(path: str | Path, limit: int | None = None) -> list[str]:
     return texts
 
 
+def read_wikitext_paragraphs(path: str | Path, limit: int) -> list[str]:
+    """WikiText paragraphs of more than 40 words (headings skipped): prefixes and continuations to measure
+    decoder routing on text no stage of training saw."""
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if len(ln.split()) > 40 and not ln.startswith("=")][:limit]
+
+
 def read_inputs(path: str | Path, limit: int | None = None) -> list[str]:
     """Model inputs from any supported file: the shared SST-2/MRPC tsv, MultiRC or C4 jsonl (as prompts or
     raw text), or a plain text file with one input per line (WikiText headings and blank lines skipped)."""

@@ -41,6 +41,36 @@ def test_fingerprint_tracks_retrained_weights_of_the_same_size(tiny_dir, tmp_pat
     assert fingerprint(d) != fingerprint(tiny_dir)
 
 
+def test_fingerprint_tracks_a_change_in_the_middle_of_a_weight_file(tiny_dir, tmp_path, monkeypatch):
+    """Splitting decoder experts changes only middle tensors; the demo model's predictor must see it."""
+    from safetensors.torch import load_file, save_file
+
+    from offload import model_loader
+
+    monkeypatch.setattr(model_loader, "FINGERPRINT_SAMPLE", 1024)  # ends-only sampling would miss the change
+    d = copy(tiny_dir, tmp_path / "m")
+    tensors = load_file(d / "model.safetensors")
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    assert fingerprint(d) != fingerprint(tiny_dir)
+
+
+def test_fingerprint_samples_large_files(tiny_dir, tmp_path, monkeypatch):
+    from offload import model_loader
+
+    d = copy(tiny_dir, tmp_path / "m")
+    before = fingerprint(d)
+    monkeypatch.setattr(model_loader, "FINGERPRINT_WHOLE", 0)
+    monkeypatch.setattr(model_loader, "FINGERPRINT_SAMPLE", 64)
+    sampled = fingerprint(d)
+    assert sampled != before and sampled == fingerprint(tiny_dir)
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[(len(data) - 64) * 5 // 63 + 1] ^= 0xFF  # inside the 6th sample
+    (d / "model.safetensors").write_bytes(bytes(data))
+    assert fingerprint(d) != sampled
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         check_model_dir(tmp_path / "absent")

@@ -59,7 +59,8 @@ def test_the_unpacked_lstm_computes_what_the_packed_bidirectional_lstm_computes(
 
 def test_small_support_sparsemax_equals_the_package():
     """The inference path's top-k sparsemax gives the package's numbers, including rows whose support is wider
-    than k (they fall back to the package) and padded columns."""
+    than the first k (redone with the next), wider than every k (they fall back to the package), and padded
+    columns."""
     from sparsemax import Sparsemax
 
     from predictor.network import sparsemax_small_support
@@ -70,10 +71,11 @@ def test_small_support_sparsemax_equals_the_package():
     scores[:, :, 33:] = -1e4  # padding, as attention_weights masks it
     scores[0, 0, :33] = 0.0  # a tie over every real column: support 33 > k
     with torch.no_grad():
-        fast = sparsemax_small_support(scores, full, k=8)
+        fast = sparsemax_small_support(scores, full, ks=(8, 16))
         want = full(scores)
+    support = (want > 0).sum(-1)
     assert (fast[0, 0] > 0).sum() == 33  # the wide rows really are there
-    assert ((want > 0).sum(-1) < 8).any()  # and so are narrow ones
+    assert (support < 8).any() and ((support >= 8) & (support < 16)).any()  # and so are narrow and middle ones
     torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-6)
 
 
@@ -86,3 +88,21 @@ def test_forward_without_grad_equals_the_training_path():
     with torch.no_grad():
         fast = pred.attention_weights(x, mask)
     torch.testing.assert_close(fast, slow.detach())
+
+
+def test_folded_inference_form_follows_the_weights():
+    """Without gradient the forward uses folded weights (embedding through proj, query·key as one map); they must
+    give the training path's outputs, and be rebuilt after an optimizer step changes the weights."""
+    pred = make()
+    ids, mask = batch()
+    opt = torch.optim.SGD(pred.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.no_grad():
+            fast = pred(ids, mask)
+        slow = pred(ids, mask)
+        torch.testing.assert_close(fast, slow.detach(), rtol=1e-4, atol=1e-5)
+        slow.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        assert not torch.allclose(pred(ids, mask), fast, atol=1e-3)  # the step moved the outputs, and the cache

@@ -24,6 +24,10 @@ def test_training_learns_and_the_artifact_checks_its_model(tiny8_dir, tiny_dir, 
     untrained, _ = train(traces, emb, 8, TrainConfig(hidden=32, max_epochs=0))
     pred, report = train(traces, emb, 8, cfg, ckpt=tmp_path / "ckpt.pt", log=lambda m: None)
     assert hit_rates(pred, traces)["top1_hit_rate"] > hit_rates(untrained, traces)["top1_hit_rate"] + 0.1
+    pred.eval()
+    hit_rates(pred, traces)
+    assert not pred.training  # `sida predictor eval` times it afterwards: an LSTM in training mode is slower
+    pred.train()
     assert (tmp_path / "ckpt.pt").is_file() and len(report["history"]) >= 1
 
     save_predictor(pred, tmp_path / "pred", loaded.fingerprint, {"note": "test"})

@@ -1,6 +1,5 @@
 """The demo model's recipe and the shipped artifact: label tokens, router losses, accuracy and routing spread."""
 
-import pytest
 import torch
 
 from server.demo_model import DemoRecipe, make_config, new_model, train_tokenizer
@@ -41,7 +40,7 @@ def test_sparse_blocks_and_nonzero_router_losses_during_training():
     enc = torch.tensor([tok.encode(t).ids for t in TINY_TEXTS[:4] if len(tok.encode(t).ids) >= 8][:2])[:, :8]
     out = model(input_ids=enc, labels=enc[:, :4].contiguous(), output_router_logits=True)
     for name in ("encoder_z_loss", "encoder_aux_loss", "decoder_z_loss", "decoder_aux_loss"):
-        assert float(getattr(out, name)) > 0, name
+        assert float(getattr(out, name).detach()) > 0, name
     out.loss.backward()
     assert router.grad is not None and router.grad.abs().sum() > 0
 
@@ -79,18 +78,16 @@ def test_demo_routers_spread(demo_loaded, data_dir):
             assert r["experts_used"] == 16 and r["max_share"] < 0.5, r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known regression: stage 3's fine-tune (token-consistent encoder routing) let decoder experts go "
-    "unused again (11 and 10 of 16 on WikiText continuations, model card); fix: the stage-2 split after stage 3",
-)
 def test_demo_decoder_routers_spread(demo_loaded, data_dir):
-    from server.model_card import _wikitext_paragraphs, lm_batches, routing_report
+    """Stage 3's fine-tune left decoder experts idle again (11 and 10 of 16 here); stage 4 splits busy ones into
+    them, measured on C4, and WikiText (never trained on) must use them all."""
+    from server.model_card import lm_batches, routing_report
     from server.runner import Runner
+    from server.tasks import read_wikitext_paragraphs
 
     runner = Runner(demo_loaded)
     # decoder layers see one token per SST-2 example; they are measured on multi-token continuations
-    wiki = _wikitext_paragraphs(data_dir / "wikitext2" / "wiki.valid.tokens", 200)
+    wiki = read_wikitext_paragraphs(data_dir / "wikitext2" / "wiki.valid.tokens", 200)
     for r in routing_report(demo_loaded, lm_batches(runner, wiki)).values():
         if r["stack"] == "decoder":
             assert r["experts_used"] == 16 and r["max_share"] < 0.5, r
