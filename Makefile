@@ -36,7 +36,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Rebuild the embedded demo model from $(DATA) (about an hour on 2 CPU cores), its model card and predictor.
+# Rebuild the embedded demo model from $(DATA) (stages 1-4, about 75 minutes on 2 CPU cores), its model card and predictor.
 demo-model: $(STAMP)
 	$(SIDA) build-demo --data $(DATA) --out $(MODEL)
 	$(MAKE) demo-card demo-predictor

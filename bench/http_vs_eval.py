@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def eval_throughput(args, sentences: list[str]) -> float:
+def eval_loop(args, sentences: list[str]):
+    """`sida eval`'s batched loop over the sentences, built and warmed up once: call it for sentences/s."""
     from server.runner import build_runner
     from server.settings import load_settings
     from server.tasks import get_task, sst2_prompt
@@ -31,14 +32,22 @@ def eval_throughput(args, sentences: list[str]) -> float:
     prompts = [sst2_prompt(s) for s in sentences]
     task = get_task("sst2")
     runner.classify_prompts(prompts[: args.batch_size], task)  # warm-up, as the server does
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), args.batch_size):
-        runner.classify_prompts(prompts[i : i + args.batch_size], task)
-    return len(prompts) / (time.perf_counter() - t0)
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), args.batch_size):
+            runner.classify_prompts(prompts[i : i + args.batch_size], task)
+        return len(prompts) / (time.perf_counter() - t0)
+
+    return run
 
 
 def _offload_flags(args) -> dict:
     return {"mode": args.mode, "budget_experts": args.budget_experts, "policy": args.policy, "threads": args.threads}
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 async def http_throughput(
@@ -133,11 +142,12 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=128)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the `sida eval` loop")
     p.add_argument(
-        "--server-threads",
-        type=int,
-        default=1,
-        help="torch threads of the server: its predictor and inference workers run at once, so 2 cores want 1 each",
+        "--server-threads", type=int, help="torch threads of the server's inference worker (default: its own)"
     )
+    p.add_argument(
+        "--predictor-threads", type=int, help="torch threads of the server's predictor worker (default: its own)"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="eval and HTTP passes, alternated; medians are compared")
     p.add_argument("--per-request", type=int, default=1, help="sentences per HTTP call (`input` as a list)")
     p.add_argument(
         "--client",
@@ -150,31 +160,22 @@ def main() -> None:
     from server.tasks import get_task
 
     sentences = [e.prompt.removeprefix("sst2 sentence: ") for e in get_task("sst2").read(args.data)]
-    eval_rate = eval_throughput(args, sentences)
+    eval_rate = eval_loop(args, sentences)
 
     from server.subprocess_server import start_serve
 
-    flags = [
-        "--log-level",
-        "warning",
-        "--mode",
-        args.mode,
-        "--budget-experts",
-        str(args.budget_experts),
-        "--policy",
-        args.policy,
-        "--threads",
-        str(args.server_threads),
-        "--max-batch-size",
-        str(args.batch_size),
-        "--max-batch-wait-ms",
-        "10",
-    ]
+    flags = ["--log-level", "warning", "--mode", args.mode, "--budget-experts", str(args.budget_experts)]
+    flags += ["--policy", args.policy, "--max-batch-size", str(args.batch_size), "--max-batch-wait-ms", "10"]
+    flags += ["--threads", str(args.server_threads)] if args.server_threads else []
+    flags += ["--predictor-threads", str(args.predictor_threads)] if args.predictor_threads else []
     proc, base = start_serve(flags, timeout_s=240)
-    try:
-        http_rate, client_cpu = asyncio.run(
-            http_throughput(base, sentences, args.concurrency, args.per_request, args.client)
-        )
+    evals, https, cpus = [], [], []
+    try:  # alternated in one run: this shared box's speed drifts by tens of percent over minutes
+        for _ in range(args.rounds):
+            evals.append(eval_rate())
+            rate, cpu = asyncio.run(http_throughput(base, sentences, args.concurrency, args.per_request, args.client))
+            https.append(rate)
+            cpus.append(cpu)
         metrics = httpx.get(base + "/metrics").text
     finally:
         proc.terminate()
@@ -187,15 +188,16 @@ def main() -> None:
                 "sentences": len(sentences),
                 "mode": args.mode,
                 "budget_experts": args.budget_experts,
-                "eval_sentences_per_s": round(eval_rate, 1),
-                "http_sentences_per_s": round(http_rate, 1),
-                "ratio": round(http_rate / eval_rate, 3),
+                "eval_sentences_per_s": round(median(evals), 1),
+                "http_sentences_per_s": round(median(https), 1),
+                "ratio": round(median(https) / median(evals), 3),
+                "rounds": {"eval": [round(x, 1) for x in evals], "http": [round(x, 1) for x in https]},
                 "http_mean_batch_size": round(size_sum / size_count, 2),
                 "concurrency": args.concurrency,
                 "sentences_per_request": args.per_request,
                 "client": args.client,
-                "client_cpu_us_per_request": round(client_cpu * 1e6),
-                "threads": {"eval": args.threads, "server": args.server_threads},
+                "client_cpu_us_per_request": round(median(cpus) * 1e6),
+                "threads": {"eval": args.threads, "server": args.server_threads, "predictor": args.predictor_threads},
             }
         )
     )

@@ -393,12 +393,13 @@ def app_from_settings(settings, hash_source: str = "auto") -> FastAPI:
         from server.metrics import Metrics
         from server.runner import build_runner
 
-        serving = settings
-        if settings.threads is None and resolve_device(settings.device).type == "cpu":
-            # the predictor and inference workers compute at the same time: half the cores each, not all of them
-            # twice over (on 2 cores: 1.2x the throughput of torch's default, bench/http_vs_eval.py)
-            serving = settings.model_copy(update={"threads": max(1, (os.cpu_count() or 2) // 2)})
-        runner = build_runner(serving, hash_source)
+        threads = (settings.threads, settings.predictor_threads)
+        if resolve_device(settings.device).type == "cpu":
+            # The workers compute at the same time, beside the event loop: the inference worker gets half the
+            # cores, the predictor one thread (its LSTM steps are too small to use more). On 2 cores, 2 inference
+            # threads give 0.6x the HTTP throughput of 1 (bench/http_vs_eval.py, --server-threads).
+            threads = (settings.threads or max(1, (os.cpu_count() or 2) // 2), settings.predictor_threads or 1)
+        runner = build_runner(settings, hash_source)
         engine = runner.engine
         mode = engine.cfg.mode if engine.cache is not None else "resident"
         metrics = Metrics(engine, name, mode, version("sida"))
@@ -410,6 +411,7 @@ def app_from_settings(settings, hash_source: str = "auto") -> FastAPI:
             settings.max_batch_wait_ms / 1000,
             settings.max_queue,
             shadow_sample_rate=settings.shadow_sample_rate,
+            threads=threads,
         )
         runner.classify(["warm-up"])  # the first forward happens outside any request's latency
         engine.reset_stats()

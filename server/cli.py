@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--request-timeout-s", type=float)
     g.add_argument("--api-key")
     g.add_argument("--shadow-sample-rate", type=float)
+    g.add_argument("--predictor-threads", type=int, help="torch threads of the predictor worker (default 1 on CPU)")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     p = sub.add_parser("config", help="print the resolved settings")
@@ -86,11 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predictor_parser(sub)
 
-    p = sub.add_parser("build-demo", help="train the embedded demo model from ../shared/data (about 50 min, 2 cores)")
+    p = sub.add_parser("build-demo", help="train the embedded demo model from ../shared/data (about 75 min, 2 cores)")
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--out", default="models/sida-switch-demo")
     p.add_argument("--epochs", type=int)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--stage",
+        choices=["all", "revive", "consistent", "respread"],
+        default="all",
+        help="all: stages 1-4; revive/consistent/respread: from stage 2/3/4 on, over the model in --out",
+    )
     return parser
 
 
@@ -185,7 +192,7 @@ def cmd_config(args, settings: Settings) -> None:
 def cmd_build_demo(args) -> None:
     from server import demo_model
 
-    argv = ["--data", args.data, "--out", args.out, "--threads", str(args.threads)]
+    argv = ["--data", args.data, "--out", args.out, "--threads", str(args.threads), "--stage", args.stage]
     demo_model.main(argv + (["--epochs", str(args.epochs)] if args.epochs else []))
 
 

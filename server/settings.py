@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1_000_000
     api_key: str | None = None
     shadow_sample_rate: float = 0.1  # predicted mode: share of batches also routed by the router, for hit rates
+    predictor_threads: int | None = None  # torch threads of the serving predictor worker; None: 1 on CPU
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -62,6 +63,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "threads",
+        "predictor_threads",
         "max_input_tokens",
         "max_new_tokens",
         "batch_size",

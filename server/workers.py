@@ -75,6 +75,15 @@ class _Batch:
     ready: Any = None  # CUDA event recorded after the table was built on the predictor's stream
 
 
+def set_thread_count(n: int | None) -> None:
+    """This OS thread's torch intra-op thread count (each thread has its own). torch gives a thread its count on
+    first use, copied from whichever thread set one last, so that happens first: else the other worker's later
+    `set_num_threads` would become this thread's count."""
+    if n:
+        torch.get_num_threads()
+        torch.set_num_threads(n)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -86,6 +95,7 @@ class Pipeline:
         max_queue: int = 256,
         hash_depth: int = 1,  # batch i+1 is hashed while batch i runs (paper §3.2)
         shadow_sample_rate: float = 0.0,
+        threads: tuple[int | None, int | None] = (None, None),  # torch threads of (inference, predictor) workers
     ):
         self.runner = runner
         self.metrics = metrics
@@ -97,6 +107,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._shadow_rate = shadow_sample_rate
+        self._inference_threads, self._predictor_threads = threads
         self._batches = 0
         self.error: BaseException | None = None
         device = runner.device
@@ -138,6 +149,7 @@ class Pipeline:
     # ------------------------------------------------------------------ predictor worker
 
     def _predictor_loop(self) -> None:
+        set_thread_count(self._predictor_threads)
         stopping = False
         while True:
             # A hashed batch already waits for the inference worker: a batch cut now could not start any sooner,
@@ -201,6 +213,7 @@ class Pipeline:
     # ------------------------------------------------------------------ inference worker
 
     def _inference_loop(self) -> None:
+        set_thread_count(self._inference_threads)
         while True:
             item = self._hashed.get()
             self.metrics.hash_queue_depth.set(self._hashed.qsize())

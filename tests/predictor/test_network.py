@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from predictor.network import HashPredictor, PredictorArch
@@ -106,3 +107,14 @@ def test_folded_inference_form_follows_the_weights():
         opt.zero_grad()
     with torch.no_grad():
         assert not torch.allclose(pred(ids, mask), fast, atol=1e-3)  # the step moved the outputs, and the cache
+
+
+def test_torch_threads_sets_and_restores_the_count():
+    from predictor.network import torch_threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+    assert torch.get_num_threads() == before

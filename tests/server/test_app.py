@@ -13,7 +13,9 @@ SENTENCES = ["a gorgeous , witty , seductive movie .", "a dull , lifeless , bori
 
 
 def make_client(hash_source="oracle", **overrides):
-    settings = load_settings(mode="exact", budget_experts=8, max_batch_wait_ms=20, threads=1, **overrides)
+    settings = load_settings(
+        **{"mode": "exact", "budget_experts": 8, "max_batch_wait_ms": 20, "threads": 1, **overrides}
+    )
     return TestClient(app_from_settings(settings, hash_source))
 
 
@@ -33,6 +35,30 @@ def test_classify_agrees_with_the_runner(client, demo_loaded):
     assert [d["label"] for d in body["data"]] == [c.label for c in expected]
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
     assert body["usage"]["prompt_tokens"] > 0
+
+
+def test_workers_run_with_their_own_torch_thread_counts(demo_dir):
+    """torch's thread count is per OS thread: the inference worker takes `threads`, the predictor worker
+    `predictor_threads`, whatever thread set a count last."""
+    import threading
+
+    import torch
+
+    seen = {}
+    with make_client(threads=2, predictor_threads=1) as c:
+        runner = c.app.state.sida.runner
+
+        def spy(name, original):
+            def call(*args, **kwargs):
+                seen[(name, threading.current_thread().name)] = torch.get_num_threads()
+                return original(*args, **kwargs)
+
+            return call
+
+        for name in ("hash_table", "classify_ids"):
+            setattr(runner, name, spy(name, getattr(runner, name)))
+        assert c.post("/v1/classify", json={"model": MODEL, "input": SENTENCES}).status_code == 200
+    assert seen[("hash_table", "sida-predictor")] == 1 and seen[("classify_ids", "sida-inference")] == 2, seen
 
 
 def test_completion_and_stream(client):
