@@ -125,8 +125,8 @@ class OffloadEngine:
         ctx = self.context
         first = ctx.offsets[self.decoder_layers[0]]
         k = max(3, ctx.prefetch_k)  # ranked as deep as the encoder's tables, for the top-1..3 hit counts
-        ids = decoder_input_ids.to(self.device)
-        ctx.decoder_rows = {la: (first, self.decoder_guess.predict(la, ids, k)) for la in self.decoder_layers}
+        keys = self.decoder_guess.keys(decoder_input_ids.to(self.device), ctx.encoder_first, first)
+        ctx.decoder_rows = {la: (first, self.decoder_guess.predict(la, keys, k)) for la in self.decoder_layers}
 
     def _on_decoder_call(self, _module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -152,10 +152,13 @@ class OffloadEngine:
         token_mask: torch.Tensor | None = None,
         hash_table: HashTable | None = None,
         decoder_input_ids: torch.Tensor | None = None,
+        encoder_first: torch.Tensor | None = None,
     ) -> None:
         """Reset per-batch routing state; with a table, start loading the first MoE layer's experts now. With the
-        decoder's first input tokens and a decoder table, the last encoder layer prefetches for the decoder."""
+        decoder's first input tokens and a decoder table, the last encoder layer prefetches for the decoder;
+        `encoder_first` (each row's first input token) keys the table's first-step rows."""
         ctx = self.context
+        ctx.encoder_first = encoder_first
         if ctx.mode == "predicted" and hash_table is None:
             raise ValueError("predicted mode needs a hash table for every batch (a predictor or --hash oracle)")
         ctx.hash_table = hash_table

@@ -35,6 +35,7 @@ class RoutingContext:
     # decoder layers: per-step guesses from the decoder's input token (layer → (first position, [batch, seq, k])),
     # used to prefetch only; routing there is always the router's
     decoder_rows: dict = field(default_factory=dict)
+    encoder_first: torch.Tensor | None = None  # each row's first input token: keys decoder first-step guesses
 
 
 class SiDAMoELayer(nn.Module):

@@ -114,7 +114,7 @@ def _decoder(args, loaded) -> None:
     dev = [e.prompt for e in get_task("sst2").read(data / "sst2" / "dev.tsv")]
     info = {
         "fit": f"{len(c4)} C4 documents (teacher-forced continuations) + first decoder step of {len(prompts)} "
-        "SST-2/MRPC train prompts",
+        "SST-2/MRPC train prompts; rows: decoder input token, first step by the encoder's first token",
         "wikitext_valid": decoder_hit_rates(table, decoder_routes(loaded, lm_batches(runner, wiki))),
         "sst2_dev_first_step": decoder_hit_rates(table, decoder_routes(loaded, classification_batches(runner, dev))),
     }

@@ -2,8 +2,10 @@
 
 The cheapest per-step guess is from the token generated at the previous step: `PrevTokenTable` counts, in
 teacher-forced traces, which experts each decoder MoE layer used at positions whose decoder input was
-token v, and predicts the most frequent ones. `decoder_hit_rates` measures it (real tokens only) against a
-frequency-only baseline, which is what decides whether decoder prefetch is worth wiring in.
+token v, and predicts the most frequent ones. The first step's input is always the start token, and what
+follows it depends on the input (classification prompts and continuations route it apart), so that step is
+keyed by the encoder's first token instead (`decoder_keys`). `decoder_hit_rates` measures it (real tokens
+only) against a frequency-only baseline, which is what decides whether decoder prefetch is worth wiring in.
 """
 
 from __future__ import annotations
@@ -14,39 +16,59 @@ from offload.model_loader import LoadedModel
 from predictor.traces import trace_batch
 
 
+def decoder_keys(decoder_input_ids: torch.Tensor, encoder_first: torch.Tensor, vocab_size: int, offset: int = 0):
+    """The table row of each decoder position [batch, steps]: its input token, but at the first step (offset 0)
+    vocab_size + the encoder's first token [batch]."""
+    keys = decoder_input_ids.clone()
+    if offset == 0:
+        keys[:, 0] = vocab_size + encoder_first.to(keys.device)
+    return keys
+
+
 def decoder_routes(loaded: LoadedModel, batches):
-    """Yield (layer, previous tokens [n], router top-1 [n]) over real decoder positions of teacher-forced batches."""
+    """Yield (layer, table keys [n], router top-1 [n]) over real decoder positions of teacher-forced batches."""
+    vocab = loaded.config.vocab_size
     for input_ids, attention_mask, dec_ids, dec_mask in batches:
+        keys = decoder_keys(dec_ids, input_ids[:, 0], vocab)[dec_mask.bool()]
         for t in trace_batch(loaded, input_ids, attention_mask, dec_ids, dec_mask):
             if t.stack == "decoder":
-                yield t.layer, dec_ids[dec_mask.bool()], t.expert
+                yield t.layer, keys, t.expert
 
 
 class PrevTokenTable:
+    """Counts per decoder layer over 2 x vocab rows: decoder input tokens, then first steps by encoder token."""
+
     def __init__(self, vocab_size: int, num_experts: int):
         self.counts: dict[int, torch.Tensor] = {}
-        self.shape = (vocab_size, num_experts)
+        self.vocab_size = vocab_size
+        self.shape = (2 * vocab_size, num_experts)
 
     def fit(self, routes) -> PrevTokenTable:
-        for layer, prev, expert in routes:
+        for layer, keys, expert in routes:
             c = self.counts.setdefault(layer, torch.zeros(self.shape, dtype=torch.long))
-            c.index_put_((prev, expert), torch.ones_like(prev), accumulate=True)
+            c.index_put_((keys, expert), torch.ones_like(keys), accumulate=True)
         return self
 
-    def predict(self, layer: int, prev: torch.Tensor, k: int) -> torch.Tensor:
-        """[n, k] experts; tokens never seen fall back to the layer's most used experts."""
+    def scores(self, layer: int) -> torch.Tensor:
+        """[2 x vocab, E]: counts, ties and unseen keys broken by the layer's overall frequency; a first step after
+        an encoder token never seen first takes every first step's counts, pooled."""
         c = self.counts[layer].float()
-        prior = c.sum(0)  # [E]
-        scores = c[prev] + prior / (prior.sum() + 1)  # ties and unseen tokens broken by overall frequency
-        return scores.topk(k, dim=-1).indices
+        first = c[self.vocab_size :]  # a view: filled in place
+        first[first.sum(-1) == 0] = first.sum(0)
+        prior = c[: self.vocab_size].sum(0)  # [E]
+        return c + prior / (prior.sum() + 1)
+
+    def predict(self, layer: int, keys: torch.Tensor, k: int) -> torch.Tensor:
+        """[n, k] experts."""
+        return self.scores(layer)[keys].topk(k, dim=-1).indices
 
 
 def decoder_hit_rates(table: PrevTokenTable, routes, ks=(1, 3)) -> dict:
     hits, base, tokens = {}, {}, {}
-    for layer, prev, expert in routes:
+    for layer, keys, expert in routes:
         tokens[layer] = tokens.get(layer, 0) + expert.numel()
-        prior = table.counts[layer].sum(0).topk(max(ks)).indices
-        ranked = table.predict(layer, prev, max(ks))
+        prior = table.counts[layer][: table.vocab_size].sum(0).topk(max(ks)).indices
+        ranked = table.predict(layer, keys, max(ks))
         for k in ks:
             hits[(layer, k)] = hits.get((layer, k), 0) + int((ranked[:, :k] == expert[:, None]).any(-1).sum())
             base[(layer, k)] = base.get((layer, k), 0) + int(torch.isin(expert, prior[:k]).sum())
@@ -61,34 +83,39 @@ def decoder_hit_rates(table: PrevTokenTable, routes, ks=(1, 3)) -> dict:
 
 
 class DecoderGuess:
-    """The frozen form of a PrevTokenTable that sida serves with: per decoder MoE layer, every token's experts
-    ranked best first ([vocab, experts] int16). `predict` is a gather: cheap enough to run at every decoder step."""
+    """The frozen form of a PrevTokenTable that sida serves with: per decoder MoE layer, every key's experts
+    ranked best first ([2 x vocab, experts] int16). `predict` is a gather: cheap enough to run at every decoder
+    step. `vocab_size` None: a table of decoder input tokens only ([vocab, experts]), as built before first steps
+    had their own rows."""
 
     FILE = "decoder.safetensors"
 
-    def __init__(self, ranked: dict[int, torch.Tensor]):
+    def __init__(self, ranked: dict[int, torch.Tensor], vocab_size: int | None = None):
         self.ranked = ranked
+        self.vocab_size = vocab_size
 
     @classmethod
     def from_table(cls, table: PrevTokenTable) -> DecoderGuess:
-        ranked = {}
-        for layer, counts in table.counts.items():
-            c = counts.float()
-            prior = c.sum(0)
-            ranked[layer] = (c + prior / (prior.sum() + 1)).argsort(dim=-1, descending=True).to(torch.int16)
-        return cls(ranked)
+        ranked = {layer: table.scores(layer).argsort(dim=-1, descending=True).to(torch.int16) for layer in table.counts}
+        return cls(ranked, table.vocab_size)
+
+    def keys(self, decoder_input_ids: torch.Tensor, encoder_first: torch.Tensor | None, offset: int) -> torch.Tensor:
+        """`decoder_keys` for this table (decoder input tokens alone where it has no first-step rows)."""
+        if self.vocab_size is None or encoder_first is None:
+            return decoder_input_ids
+        return decoder_keys(decoder_input_ids, encoder_first, self.vocab_size, offset)
 
     @property
     def layers(self) -> list[int]:
         return sorted(self.ranked)
 
     def to(self, device) -> DecoderGuess:
-        return DecoderGuess({k: v.to(device) for k, v in self.ranked.items()})
+        return DecoderGuess({k: v.to(device) for k, v in self.ranked.items()}, self.vocab_size)
 
-    def predict(self, layer: int, prev: torch.Tensor, k: int) -> torch.Tensor:
-        """[..., k] experts for decoder input tokens `prev` [...]; ids beyond the table use the top row's prior."""
+    def predict(self, layer: int, keys: torch.Tensor, k: int) -> torch.Tensor:
+        """[..., k] experts for table keys [...] (see `keys`); keys beyond the table use its last row."""
         ranked = self.ranked[layer]
-        return ranked[prev.clamp(0, ranked.shape[0] - 1), :k].long()
+        return ranked[keys.clamp(0, ranked.shape[0] - 1), :k].long()
 
     def save(self, folder, fingerprint: str, info: dict) -> None:
         import json
@@ -101,7 +128,7 @@ class DecoderGuess:
         save_file(
             {f"layer{k}.ranked": v.contiguous() for k, v in self.ranked.items()},
             str(folder / self.FILE),
-            metadata={"fingerprint": fingerprint, "info": json.dumps(info)},
+            metadata={"fingerprint": fingerprint, "info": json.dumps(info), "vocab_size": str(self.vocab_size or "")},
         )
 
     @classmethod
@@ -123,16 +150,16 @@ class DecoderGuess:
             raise PredictorError(
                 f"{path}: decoder table was built for model {meta.get('fingerprint')}, this model is {fingerprint}"
             )
-        return cls(ranked)
+        return cls(ranked, int(meta["vocab_size"]) if meta.get("vocab_size") else None)
 
 
 def guess_hit_rates(guess: DecoderGuess, routes, ks=(1, 3)) -> dict:
     """Per decoder layer: share of real decoder positions whose router choice is in the guess's top-k."""
     hits: dict = {}
     tokens: dict = {}
-    for layer, prev, expert in routes:
+    for layer, keys, expert in routes:
         tokens[layer] = tokens.get(layer, 0) + expert.numel()
-        ranked = guess.predict(layer, prev, max(ks))
+        ranked = guess.predict(layer, keys, max(ks))
         for k in ks:
             hits[(layer, k)] = hits.get((layer, k), 0) + int((ranked[:, :k] == expert[:, None]).any(-1).sum())
     return {

@@ -55,7 +55,7 @@ class Runner:
             return
         if table is None:
             table = self.hash_table(enc, decoder_input_ids)
-        self.engine.begin_batch(enc["attention_mask"], table, decoder_input_ids)
+        self.engine.begin_batch(enc["attention_mask"], table, decoder_input_ids, enc["input_ids"][:, 0])
 
     def label_ids(self, task: Task) -> list[int]:
         """Token id of each label word; every label word must be a single token of this tokenizer."""

@@ -30,3 +30,22 @@ def test_decoder_guess_ranks_as_the_table_and_round_trips(tmp_path):
     assert DecoderGuess.load(tmp_path / "nothing", "abc") is None
     with pytest.raises(PredictorError, match="built for model abc"):
         DecoderGuess.load(tmp_path, "xyz")
+
+
+def test_first_steps_are_keyed_by_the_encoder_first_token(tmp_path):
+    """Every first decoder step reads the start token; what it routes to depends on the input (e.g. the task
+    word a classification prompt starts with), so that step is keyed by the encoder's first token."""
+    from predictor.decoder import DecoderGuess, decoder_keys
+
+    dec = torch.tensor([[0, 4], [0, 4], [0, 4]])  # the start token, then token 4
+    keys = decoder_keys(dec, torch.tensor([2, 3, 2]), vocab_size=10)
+    assert keys.tolist() == [[12, 4], [13, 4], [12, 4]]
+    expert = torch.tensor([[1, 6], [5, 6], [1, 6]])
+    table = PrevTokenTable(vocab_size=10, num_experts=8).fit([(7, keys.reshape(-1), expert.reshape(-1))])
+    guess = DecoderGuess.from_table(table)
+    guess.save(tmp_path, "abc", {})
+    guess = DecoderGuess.load(tmp_path, "abc")
+    first = guess.keys(torch.zeros((3, 1), dtype=torch.long), torch.tensor([3, 2, 9]), offset=0)
+    assert guess.predict(7, first, 1).reshape(-1).tolist() == [5, 1, 1]  # 9 never came first: pooled first steps
+    later = guess.keys(torch.tensor([[4]]), torch.tensor([3]), offset=1)  # later steps: the input token
+    assert later.tolist() == [[4]] and guess.predict(7, later, 1).item() == 6
