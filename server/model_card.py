@@ -177,7 +177,7 @@ def render(m: dict, training: dict) -> str:
         f"{s2.get('decoder_experts_used', {}).get('after')} experts used, held-out accuracy "
         f"{s2.get('heldout_acc_final', s2.get('best', {}).get('heldout_acc', 0)):.4f}.",
         *_stage3_lines(s3, c),
-        *_stage4_lines(s4),
+        *_stage4_lines(s4, c),
         "- History of every stage: `training.json`.",
         "",
         "## Data licences",
@@ -225,18 +225,26 @@ def _stage3_lines(s3: dict, recipe: dict) -> list[str]:
     ]
 
 
-def _stage4_lines(s4: dict) -> list[str]:
+def _stage4_lines(s4: dict, recipe: dict) -> list[str]:
     """What stage 4 (`server.demo_model.respread`) did: stage 2's split again, after stage 3, without a fine-tune."""
     if not s4:
         return []
     used, acc = s4["decoder_experts_used"], s4["heldout_acc"]
+
+    def per_block(d: dict) -> str:
+        return "/".join(str(d[b]) for b in sorted(d, key=int))
+
+    rounds = "; ".join(
+        f"round {i + 1}: " + ", ".join(f"{len(split[b])} in block {b}" for b in sorted(split, key=int) if split[b])
+        for i, split in enumerate(s4["split"])
+    )
     return [
         "- Stage 4: stage 3's fine-tune left decoder experts idle again "
-        f"({used['before']} used per decoder block on C4 continuations).",
-        "  Stage 2's split was applied to every expert with under 5% of an even share of the tokens, up to three",
-        f"  rounds ({s4['split']}), with no fine-tune: a copy and its donor compute",
-        f"  almost what the donor did, and the encoder is untouched. After it: {used['after']} experts used, "
-        f"held-out accuracy {acc['before']:.3f} → {acc['after']:.3f}.",
+        f"({per_block(used['before'])} of {recipe.get('num_experts')} used per decoder MoE block on C4 continuations).",
+        "  Stage 2's split was applied, with no fine-tune, to every expert with under 5% of an even share of the",
+        f"  tokens ({rounds}; a split can leave the copy without tokens, so up to three rounds): a copy and its",
+        "  donor compute almost what the donor did, and the encoder is untouched. After it: "
+        f"{per_block(used['after'])} experts used, held-out accuracy {acc['before']:.3f} → {acc['after']:.3f}.",
     ]
 
 
