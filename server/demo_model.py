@@ -628,7 +628,7 @@ def consistent_round(data_dir: Path, out_dir: Path, recipe: DemoRecipe, weight: 
     Measured (rounds 0.3, 1.0, 2.0, encoder blocks 1/3): mean top-1 router probability 0.12/0.09 → 0.64/0.71 →
     0.88/0.92 → 0.95/0.97; agreement with the assignment 0.85/0.79 → 0.96/0.96 → 0.989/0.989; 16 of 16 encoder
     experts used throughout; held-out accuracy 0.883 → 0.890 → 0.895. Decoder layers are not constrained, and
-    some of their experts fell out of use (11 and 10 of 16 on WikiText continuations)."""
+    some of their experts fell out of use (11 and 10 of 16 on WikiText continuations): stage 4 (`respread`)."""
     from transformers import SwitchTransformersForConditionalGeneration
 
     from offload.adapters import SwitchAdapter
