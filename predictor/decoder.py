@@ -103,6 +103,11 @@ class DecoderGuess:
         """`decoder_keys` for this table (decoder input tokens alone where it has no first-step rows)."""
         if self.vocab_size is None or encoder_first is None:
             return decoder_input_ids
+        rows, prompts = decoder_input_ids.shape[0], encoder_first.shape[0]
+        if rows != prompts:  # generate() repeats each prompt's row for beams or several samples
+            if rows % prompts:
+                return decoder_input_ids
+            encoder_first = encoder_first.repeat_interleave(rows // prompts)
         return decoder_keys(decoder_input_ids, encoder_first, self.vocab_size, offset)
 
     @property

@@ -49,3 +49,5 @@ def test_first_steps_are_keyed_by_the_encoder_first_token(tmp_path):
     assert guess.predict(7, first, 1).reshape(-1).tolist() == [5, 1, 1]  # 9 never came first: pooled first steps
     later = guess.keys(torch.tensor([[4]]), torch.tensor([3]), offset=1)  # later steps: the input token
     assert later.tolist() == [[4]] and guess.predict(7, later, 1).item() == 6
+    beams = guess.keys(torch.zeros((4, 1), dtype=torch.long), torch.tensor([3, 2]), offset=0)  # 2 rows a prompt
+    assert beams.reshape(-1).tolist() == [13, 13, 12, 12]
