@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import httpx
 
@@ -44,10 +45,6 @@ def eval_loop(args, sentences: list[str]):
 
 def _offload_flags(args) -> dict:
     return {"mode": args.mode, "budget_experts": args.budget_experts, "policy": args.policy, "threads": args.threads}
-
-
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 async def http_throughput(

@@ -382,6 +382,11 @@ def decoder_usage(model, prep: Prepared, batches: int = 40) -> dict[int, tuple[t
     return {blk: (counts[blk], [torch.cat(x) if x else None for x in inputs[blk]]) for blk in counts}
 
 
+def experts_used(usage: dict) -> dict[int, int]:
+    """Per decoder MoE block of a `decoder_usage` result: how many experts got any token."""
+    return {block: int((counts > 0).sum()) for block, (counts, _) in usage.items()}
+
+
 def idle_experts(counts: torch.Tensor, share: float = 0.05) -> torch.Tensor:
     """Experts given fewer than `share` of an even share of the tokens: those with 1 of 80 000 C4 tokens get
     none of WikiText's."""
@@ -438,7 +443,7 @@ def revive(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log
     model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
     before = decoder_usage(model, prep)
     split = split_dead_experts(model, before)
-    used = {b: int((c > 0).sum()) for b, (c, _) in before.items()}
+    used = experts_used(before)
     log(json.dumps({"decoder_experts_used_before": used, "split": split}))
     report = fit(model, prep, out_dir, recipe.revive_epochs, recipe.revive_lr, 100, recipe, log, desc="revive")
     model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
@@ -452,19 +457,19 @@ def revive(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log
 
 
 def split_idle_decoder_experts(
-    model, prep: Prepared, out_dir: Path, seed: int, rounds: int = 3
+    model, prep: Prepared, out_dir: Path, seed: int, rounds: int = 3, usage: dict | None = None
 ) -> tuple[list[dict], dict]:
     """Split busy decoder experts into the idle ones (no fine-tune; up to `rounds` times, as a split can leave
     the copy with no tokens) and save the model if any was idle: ([{block: {idle: donor}} per round],
-    {block: experts used afterwards})."""
-    usage = decoder_usage(model, prep)
+    {block: experts used afterwards}). `usage`: the model's `decoder_usage`, if the caller has it already."""
+    usage = usage if usage is not None else decoder_usage(model, prep)
     splits = []
     while any(len(idle_experts(c)) for c, _ in usage.values()) and len(splits) < rounds:
         splits.append(split_dead_experts(model, usage, seed=seed + len(splits)))
         usage = decoder_usage(model, prep)
     if splits:
         model.save_pretrained(out_dir, safe_serialization=True)
-    return splits, {b: int((c > 0).sum()) for b, (c, _) in usage.items()}
+    return splits, experts_used(usage)
 
 
 def respread(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=print) -> dict:
@@ -480,12 +485,12 @@ def respread(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), l
 
     prep = prepare(data_dir, recipe, Tokenizer.from_file(str(out_dir / "tokenizer.json")))
     model = SwitchTransformersForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
-    used = {b: int((c > 0).sum()) for b, (c, _) in decoder_usage(model, prep).items()}
+    usage = decoder_usage(model, prep)
     acc_before = label_accuracy(model, prep.tok, prep.heldout, prep.label_ids)
-    split, after = split_idle_decoder_experts(model, prep, out_dir, seed=recipe.seed + 4)
+    split, after = split_idle_decoder_experts(model, prep, out_dir, seed=recipe.seed + 4, usage=usage)
     report = {
         "split": split,
-        "decoder_experts_used": {"before": used, "after": after},
+        "decoder_experts_used": {"before": experts_used(usage), "after": after},
         "heldout_acc": {"before": acc_before, "after": label_accuracy(model, prep.tok, prep.heldout, prep.label_ids)},
     }
     report["best"] = {"heldout_acc": report["heldout_acc"]["after"]}

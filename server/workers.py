@@ -44,26 +44,26 @@ class Request:
     started: float | None = None
 
     def resolve(self, result=None, error: BaseException | None = None) -> None:
-        def set_():
-            if not self.future.done():
-                self.future.set_exception(error) if error is not None else self.future.set_result(result)
+        """Answer the awaiting handler (from any thread)."""
+        self.loop.call_soon_threadsafe(self._settle, result, error)
 
-        self.loop.call_soon_threadsafe(set_)
+    def _settle(self, result, error: BaseException | None) -> None:  # on the request's event loop
+        if not self.future.done():
+            self.future.set_exception(error) if error is not None else self.future.set_result(result)
 
 
 def resolve_all(requests: list[Request], results: list) -> None:
     """`r.resolve(result)` for each, with one wake-up of each event loop instead of one per request."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any]]] = {}
     for r, res in zip(requests, results):
-        by_loop.setdefault(r.loop, []).append((r.future, res))
+        by_loop.setdefault(r.loop, []).append((r, res))
 
-    def set_all(pairs) -> None:
-        for future, res in pairs:
-            if not future.done():
-                future.set_result(res)
+    def settle_all(pairs) -> None:
+        for r, res in pairs:
+            r._settle(res, None)
 
     for loop, pairs in by_loop.items():
-        loop.call_soon_threadsafe(set_all, pairs)
+        loop.call_soon_threadsafe(settle_all, pairs)
 
 
 @dataclass
