@@ -16,11 +16,11 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from offload.model_loader import load_model
-    from predictor.decoder import PrevTokenTable, decoder_hit_rates, decoder_routes
-    from server.model_card import lm_batches
-    from server.runner import Runner
-    from server.tasks import read_c4_texts, read_wikitext_paragraphs
+    from sida.offload.datasets import read_c4_texts, read_wikitext_paragraphs
+    from sida.offload.model_loader import load_model
+    from sida.offload.runner import Runner
+    from sida.predictor.decoder import PrevTokenTable, decoder_hit_rates, decoder_routes
+    from sida.predictor.traces import lm_batches
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=str(REPO / "models" / "sida-switch-demo"))

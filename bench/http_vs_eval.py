@@ -24,14 +24,14 @@ sys.path.insert(0, str(REPO))
 
 def eval_loop(args, sentences: list[str]):
     """`sida eval`'s batched loop over the sentences, built and warmed up once: call it for sentences/s."""
-    from server.runner import build_runner
-    from server.settings import load_settings
-    from server.tasks import get_task, sst2_prompt
+    from sida.offload.datasets import get_task
+    from sida.server.composition import build_runner
+    from sida.server.settings import load_settings
 
     settings = load_settings(**_offload_flags(args), batch_size=args.batch_size)
     runner = build_runner(settings)
-    prompts = [sst2_prompt(s) for s in sentences]
     task = get_task("sst2")
+    prompts = [task.prompt(s) for s in sentences]
     runner.classify_prompts(prompts[: args.batch_size], task)  # warm-up, as the server does
 
     def run() -> float:
@@ -154,12 +154,12 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    from server.tasks import get_task
+    from sida.offload.datasets import get_task
 
     sentences = [e.prompt.removeprefix("sst2 sentence: ") for e in get_task("sst2").read(args.data)]
     eval_rate = eval_loop(args, sentences)
 
-    from server.subprocess_server import start_serve
+    from sida.server.subprocess_server import start_serve
 
     flags = ["--log-level", "warning", "--mode", args.mode, "--budget-experts", str(args.budget_experts)]
     flags += ["--policy", args.policy, "--max-batch-size", str(args.batch_size), "--max-batch-wait-ms", "10"]

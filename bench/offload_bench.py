@@ -36,10 +36,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from offload.engine import OffloadConfig, OffloadEngine  # noqa: E402
-from offload.model_loader import LoadedModel, load_model  # noqa: E402
-from server.runner import Runner  # noqa: E402
-from server.tasks import Task, get_task  # noqa: E402
+from sida.offload.datasets import Task, get_task  # noqa: E402
+from sida.offload.engine import OffloadConfig, OffloadEngine  # noqa: E402
+from sida.offload.model_loader import LoadedModel, load_model  # noqa: E402
+from sida.offload.runner import Runner  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 DEMO = REPO / "models" / "sida-switch-demo"
@@ -104,8 +104,8 @@ class Workload:
 def load_workload(
     model: str, task_name: str, batch_size: int, dtype: str, device: torch.device, preset: Preset, log
 ) -> Workload:
-    from predictor.artifact import find_predictor, load_predictor
-    from predictor.decoder import DecoderGuess
+    from sida.predictor.artifact import find_predictor, load_predictor
+    from sida.predictor.decoder import DecoderGuess
 
     # the pristine model stays on the host; each cell moves its own copy to the device
     if model == "demo":
@@ -133,8 +133,8 @@ def load_workload(
 
 def random_switch(num_experts: int, dtype: str) -> LoadedModel:
     """switch-base-N with random weights (seed 0) and the demo model's tokenizer (its ids fit the vocabulary)."""
-    from offload.adapters import SwitchAdapter
-    from offload.switch_shapes import switch_base_model
+    from sida.offload.adapters import SwitchAdapter
+    from sida.offload.switch_shapes import switch_base_model
 
     torch.manual_seed(0)
     model = switch_base_model(num_experts, "cpu", getattr(torch, dtype))
@@ -144,17 +144,20 @@ def random_switch(num_experts: int, dtype: str) -> LoadedModel:
     )
 
 
+def predictor_inputs(limit: int) -> list[str]:
+    """The first `limit` SST-2 train sentences as the model sees them (each in the task's prompt, once)."""
+    return [e.prompt for e in get_task("sst2").read(DATA / "sst2" / "train.tsv", limit)]
+
+
 def quick_predictor(loaded: LoadedModel, preset: Preset, log):
     """Train a predictor on this model's own router traces (SST-2 train), so its hit rates are real; the decoder
     table from the first decoder step of a quarter of those sentences."""
-    from predictor.decoder import DecoderGuess, PrevTokenTable, decoder_routes
-    from predictor.traces import collect_traces
-    from predictor.train import TrainConfig, train
-    from server.model_card import classification_batches
-    from server.tasks import read_inputs, sst2_prompt
+    from sida.predictor.decoder import DecoderGuess, PrevTokenTable, decoder_routes
+    from sida.predictor.traces import classification_batches, collect_traces
+    from sida.predictor.train import TrainConfig, train
 
     t0 = time.perf_counter()
-    texts = [sst2_prompt(s) for s in read_inputs(DATA / "sst2" / "train.tsv", preset.predictor_traces)]
+    texts = predictor_inputs(preset.predictor_traces)
     table = PrevTokenTable(loaded.config.vocab_size, loaded.adapter.num_experts(loaded.model))
     table.fit(decoder_routes(loaded, classification_batches(Runner(loaded), texts[: len(texts) // 4], 32)))
     traces = collect_traces(loaded, texts, batch_size=32)
@@ -233,7 +236,7 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
         acc = AccelerateOffload(loaded, fraction, device, Path(folder.name))
         runner = Runner(loaded, str(device), 10**6)
     else:
-        from predictor.artifact import PredictorHash
+        from sida.predictor.artifact import PredictorHash
 
         mode = "exact" if method == "lru" else method
         cfg = OffloadConfig(mode=mode, budget_experts=budget_experts(total, fraction), prefetch_k=k or 1)

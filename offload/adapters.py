@@ -41,6 +41,8 @@ class MoEAdapter(Protocol):
 
     def replace_moe(self, model: nn.Module, layer: MoELayer, module: nn.Module) -> None: ...
 
+    def decoder_start_ids(self, model: nn.Module, rows: int, device=None) -> torch.Tensor: ...
+
 
 class SwitchAdapter:
     """`SwitchTransformersForConditionalGeneration` (transformers 5.x)."""
@@ -67,6 +69,10 @@ class SwitchAdapter:
             return nn.functional.linear(h.to(params["wo.weight"].dtype), params["wo.weight"])  # [tokens, d_model]
 
         return forward
+
+    def decoder_start_ids(self, model: nn.Module, rows: int, device=None) -> torch.Tensor:
+        """[rows, 1] the decoder's first input: the config's decoder start token."""
+        return torch.full((rows, 1), int(model.config.decoder_start_token_id), dtype=torch.long, device=device)
 
     def replace_moe(self, model: nn.Module, layer: MoELayer, module: nn.Module) -> None:
         parent_name, _, child = layer.name.rpartition(".")

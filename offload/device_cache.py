@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offload.expert_store import ExpertKey, ExpertStore
-from offload.policies import EvictionPolicy
-from offload.prefetch import Transfer
+from sida.offload.expert_store import ExpertKey, ExpertStore
+from sida.offload.policies import EvictionPolicy
+from sida.offload.transfer import Transfer
 
 
 @dataclass

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from offload.device_cache import DeviceExpertCache
-from offload.expert_store import ExpertStore
-from offload.hash_table import HashTable
-from offload.model_loader import LoadedModel
-from offload.moe_layer import RoutingContext, SiDAMoELayer
-from offload.policies import make_policy
-from offload.prefetch import Transfer
+from sida.offload.device_cache import DeviceExpertCache
+from sida.offload.expert_store import ExpertStore
+from sida.offload.hash_table import HashTable
+from sida.offload.model_loader import LoadedModel
+from sida.offload.moe_layer import RoutingContext, SiDAMoELayer
+from sida.offload.policies import make_policy
+from sida.offload.transfer import Transfer
 
 MODES = ("resident", "exact", "predicted")
 
@@ -176,7 +176,7 @@ class OffloadEngine:
 
     def reset_stats(self) -> None:
         """Start counting afresh (after a warm-up); experts already resident stay where they are."""
-        from offload.device_cache import CacheStats
+        from sida.offload.device_cache import CacheStats
 
         ctx = self.context
         ctx.hash_lookups.clear()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from offload.adapters import MoEAdapter, adapter_for
+from sida.offload.adapters import MoEAdapter, adapter_for
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -31,6 +31,10 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.path.name
+
+    def decoder_start_ids(self, rows: int, device=None) -> torch.Tensor:
+        """[rows, 1] the decoder's first input for a batch of `rows` sequences."""
+        return self.adapter.decoder_start_ids(self.model, rows, device)
 
 
 FINGERPRINT_WHOLE = 256 << 20  # weight files up to this size are hashed whole

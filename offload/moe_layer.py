@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from offload.device_cache import DeviceExpertCache
-from offload.hash_table import HashTable
+from sida.offload.device_cache import DeviceExpertCache
+from sida.offload.hash_table import HashTable
 
 
 @dataclass

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from offload.hash_table import HashTable
-from predictor.network import HashPredictor, PredictorArch
+from sida.offload.hash_table import HashTable
+from sida.predictor.network import HashPredictor, PredictorArch
 
 
 class PredictorError(ValueError):

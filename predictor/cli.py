@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from predictor.train import TrainConfig
+from sida.predictor.train import TrainConfig
 
 
 def add_parser(sub) -> None:
@@ -51,7 +51,7 @@ def _progress(done: int, total: int) -> None:
 
 
 def run(args) -> None:
-    from offload.model_loader import load_model
+    from sida.offload.model_loader import load_model
 
     loaded = load_model(args.model)
     commands = {"trace": _trace, "train": _train, "decoder": _decoder, "eval": _eval}
@@ -59,8 +59,8 @@ def run(args) -> None:
 
 
 def _trace(args, loaded) -> None:
-    from predictor.traces import collect_traces, save_traces
-    from server.tasks import read_inputs
+    from sida.offload.datasets import read_inputs
+    from sida.predictor.traces import collect_traces, save_traces
 
     limits = args.limit or []
     inputs = []
@@ -73,9 +73,9 @@ def _trace(args, loaded) -> None:
 
 
 def _train(args, loaded) -> None:
-    from predictor.artifact import save_predictor
-    from predictor.traces import load_traces, verify_alignment
-    from predictor.train import train
+    from sida.predictor.artifact import save_predictor
+    from sida.predictor.traces import load_traces, verify_alignment
+    from sida.predictor.train import train
 
     parts = [load_traces(p) for p in args.traces]
     for path, part in zip(args.traces, parts):
@@ -97,10 +97,10 @@ def _train(args, loaded) -> None:
 def _decoder(args, loaded) -> None:
     """Fit on teacher-forced C4 continuations and the first decoder step of SST-2/MRPC train prompts; measure on
     WikiText-2 valid continuations and SST-2 dev (never fitted on)."""
-    from predictor.decoder import DecoderGuess, PrevTokenTable, decoder_hit_rates, decoder_routes
-    from server.model_card import classification_batches, lm_batches
-    from server.runner import Runner
-    from server.tasks import get_task, read_c4_texts, read_wikitext_paragraphs
+    from sida.offload.datasets import get_task, read_c4_texts, read_wikitext_paragraphs
+    from sida.offload.runner import Runner
+    from sida.predictor.decoder import DecoderGuess, PrevTokenTable, decoder_hit_rates, decoder_routes
+    from sida.predictor.traces import classification_batches, lm_batches
 
     data = Path(args.data)
     runner = Runner(loaded)
@@ -123,7 +123,7 @@ def _decoder(args, loaded) -> None:
 
 
 def _concat(parts):
-    from predictor.traces import TraceSet, _pad_cat
+    from sida.predictor.traces import TraceSet, _pad_cat
 
     width = max(p.input_ids.shape[1] for p in parts)
     return TraceSet(
@@ -136,10 +136,10 @@ def _concat(parts):
 
 
 def _eval(args, loaded) -> None:
-    from predictor.artifact import PredictorError, find_predictor, load_predictor
-    from predictor.traces import collect_traces
-    from predictor.train import hit_rates
-    from server.tasks import read_inputs
+    from sida.offload.datasets import read_inputs
+    from sida.predictor.artifact import PredictorError, find_predictor, load_predictor
+    from sida.predictor.traces import collect_traces
+    from sida.predictor.train import hit_rates
 
     path = args.predictor or find_predictor(loaded.path)
     if path is None:
@@ -164,10 +164,10 @@ def _eval(args, loaded) -> None:
 def _decoder_eval(loaded, path, inputs: list[str]) -> dict:
     """Decoder layers: hit rates of the shipped per-step table at the first decoder step of these inputs (what
     classification runs); the router always routes them, the table only prefetches."""
-    from predictor.artifact import predictor_folder
-    from predictor.decoder import DecoderGuess, decoder_routes, guess_hit_rates
-    from server.model_card import classification_batches
-    from server.runner import Runner
+    from sida.offload.runner import Runner
+    from sida.predictor.artifact import predictor_folder
+    from sida.predictor.decoder import DecoderGuess, decoder_routes, guess_hit_rates
+    from sida.predictor.traces import classification_batches
 
     folder = predictor_folder(path)
     guess = DecoderGuess.load(folder, loaded.fingerprint)
@@ -184,7 +184,7 @@ def _latency(loaded, pred, batch: list[str], rounds: int = 15, block: int = 4) -
     (it pays for the other's caches). Alternating blocks makes a busy neighbour on a shared machine slow both
     rather than one; the strictly alternating time of the predictor is reported beside it."""
     enc = loaded.tokenizer(batch, padding=True, return_tensors="pt")
-    start = torch.zeros((len(batch), 1), dtype=torch.long)
+    start = loaded.decoder_start_ids(len(batch))
 
     def predictor():
         return pred(enc["input_ids"], enc["attention_mask"])

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from offload.model_loader import LoadedModel
-from predictor.traces import trace_batch
+from sida.offload.model_loader import LoadedModel
+from sida.predictor.traces import trace_batch
 
 
 def decoder_keys(decoder_input_ids: torch.Tensor, encoder_first: torch.Tensor, vocab_size: int, offset: int = 0):
@@ -150,7 +150,7 @@ class DecoderGuess:
             meta = f.metadata() or {}
             ranked = {int(k.removeprefix("layer").split(".")[0]): f.get_tensor(k) for k in f.keys()}
         if meta.get("fingerprint") != fingerprint:
-            from predictor.artifact import PredictorError
+            from sida.predictor.artifact import PredictorError
 
             raise PredictorError(
                 f"{path}: decoder table was built for model {meta.get('fingerprint')}, this model is {fingerprint}"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from offload.adapters import capture_routing
-from offload.hash_table import HashTable
-from offload.model_loader import LoadedModel
+from sida.offload.adapters import capture_routing
+from sida.offload.hash_table import HashTable
+from sida.offload.model_loader import LoadedModel
 
 
 class OracleHash:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from offload.adapters import capture_routing
-from offload.model_loader import LoadedModel
+from sida.offload.adapters import capture_routing
+from sida.offload.model_loader import LoadedModel
+from sida.offload.runner import Runner
 
 
 @dataclass
@@ -56,6 +57,28 @@ def trace_batch(
             )
         )
     return traces
+
+
+def lm_batches(runner: Runner, texts: list[str], prefix_words: int = 40, batch_size: int = 32):
+    """Teacher-forced prefix → continuation batches for `trace_batch`: the first `prefix_words` words of each text
+    are the encoder input, the next 30 the decoder's target (decoder input = start token + target)."""
+    pairs = [(" ".join(t.split()[:prefix_words]), " ".join(t.split()[prefix_words : prefix_words + 30])) for t in texts]
+    for i in range(0, len(pairs), batch_size):
+        part = pairs[i : i + batch_size]
+        enc = runner.encode([p for p, _ in part])
+        dec = runner.tokenizer([c for _, c in part], padding=True, return_tensors="pt")
+        start = runner.loaded.decoder_start_ids(len(part))
+        dec_ids = torch.cat([start, dec["input_ids"][:, :-1]], dim=1)
+        dec_mask = torch.cat([torch.ones_like(start), dec["attention_mask"][:, :-1]], dim=1)
+        yield enc["input_ids"], enc["attention_mask"], dec_ids, dec_mask
+
+
+def classification_batches(runner: Runner, prompts: list[str], batch_size: int = 64):
+    """Batches for `trace_batch` of the first decoder step only (what classification runs)."""
+    for i in range(0, len(prompts), batch_size):
+        enc = runner.encode(prompts[i : i + batch_size])
+        start = runner.loaded.decoder_start_ids(enc["input_ids"].shape[0])
+        yield enc["input_ids"], enc["attention_mask"], start, torch.ones_like(start)
 
 
 def expert_usage(traces: list[list[LayerTrace]], num_experts: int) -> dict[int, torch.Tensor]:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from predictor.network import HashPredictor, PredictorArch
-from predictor.traces import TraceSet
+from sida.predictor.network import HashPredictor, PredictorArch
+from sida.predictor.traces import TraceSet
 
 
 @dataclass(frozen=True)

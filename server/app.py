@@ -22,9 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 
-from server.schemas import ClassifyRequest, CompletionRequest, error_body
-from server.tasks import get_task, sst2_prompt
-from server.workers import DeadlineExceeded, Pipeline, QueueFull, Request
+from sida.offload.datasets import get_task
+from sida.server.schemas import ClassifyRequest, CompletionRequest, error_body
+from sida.server.workers import DeadlineExceeded, Pipeline, QueueFull, Request
 
 log = logging.getLogger("sida")
 
@@ -220,7 +220,7 @@ def build_app(opts: ServeOptions, setup, teardown=None) -> FastAPI:
     async def classify(body: ClassifyRequest):
         check_model(body.model)
         task = get_task(body.task)
-        ids = tokenize([sst2_prompt(t) for t in body.inputs], "input")
+        ids = tokenize([task.prompt(*texts) for texts in body.inputs], "input")
         reqs, deadline = new_requests("classify", ids, ("classify", task.name), {"task": task})
         submit(reqs)
         results = await wait(reqs, deadline)
@@ -389,9 +389,9 @@ def app_from_settings(settings, hash_source: str = "auto") -> FastAPI:
     def setup():
         from importlib.metadata import version
 
-        from offload.device import resolve_device
-        from server.metrics import Metrics
-        from server.runner import build_runner
+        from sida.offload.device import resolve_device
+        from sida.server.composition import build_runner
+        from sida.server.metrics import Metrics
 
         threads = (settings.threads, settings.predictor_threads)
         if resolve_device(settings.device).type == "cpu":

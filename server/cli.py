@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from server.runner import build_runner
-from server.settings import Settings, SettingsError, load_settings
+from sida.server.composition import build_runner
+from sida.server.settings import Settings, SettingsError, load_settings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved settings")
     _common(p)
 
-    from predictor.cli import add_parser as add_predictor_parser
+    from sida.predictor.cli import add_parser as add_predictor_parser
 
     add_predictor_parser(sub)
 
@@ -126,15 +126,15 @@ def cmd_complete(args, settings: Settings) -> None:
 
 
 def cmd_eval(args, settings: Settings) -> None:
-    from server.evaluation import evaluate, write_predictions
+    from sida.predictor.evaluation import evaluate, write_predictions
 
     runner = build_runner(settings, args.hash)
     result = evaluate(runner, args.task, args.data, args.limit, settings.batch_size)
     summary = {"model": str(settings.model_dir), "fingerprint": runner.loaded.fingerprint, **result.summary()}
     summary.update(runner.engine.summary())
     if settings.mode == "predicted":  # fidelity: the same data through the untouched model
-        from offload.model_loader import load_model
-        from server.runner import Runner
+        from sida.offload.model_loader import load_model
+        from sida.offload.runner import Runner
 
         plain = Runner(load_model(settings.model_dir, settings.dtype, str(runner.device)), str(runner.device))
         base = evaluate(plain, args.task, args.data, args.limit, settings.batch_size)
@@ -157,7 +157,7 @@ def cmd_serve(args, settings: Settings) -> None:
 
     import uvicorn
 
-    from server.app import app_from_settings
+    from sida.server.app import app_from_settings
 
     class GracefulServer(uvicorn.Server):
         """SIGTERM/SIGINT: stop accepting, answer everything accepted (the lifespan drains the pipeline), exit 0.
@@ -190,7 +190,7 @@ def cmd_config(args, settings: Settings) -> None:
 
 
 def cmd_build_demo(args) -> None:
-    from server import demo_model
+    from sida.server import demo_model
 
     argv = ["--data", args.data, "--out", args.out, "--threads", str(args.threads), "--stage", args.stage]
     demo_model.main(argv + (["--epochs", str(args.epochs)] if args.epochs else []))
@@ -198,14 +198,14 @@ def cmd_build_demo(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from offload.model_loader import ModelLoadError
-    from predictor.artifact import PredictorError  # noqa: F401  (a ValueError, caught below)
+    from sida.offload.model_loader import ModelLoadError
+    from sida.predictor.artifact import PredictorError  # noqa: F401  (a ValueError, caught below)
 
     try:
         if args.command == "build-demo":
             return cmd_build_demo(args)
         if args.command == "predictor":
-            from predictor.cli import run
+            from sida.predictor.cli import run
 
             return run(args)
         settings = _settings(args)

@@ -3,9 +3,9 @@ plain `Request` dataclasses (server/workers.py)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sida.offload.datasets import get_task
 
 
 class CompletionRequest(BaseModel):
@@ -47,23 +47,45 @@ class CompletionRequest(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
+    """`input` is one input or a list of them. An input of a single-text task (sst2) is a string; an input of a
+    task with several texts (mrpc: sentence1, sentence2) is a list with one string per text."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    input: str | list[str]
-    task: Literal["sst2"] = "sst2"
+    input: str | list[str] | list[list[str]]
+    task: str = "sst2"
 
-    @field_validator("input")
+    @field_validator("task")
     @classmethod
-    def _non_empty(cls, v):
-        texts = [v] if isinstance(v, str) else v
-        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise ValueError("input must be a non-empty string or a non-empty list of non-empty strings")
+    def _known_task(cls, v: str) -> str:
+        get_task(v)  # ValueError names the known tasks
         return v
 
+    @model_validator(mode="after")
+    def _inputs_fit_the_task(self) -> ClassifyRequest:
+        fields = get_task(self.task).fields
+        items = self.inputs
+        if not items:
+            raise ValueError("input must not be empty")
+        for texts in items:
+            if len(texts) != len(fields) or any(not t.strip() for t in texts):
+                raise ValueError(
+                    f"each input of task {self.task} is {len(fields)} non-empty text(s) ({', '.join(fields)})"
+                )
+        return self
+
     @property
-    def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def inputs(self) -> list[tuple[str, ...]]:
+        """The texts of each input, in the task's field order."""
+        v = self.input
+        if isinstance(v, str):
+            return [(v,)]
+        if all(isinstance(x, list) for x in v):
+            return [tuple(x) for x in v]
+        if len(get_task(self.task).fields) > 1:  # a flat list is one input of a multi-text task
+            return [tuple(v)]
+        return [(x,) for x in v]
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         return self
 
     def offload_config(self):
-        from offload.engine import OffloadConfig
+        from sida.offload.engine import OffloadConfig
 
         return OffloadConfig(
             self.mode, self.budget_experts, self.budget_bytes, self.policy, self.tier, self.prefetch_k, self.expert_dir

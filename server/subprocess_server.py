@@ -22,7 +22,7 @@ def free_port() -> int:
 def start_serve(flags: list[str], timeout_s: float = 120, **popen) -> tuple[subprocess.Popen, str]:
     """`sida serve FLAGS --port <free>`; returns once /health/ready answers 200 (RuntimeError if it dies)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *flags]
+    cmd = [sys.executable, "-m", "sida.server.cli", "serve", "--port", str(port), *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, **popen)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s

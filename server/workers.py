@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from server.batcher import Batcher
+from sida.server.batcher import Batcher
 
 _STOP = object()
 
@@ -184,7 +184,7 @@ class Pipeline:
             return
         enc = self.runner.pad([r.ids for r in live])
         t0 = time.perf_counter()
-        start = torch.zeros((len(live), 1), dtype=torch.long, device=self.runner.device)
+        start = self.runner.loaded.decoder_start_ids(len(live), self.runner.device)
         ready = None
         if self._stream is not None:  # on its own CUDA stream, so it never queues behind batch i's kernels
             with torch.cuda.stream(self._stream):

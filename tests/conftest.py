@@ -33,14 +33,14 @@ def demo_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_loaded(demo_dir):
-    from offload.model_loader import load_model
+    from sida.offload.model_loader import load_model
 
     return load_model(demo_dir)
 
 
 def make_tiny_switch(out: Path, num_experts: int = 4, seed: int = 0, expert_capacity: int = 256) -> Path:
     """A randomly initialised 2+2-block Switch model (one MoE block per stack) with a real tokenizer."""
-    from server.demo_model import DemoRecipe, make_config, new_model, save_tokenizer, train_tokenizer
+    from sida.server.demo_model.builder import DemoRecipe, make_config, new_model, save_tokenizer, train_tokenizer
 
     torch.manual_seed(seed)
     tok = train_tokenizer(TINY_TEXTS, vocab_size=300)

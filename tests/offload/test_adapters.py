@@ -2,8 +2,8 @@
 
 import torch
 
-from offload.adapters import adapter_for, capture_routing
-from offload.model_loader import load_model
+from sida.offload.adapters import adapter_for, capture_routing
+from sida.offload.model_loader import load_model
 
 
 def test_switch_layers_found(tiny_dir):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from offload.device_cache import DeviceExpertCache
-from offload.expert_store import ExpertStore
-from offload.policies import make_policy
-from offload.prefetch import Transfer
+from sida.offload.device_cache import DeviceExpertCache
+from sida.offload.expert_store import ExpertStore
+from sida.offload.policies import make_policy
+from sida.offload.transfer import Transfer
 
 
 def make_store(layers=2, experts=4, tier="ram", path=None):

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from offload.engine import OffloadConfig, OffloadEngine
-from offload.hash_table import HashTable
-from offload.model_loader import load_model
-from predictor.oracle import OracleHash
-from server.runner import Runner
+from sida.offload.engine import OffloadConfig, OffloadEngine
+from sida.offload.hash_table import HashTable
+from sida.offload.model_loader import load_model
+from sida.offload.runner import Runner
+from sida.predictor.oracle import OracleHash
 from tests.conftest import TINY_TEXTS
 
 CPU = torch.device("cpu")
@@ -158,7 +158,7 @@ def test_a_budget_holding_every_expert_needs_no_hash_table(tiny8_dir):
 
 
 def _decoder_guess(model_dir, decoder_len=3):
-    from predictor.decoder import DecoderGuess, PrevTokenTable, decoder_routes
+    from sida.predictor.decoder import DecoderGuess, PrevTokenTable, decoder_routes
 
     loaded = load_model(model_dir)
     enc = Runner(loaded).encode(PROMPTS)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from offload.engine import OffloadConfig, OffloadEngine
-from offload.model_loader import load_model
-from server.evaluation import evaluate
-from server.runner import Runner
+from sida.offload.engine import OffloadConfig, OffloadEngine
+from sida.offload.model_loader import load_model
+from sida.offload.runner import Runner
+from sida.predictor.evaluation import evaluate
 
 pytestmark = pytest.mark.gpu
 
@@ -32,9 +32,9 @@ def test_served_on_cuda_the_predictor_stream_feeds_the_inference_stream(demo_dir
     """The predictor worker builds tables on its own stream; the inference worker's stream waits on its event."""
     from fastapi.testclient import TestClient
 
-    from server.app import app_from_settings
-    from server.runner import Runner
-    from server.settings import load_settings
+    from sida.offload.runner import Runner
+    from sida.server.app import app_from_settings
+    from sida.server.settings import load_settings
 
     sentences = ["a gorgeous , witty , seductive movie .", "a dull , lifeless , boring mess ."] * 20
     expected = [c.label for c in Runner(load_model(demo_dir)).classify(sentences)]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from offload.model_loader import ModelLoadError, check_model_dir, fingerprint, load_model
+from sida.offload.model_loader import ModelLoadError, check_model_dir, fingerprint, load_model
 
 
 def copy(src, dst):
@@ -45,7 +45,7 @@ def test_fingerprint_tracks_a_change_in_the_middle_of_a_weight_file(tiny_dir, tm
     """Splitting decoder experts changes only middle tensors; the demo model's predictor must see it."""
     from safetensors.torch import load_file, save_file
 
-    from offload import model_loader
+    from sida.offload import model_loader
 
     monkeypatch.setattr(model_loader, "FINGERPRINT_SAMPLE", 1024)  # ends-only sampling would miss the change
     d = copy(tiny_dir, tmp_path / "m")
@@ -57,7 +57,7 @@ def test_fingerprint_tracks_a_change_in_the_middle_of_a_weight_file(tiny_dir, tm
 
 
 def test_fingerprint_samples_large_files(tiny_dir, tmp_path, monkeypatch):
-    from offload import model_loader
+    from sida.offload import model_loader
 
     d = copy(tiny_dir, tmp_path / "m")
     before = fingerprint(d)

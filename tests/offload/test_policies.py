@@ -1,6 +1,6 @@
 import pytest
 
-from offload.policies import FIFOPolicy, LFUPolicy, LRUPolicy, make_policy
+from sida.offload.policies import FIFOPolicy, LFUPolicy, LRUPolicy, make_policy
 
 
 def fill(policy, keys):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from predictor.network import HashPredictor, PredictorArch
+from sida.predictor.network import HashPredictor, PredictorArch
 
 
 def make(hidden=32):
@@ -64,7 +64,7 @@ def test_small_support_sparsemax_equals_the_package():
     columns."""
     from sparsemax import Sparsemax
 
-    from predictor.network import sparsemax_small_support
+    from sida.predictor.network import sparsemax_small_support
 
     full = Sparsemax(dim=-1)
     g = torch.Generator().manual_seed(0)
@@ -110,7 +110,7 @@ def test_folded_inference_form_follows_the_weights():
 
 
 def test_torch_threads_sets_and_restores_the_count():
-    from predictor.network import torch_threads
+    from sida.predictor.network import torch_threads
 
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError):

@@ -1,9 +1,9 @@
 """The predictor shipped with the demo model, against its model's real routing (issue 6's targets)."""
 
-from predictor.artifact import find_predictor, load_predictor
-from predictor.traces import collect_traces
-from predictor.train import hit_rates
-from server.tasks import read_inputs
+from sida.offload.datasets import read_inputs
+from sida.predictor.artifact import find_predictor, load_predictor
+from sida.predictor.traces import collect_traces
+from sida.predictor.train import hit_rates
 
 
 def test_shipped_predictor_hits_the_routers_choice(demo_loaded, data_dir):

@@ -1,7 +1,7 @@
 import torch
 
-from offload.model_loader import load_model
-from predictor.traces import collect_traces, load_traces, save_traces, verify_alignment
+from sida.offload.model_loader import load_model
+from sida.predictor.traces import collect_traces, load_traces, save_traces, verify_alignment
 from tests.conftest import TINY_TEXTS
 
 INPUTS = list(dict.fromkeys(TINY_TEXTS)) + ["a b c", "the movie was good , really good , very good ."]

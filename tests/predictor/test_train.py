@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from offload.model_loader import load_model
-from predictor.artifact import PredictorError, PredictorHash, find_predictor, load_predictor, save_predictor
-from predictor.traces import collect_traces
-from predictor.train import TrainConfig, hit_rates, tkd_loss, train
+from sida.offload.model_loader import load_model
+from sida.predictor.artifact import PredictorError, PredictorHash, find_predictor, load_predictor, save_predictor
+from sida.predictor.traces import collect_traces
+from sida.predictor.train import TrainConfig, hit_rates, tkd_loss, train
 from tests.conftest import TINY_TEXTS
 
 

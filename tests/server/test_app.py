@@ -5,8 +5,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import app_from_settings
-from server.settings import load_settings
+from sida.server.app import app_from_settings
+from sida.server.settings import load_settings
 
 MODEL = "sida-switch-demo"
 SENTENCES = ["a gorgeous , witty , seductive movie .", "a dull , lifeless , boring mess .", "it 's fine ."]
@@ -26,7 +26,7 @@ def client(demo_dir):
 
 
 def test_classify_agrees_with_the_runner(client, demo_loaded):
-    from server.runner import Runner
+    from sida.offload.runner import Runner
 
     r = client.post("/v1/classify", json={"model": MODEL, "input": SENTENCES})
     assert r.status_code == 200, r.text

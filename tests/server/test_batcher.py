@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.batcher import Batcher
+from sida.server.batcher import Batcher
 
 
 def test_waits_then_releases_the_oldest_group():

@@ -8,7 +8,9 @@ from tests.conftest import REPO
 
 
 def sida(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=REPO, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "sida.server.cli", *args], capture_output=True, text=True, cwd=REPO, **kw
+    )
 
 
 def test_classify(demo_dir):

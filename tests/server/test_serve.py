@@ -7,7 +7,7 @@ import signal
 import httpx
 import pytest
 
-from server.subprocess_server import start_serve
+from sida.server.subprocess_server import start_serve
 
 MODEL = "sida-switch-demo"
 

@@ -1,6 +1,6 @@
 import pytest
 
-from server.settings import Settings, SettingsError, load_settings
+from sida.server.settings import Settings, SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)

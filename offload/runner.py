@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.model_loader import LoadedModel
-from server.tasks import Task, get_task, sst2_prompt
+from sida.offload.datasets import Task, get_task
+from sida.offload.model_loader import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Runner:
     def classify_ids(self, enc: dict[str, torch.Tensor], task: Task, hash_table=None) -> list[Classification]:
         ids = self.label_ids(task)
         rows = enc["input_ids"].shape[0]
-        start = torch.full((rows, 1), self.model.config.decoder_start_token_id, device=self.device)
+        start = self.loaded.decoder_start_ids(rows, self.device)
         self._begin_batch(enc, start, hash_table)
         logits = self.model(**enc, decoder_input_ids=start).logits  # [batch, 1, vocab]
         probs = logits[:, 0, ids].float().softmax(-1).cpu()  # [batch, labels]
@@ -103,10 +103,9 @@ class Runner:
         ]
 
     def classify(self, texts: list[str], task: str = "sst2") -> list[Classification]:
-        """Raw sentences; only single-sentence tasks can be asked this way (sst2)."""
-        if task != "sst2":
-            raise ValueError(f"classify takes raw text for task 'sst2' only, not {task!r}")
-        return self.classify_prompts([sst2_prompt(t) for t in texts], get_task(task))
+        """Raw texts of a single-text task (sst2), formatted by the task's own prompt."""
+        t = get_task(task)
+        return self.classify_prompts([t.prompt(x) for x in texts], t)
 
     def complete(
         self,
@@ -137,8 +136,7 @@ class Runner:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         rows = enc["input_ids"].shape[0]
-        start_id = self.model.config.decoder_start_token_id
-        self._begin_batch(enc, torch.full((rows, 1), start_id, device=self.device), hash_table)
+        self._begin_batch(enc, self.loaded.decoder_start_ids(rows, self.device), hash_table)
         eos = self.model.config.eos_token_id
         stops = stops or []
         texts = [""] * rows
@@ -186,44 +184,3 @@ class Runner:
             reason = "stop" if finished or stopped[r] else "length"
             results.append(Completion(text, int(mask.sum()), len(tokens), reason))
         return results
-
-
-def build_runner(settings, hash_source: str = "auto") -> Runner:
-    """The composition root: model, offload engine and hash function as the settings say."""
-    import torch
-
-    from offload.device import resolve_device
-    from offload.engine import OffloadEngine
-    from offload.model_loader import load_model
-    from predictor.artifact import PredictorHash, find_predictor, load_predictor, predictor_folder
-    from predictor.decoder import DecoderGuess
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device = resolve_device(settings.device)
-    offload = settings.offload_config()
-    loaded = load_model(settings.model_dir, settings.dtype, str(device))
-    k = max(3, offload.prefetch_k)
-    hash_fn = decoder_guess = None
-    if hash_source == "oracle":
-        from predictor.oracle import OracleHash
-
-        hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=k)
-    elif hash_source == "auto" and offload.mode != "resident":
-        path = settings.predictor or find_predictor(loaded.path)
-        if path is not None:
-            pred, _meta = load_predictor(path, loaded.fingerprint)
-            hash_fn = PredictorHash(pred.to(device), k=k)
-            decoder_guess = DecoderGuess.load(predictor_folder(path), loaded.fingerprint)
-    if offload.mode == "predicted" and hash_fn is None:
-        raise ValueError(f"predicted mode needs hash tables: {loaded.path} ships no predictor (--predictor, --hash)")
-    if offload.mode == "exact" and hash_fn is None and not settings.mode_is_explicit and hash_source == "auto":
-        import dataclasses
-        import logging
-
-        logging.getLogger("sida").warning("%s ships no predictor: serving in resident mode", loaded.path)
-        offload = dataclasses.replace(offload, mode="resident")
-    engine = OffloadEngine(loaded, offload, device)
-    if decoder_guess is not None and engine.cache is not None:
-        engine.set_decoder_guess(decoder_guess)
-    return Runner(loaded, str(device), settings.max_input_tokens, engine, hash_fn)

@@ -1,6 +1,6 @@
 import pytest
 
-from server.tasks import LABEL_WORDS, get_task, read_c4_texts
+from sida.offload.datasets import LABEL_WORDS, get_task, read_c4_texts
 
 
 def test_sst2_dev(data_dir):

@@ -1,6 +1,8 @@
-"""Text-to-text tasks: how an example of each dataset is read from `../shared/data` and written as a prompt.
+"""The datasets a model is trained and scored on: each text-to-text task's prompt format and label words, and
+readers for the files of the shared data folder (SST-2, MRPC, MultiRC, the C4 sample, WikiText).
 
-The demo model is trained on these prompts and `sida eval` scores them, so both go through this one module.
+A prompt is always made by `Task.prompt`: the demo model is trained on these prompts, and the server, the CLI,
+`sida eval` and the benchmarks all format their inputs through it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ class Example:
 class Task:
     name: str
     labels: tuple[str, ...]  # label words, index = dataset label id
+    fields: tuple[str, ...]  # the texts of one input, in order (a sentence; a sentence pair; ...)
+    template: str  # the prompt, with one {field} per field
+
+    def prompt(self, *texts: str) -> str:
+        """The model input for one example's texts, given in the order of `fields`."""
+        if len(texts) != len(self.fields) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(
+                f"task {self.name} takes {len(self.fields)} text(s) per input ({', '.join(self.fields)}), "
+                f"got {len(texts)}"
+            )
+        return self.template.format(**{f: t.strip() for f, t in zip(self.fields, texts)})
 
     def read(self, path: str | Path, limit: int | None = None) -> list[Example]:
         path = Path(path)
@@ -35,7 +48,7 @@ def _sst2(task: Task, path: Path) -> list[Example]:
     if not rows or "sentence" not in rows[0]:
         raise ValueError(f"{path}: expected an SST-2 tsv with a 'sentence' column")
     return [
-        Example(sst2_prompt(r["sentence"]), task.labels[int(r["label"])] if r.get("label") not in (None, "") else None)
+        Example(task.prompt(r["sentence"]), task.labels[int(r["label"])] if r.get("label") not in (None, "") else None)
         for r in rows
     ]
 
@@ -45,7 +58,7 @@ def _mrpc(task: Task, path: Path) -> list[Example]:
     if not rows or "#1 String" not in rows[0]:
         raise ValueError(f"{path}: expected an MRPC tsv with '#1 String' and '#2 String' columns")
     return [
-        Example(mrpc_prompt(r["#1 String"], r["#2 String"]), task.labels[int(r["Quality"])] if "Quality" in r else None)
+        Example(task.prompt(r["#1 String"], r["#2 String"]), task.labels[int(r["Quality"])] if "Quality" in r else None)
         for r in rows
     ]
 
@@ -62,7 +75,8 @@ def _multirc(task: Task, path: Path) -> list[Example]:
             for q in passage["questions"]:
                 for a in q["answers"]:
                     label = task.labels[a["label"]] if "label" in a else None
-                    examples.append(Example(multirc_prompt(passage["text"], q["question"], a["text"]), label))
+                    paragraph = passage["text"].replace("<br>", " ")
+                    examples.append(Example(task.prompt(q["question"], a["text"], paragraph), label))
     return examples
 
 
@@ -72,25 +86,22 @@ def _tsv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
-def sst2_prompt(sentence: str) -> str:
-    return f"sst2 sentence: {sentence.strip()}"
-
-
-def mrpc_prompt(sentence1: str, sentence2: str) -> str:
-    return f"mrpc sentence1: {sentence1.strip()} sentence2: {sentence2.strip()}"
-
-
-def multirc_prompt(paragraph: str, question: str, answer: str) -> str:
-    paragraph = paragraph.replace("<br>", " ")
-    return f"multirc question: {question.strip()} answer: {answer.strip()} paragraph: {paragraph}"
-
-
 _READERS = {"sst2": _sst2, "mrpc": _mrpc, "multirc": _multirc}
 
 TASKS: dict[str, Task] = {
-    "sst2": Task("sst2", ("negative", "positive")),
-    "mrpc": Task("mrpc", ("not_equivalent", "equivalent")),
-    "multirc": Task("multirc", ("false", "true")),
+    "sst2": Task("sst2", ("negative", "positive"), ("sentence",), "sst2 sentence: {sentence}"),
+    "mrpc": Task(
+        "mrpc",
+        ("not_equivalent", "equivalent"),
+        ("sentence1", "sentence2"),
+        "mrpc sentence1: {sentence1} sentence2: {sentence2}",
+    ),
+    "multirc": Task(
+        "multirc",
+        ("false", "true"),
+        ("question", "answer", "paragraph"),
+        "multirc question: {question} answer: {answer} paragraph: {paragraph}",
+    ),
 }
 
 LABEL_WORDS: tuple[str, ...] = tuple(word for task in TASKS.values() for word in task.labels)

@@ -2,8 +2,8 @@
 
 import torch
 
-from server.demo_model import DemoRecipe, make_config, new_model, train_tokenizer
-from server.tasks import LABEL_WORDS
+from sida.offload.datasets import LABEL_WORDS
+from sida.server.demo_model.builder import DemoRecipe, make_config, new_model, train_tokenizer
 from tests.conftest import TINY_TEXTS
 
 
@@ -55,8 +55,8 @@ def test_demo_model_shape(demo_loaded):
 
 
 def test_demo_model_sst2_dev_accuracy(demo_loaded, data_dir):
-    from server.evaluation import evaluate
-    from server.runner import Runner
+    from sida.offload.runner import Runner
+    from sida.predictor.evaluation import evaluate
 
     result = evaluate(Runner(demo_loaded), "sst2", data_dir / "sst2" / "dev.tsv", progress=False)
     assert result.examples == 872
@@ -66,9 +66,10 @@ def test_demo_model_sst2_dev_accuracy(demo_loaded, data_dir):
 def test_demo_routers_spread(demo_loaded, data_dir):
     """Every expert used and none over half the tokens: encoder layers on SST-2 dev (decoder layers, on
     WikiText-2 continuations, below)."""
-    from server.model_card import classification_batches, routing_report
-    from server.runner import Runner
-    from server.tasks import get_task
+    from sida.offload.datasets import get_task
+    from sida.offload.runner import Runner
+    from sida.predictor.traces import classification_batches
+    from sida.server.demo_model.card import routing_report
 
     runner = Runner(demo_loaded)
     prompts = [e.prompt for e in get_task("sst2").read(data_dir / "sst2" / "dev.tsv")]
@@ -81,9 +82,10 @@ def test_demo_routers_spread(demo_loaded, data_dir):
 def test_demo_decoder_routers_spread(demo_loaded, data_dir):
     """Stage 3's fine-tune left decoder experts idle again (11 and 10 of 16 here); stage 4 splits busy ones into
     them, measured on C4, and WikiText (never trained on) must use them all."""
-    from server.model_card import lm_batches, routing_report
-    from server.runner import Runner
-    from server.tasks import read_wikitext_paragraphs
+    from sida.offload.datasets import read_wikitext_paragraphs
+    from sida.offload.runner import Runner
+    from sida.predictor.traces import lm_batches
+    from sida.server.demo_model.card import routing_report
 
     runner = Runner(demo_loaded)
     # decoder layers see one token per SST-2 example; they are measured on multi-token continuations
@@ -96,7 +98,7 @@ def test_demo_decoder_routers_spread(demo_loaded, data_dir):
 def test_balanced_assignment_follows_scores_within_slack():
     """Stage 3's per-token targets: argmax of the mean router logits, shifted per expert until loads are
     within the slack; tokens never seen get no target."""
-    from server.demo_model import balanced_assignment
+    from sida.server.demo_model.builder import balanced_assignment
 
     g = torch.Generator().manual_seed(0)
     vocab, experts = 400, 8

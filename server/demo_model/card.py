@@ -12,33 +12,11 @@ from pathlib import Path
 
 import torch
 
-from offload.model_loader import load_model
-from predictor.traces import LayerTrace, expert_usage, trace_batch
-from server.evaluation import evaluate
-from server.runner import Runner
-from server.tasks import read_wikitext_paragraphs
-
-
-def lm_batches(runner: Runner, texts: list[str], prefix_words: int = 40, batch_size: int = 32):
-    """Prefix → continuation pairs, teacher-forced: decoder input = start token + continuation."""
-    pairs = [(" ".join(t.split()[:prefix_words]), " ".join(t.split()[prefix_words : prefix_words + 30])) for t in texts]
-    tok = runner.tokenizer
-    start = runner.model.config.decoder_start_token_id
-    for i in range(0, len(pairs), batch_size):
-        part = pairs[i : i + batch_size]
-        enc = runner.encode([p for p, _ in part])
-        dec = tok([c for _, c in part], padding=True, return_tensors="pt")
-        dec_ids = torch.cat([torch.full((len(part), 1), start), dec["input_ids"][:, :-1]], dim=1)
-        dec_mask = torch.cat([torch.ones((len(part), 1), dtype=torch.long), dec["attention_mask"][:, :-1]], dim=1)
-        yield enc["input_ids"], enc["attention_mask"], dec_ids, dec_mask
-
-
-def classification_batches(runner: Runner, prompts: list[str], batch_size: int = 64):
-    start = runner.model.config.decoder_start_token_id
-    for i in range(0, len(prompts), batch_size):
-        enc = runner.encode(prompts[i : i + batch_size])
-        n = enc["input_ids"].shape[0]
-        yield enc["input_ids"], enc["attention_mask"], torch.full((n, 1), start), torch.ones((n, 1), dtype=torch.long)
+from sida.offload.datasets import read_wikitext_paragraphs
+from sida.offload.model_loader import load_model
+from sida.offload.runner import Runner
+from sida.predictor.evaluation import evaluate
+from sida.predictor.traces import LayerTrace, classification_batches, expert_usage, lm_batches, trace_batch
 
 
 def routing_report(loaded, batches) -> dict[int, dict]:
@@ -66,7 +44,7 @@ def measure(model_dir: Path, data_dir: Path) -> dict:
     runner = Runner(loaded)
     sst2 = evaluate(runner, "sst2", data_dir / "sst2" / "dev.tsv", progress=False)
     mrpc = evaluate(runner, "mrpc", data_dir / "mrpc" / "dev.tsv", progress=False)
-    from server.tasks import TASKS
+    from sida.offload.datasets import TASKS
 
     sst2_prompts = [e.prompt for e in TASKS["sst2"].read(data_dir / "sst2" / "dev.tsv")]
     wiki = read_wikitext_paragraphs(data_dir / "wikitext2" / "wiki.valid.tokens", 600)

@@ -21,7 +21,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 
-from server.tasks import LABEL_WORDS, TASKS, read_c4_texts
+from sida.offload.datasets import LABEL_WORDS, TASKS, read_c4_texts
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
@@ -350,7 +350,7 @@ def train(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), log=
 def decoder_usage(model, prep: Prepared, batches: int = 40) -> dict[int, tuple[torch.Tensor, list[torch.Tensor]]]:
     """Per decoder MoE block: tokens per expert and the router inputs each expert received, on teacher-forced
     completion batches (padding excluded)."""
-    from offload.adapters import SwitchAdapter, capture_routing
+    from sida.offload.adapters import SwitchAdapter, capture_routing
 
     layers = [la for la in SwitchAdapter().moe_layers(model) if la.stack == "decoder"]
     experts = model.config.num_experts
@@ -527,7 +527,7 @@ def sharpen(data_dir: Path, out_dir: Path, recipe: DemoRecipe = DemoRecipe(), lo
     Sharper routers are more predictable only by collapsing onto fewer experts, so the demo keeps stage 2."""
     from transformers import SwitchTransformersForConditionalGeneration
 
-    from offload.adapters import SwitchAdapter
+    from sida.offload.adapters import SwitchAdapter
 
     torch.manual_seed(recipe.seed + 2)
     prep = prepare(data_dir, recipe, Tokenizer.from_file(str(out_dir / "tokenizer.json")))
@@ -559,7 +559,7 @@ def token_routing(model, prep: Prepared, layers, sequences: int) -> dict[int, tu
     """Per encoder MoE block, over real tokens of up to `sequences` training inputs (SST-2, MRPC and the C4
     prefixes, mixed): ([vocab, experts] counts of the router's choice per token id, [vocab, experts] sums of
     its router logits per token id)."""
-    from offload.adapters import capture_routing
+    from sida.offload.adapters import capture_routing
 
     model.eval()
     vocab, experts = model.config.vocab_size, model.config.num_experts
@@ -636,7 +636,7 @@ def consistent_round(data_dir: Path, out_dir: Path, recipe: DemoRecipe, weight: 
     some of their experts fell out of use (11 and 10 of 16 on WikiText continuations): stage 4 (`respread`)."""
     from transformers import SwitchTransformersForConditionalGeneration
 
-    from offload.adapters import SwitchAdapter
+    from sida.offload.adapters import SwitchAdapter
 
     torch.manual_seed(recipe.seed + 3)  # each round as its own `--stage consistent --consistent-weights w` run
     prep = prepare(data_dir, recipe, Tokenizer.from_file(str(out_dir / "tokenizer.json")))
@@ -702,7 +702,7 @@ def consistent_round(data_dir: Path, out_dir: Path, recipe: DemoRecipe, weight: 
 def router_confidence(model, prep: Prepared, layers) -> dict:
     """Per encoder MoE block, on the held-out rows: mean top-1 router probability, mean top-1 − top-2 margin,
     experts used and the largest expert's share of tokens."""
-    from offload.adapters import capture_routing
+    from sida.offload.adapters import capture_routing
 
     model.eval()
     top1 = {la.block: [] for la in layers}
