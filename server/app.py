@@ -23,8 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 
 from sida.offload.datasets import get_task
+from sida.server.pipeline import Pipeline
+from sida.server.request import DeadlineExceeded, QueueFull, Request
 from sida.server.schemas import ClassifyRequest, CompletionRequest, error_body
-from sida.server.workers import DeadlineExceeded, Pipeline, QueueFull, Request
 
 log = logging.getLogger("sida")
 

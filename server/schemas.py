@@ -1,5 +1,5 @@
 """Wire types of the HTTP API (OpenAI / vLLM conventions). Only the HTTP layer sees these; workers get
-plain `Request` dataclasses (server/workers.py)."""
+plain `Request` dataclasses (server/request.py)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     prefetch_k: int = 1
     expert_dir: Path | None = None  # tier 'disk': where the per-model expert file is written once
     predictor: Path | None = None  # default: the predictor shipped in the model folder
-    # serving (server/app.py, server/workers.py)
+    # serving (server/app.py, server/pipeline.py)
     served_model_name: str | None = None  # default: the model folder's name
     max_batch_size: int = 32
     max_batch_tokens: int = 8192
