@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from sida.offload.datasets import Task, get_task  # noqa: E402
 from sida.offload.engine import OffloadConfig, OffloadEngine  # noqa: E402
+from sida.offload.hash_table import rank_depth  # noqa: E402
 from sida.offload.model_loader import LoadedModel, load_model  # noqa: E402
 from sida.offload.runner import Runner  # noqa: E402
 
@@ -242,7 +243,7 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
         cfg = OffloadConfig(mode=mode, budget_experts=budget_experts(total, fraction), prefetch_k=k or 1)
         engine = OffloadEngine(loaded, cfg, device)
         if method in ("exact", "predicted"):
-            table = PredictorHash(work.predictor, k=max(3, k or 1))
+            table = PredictorHash(work.predictor, k=rank_depth(k or 1))
 
             def hash_fn(*args):
                 t0 = time.perf_counter()
@@ -252,11 +253,11 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
 
             if work.decoder_guess is not None:
                 engine.set_decoder_guess(work.decoder_guess)
-        engine.context.shadow = method == "predicted"  # count hash hits against the router's real choice
         runner = Runner(loaded, str(device), 10**6, engine, hash_fn)
+    shadow = method == "predicted"  # predicted mode also runs the router, to count hits against its real choice
 
     def classify(batch):
-        labels = [c.label for c in runner.classify_ids(batch, work.task)]
+        labels = [c.label for c in runner.classify_ids(batch, work.task, runner.hash_table(batch), shadow)]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return labels

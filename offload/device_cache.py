@@ -20,6 +20,8 @@ from sida.offload.transfer import Transfer
 
 @dataclass
 class CacheStats:
+    """Running counts of expert movement, kept by the cache where it happens."""
+
     lookups: int = 0  # experts asked for by a layer about to compute
     hits: int = 0  # ... that were already resident (or in flight from a prefetch)
     on_demand_loads: int = 0  # misses: loaded while the layer waited
@@ -42,20 +44,23 @@ class CacheStats:
 
 
 class DeviceExpertCache:
+    """`num_slots` device buffers of one packed expert each; `acquire` pins experts for compute (loading misses),
+    `prefetch` starts loads ahead into free or evictable slots, `release` unpins."""
+
     def __init__(
-        self, store: ExpertStore, capacity: int, policy: EvictionPolicy, device: torch.device, transfer: Transfer
+        self, store: ExpertStore, num_slots: int, policy: EvictionPolicy, device: torch.device, transfer: Transfer
     ):
-        if capacity < 1:
+        if num_slots < 1:
             raise ValueError("the expert budget must hold at least one expert")
         self.store = store
-        self.capacity = capacity
+        self.num_slots = num_slots
         self.policy = policy
         self.device = device
         self.transfer = transfer
         layout = store.layout
-        self._slots = [torch.empty(layout.numel, dtype=layout.dtype, device=device) for _ in range(capacity)]
+        self._slots = [torch.empty(layout.numel, dtype=layout.dtype, device=device) for _ in range(num_slots)]
         self._views = [layout.views(s) for s in self._slots]
-        self._free = list(range(capacity - 1, -1, -1))
+        self._free = list(range(num_slots - 1, -1, -1))
         self._slot_of: dict[ExpertKey, int] = {}
         self._pins: Counter = Counter()
         self._pending: dict[int, object] = {}  # slot → copy handle not yet waited for
@@ -72,11 +77,11 @@ class DeviceExpertCache:
 
     @property
     def budget_bytes(self) -> int:
-        return self.capacity * self.store.expert_bytes
+        return self.num_slots * self.store.expert_bytes
 
     def waves(self, keys: list[ExpertKey]) -> list[list[ExpertKey]]:
         """Split a layer's experts into groups that fit the free-able slots; resident ones go first."""
-        room = self.capacity - sum(1 for k in self._pins if self._pins[k] > 0)
+        room = self.num_slots - sum(1 for k in self._pins if self._pins[k] > 0)
         if room < 1:
             raise RuntimeError("every slot is pinned; release experts before acquiring more")
         ordered = sorted(keys, key=lambda k: not self.is_resident(k))
@@ -105,8 +110,8 @@ class DeviceExpertCache:
 
     def acquire(self, keys: list[ExpertKey]) -> dict[ExpertKey, dict[str, torch.Tensor]]:
         """Pin `keys` (loading misses now) and return their parameter views, ready for compute."""
-        if len(set(keys)) > self.capacity:
-            raise ValueError(f"{len(set(keys))} experts cannot be pinned at once with {self.capacity} slots")
+        if len(set(keys)) > self.num_slots:
+            raise ValueError(f"{len(set(keys))} experts cannot be pinned at once with {self.num_slots} slots")
         out = {}
         for key in keys:
             self.stats.lookups += 1

@@ -1,5 +1,8 @@
 """Puts a loaded model under offload: experts move to an ExpertStore, a budgeted DeviceExpertCache serves them,
 and every sparse MLP is replaced by a SiDA MoE layer. `resident` leaves the Hugging Face model untouched.
+
+Per batch, the runner calls `begin_batch` (the batch's hash table and routing state) and, for every later
+decoder step, `begin_decoder_step` (the tokens that step reads), so each layer finds its predictions ready.
 """
 
 from __future__ import annotations
@@ -9,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from sida.offload.device_cache import DeviceExpertCache
+from sida.offload.device_cache import CacheStats, DeviceExpertCache
 from sida.offload.expert_store import ExpertStore
-from sida.offload.hash_table import HashTable
+from sida.offload.hash_table import HashTable, rank_depth
 from sida.offload.model_loader import LoadedModel
-from sida.offload.moe_layer import RoutingContext, SiDAMoELayer
+from sida.offload.moe_layer import RoutingContext, RoutingStats, SiDAMoELayer
 from sida.offload.policies import make_policy
 from sida.offload.transfer import Transfer
 
@@ -22,6 +25,8 @@ MODES = ("resident", "exact", "predicted")
 
 @dataclass(frozen=True)
 class OffloadConfig:
+    """How a model is offloaded: routing mode, the device budget, eviction policy, host tier and prefetch depth."""
+
     mode: str = "resident"
     budget_experts: int | None = None  # slots for all MoE layers together; neither given: half of all experts
     budget_bytes: int | None = None  # alternative to budget_experts
@@ -32,7 +37,7 @@ class OffloadConfig:
 
 
 def resolve_budget(cfg: OffloadConfig, expert_bytes: int, total_experts: int) -> int:
-    """The number of slots; clear errors for budgets that cannot work."""
+    """The number of device slots the budget buys; clear errors for budgets that cannot work."""
     if cfg.budget_experts is not None and cfg.budget_bytes is not None:
         raise ValueError("give the expert budget as experts or as bytes, not both")
     if cfg.budget_experts is not None:
@@ -47,14 +52,10 @@ def resolve_budget(cfg: OffloadConfig, expert_bytes: int, total_experts: int) ->
 
 
 class OffloadEngine:
+    """A loaded model with its experts behind a budgeted device cache (or untouched, in `resident` mode)."""
+
     def __init__(self, loaded: LoadedModel, cfg: OffloadConfig, device: torch.device):
-        if cfg.mode not in MODES:
-            raise ValueError(f"unknown mode {cfg.mode!r}; expected one of {', '.join(MODES)}")
-        make_policy(cfg.policy)  # validate before any work
-        if cfg.tier not in ("ram", "disk"):
-            raise ValueError(f"unknown expert tier {cfg.tier!r}; expected ram or disk")
-        if cfg.prefetch_k < 1:
-            raise ValueError("prefetch_k must be >= 1")
+        _check(cfg)
         self.cfg = cfg
         self.loaded = loaded
         self.device = device
@@ -64,37 +65,49 @@ class OffloadEngine:
         self.num_experts = adapter.num_experts(model)
         self.total_experts = self.num_layers * self.num_experts
         self.context = RoutingContext(mode=cfg.mode, prefetch_k=cfg.prefetch_k)
+        self.routing_stats = RoutingStats()
         self.cache: DeviceExpertCache | None = None
         self.first_layer_stack = layers[0].stack
         self.layer_stack = {la.index: la.stack for la in layers}
         self.decoder_layers = [la.index for la in layers if la.stack == "decoder"]
-        self.decoder_guess = None  # predictor.decoder.DecoderGuess: per-step guesses for decoder layers
+        self.decoder_guess = None  # a predictor.decoder.DecoderGuess: each decoder step's experts, by its input
+        self._encoder_first: torch.Tensor | None = None  # [batch] each row's first input token: keys first steps
         if cfg.mode == "resident":
             self.expert_bytes = sum(p.numel() * p.element_size() for p in layers[0].experts[0].parameters())
-            self.capacity = self.total_experts
+            self.num_slots = self.total_experts
             return
+        store = self._build_store(layers)
+        self.expert_bytes = store.expert_bytes
+        self.num_slots = resolve_budget(cfg, store.expert_bytes, self.total_experts)
+        transfer = Transfer(device, store.layout.numel, store.layout.dtype)
+        self.cache = DeviceExpertCache(store, self.num_slots, make_policy(cfg.policy), device, transfer)
+        self._replace_layers(layers)
 
+    def _build_store(self, layers) -> ExpertStore:
+        """Copy every expert out of the model into the host tier."""
+        cfg, loaded = self.cfg, self.loaded
         disk_path = None
         if cfg.tier == "disk":
-            root = cfg.expert_dir or Path.home() / ".cache" / "sida" / "experts"
-            disk_path = Path(root) / f"{loaded.fingerprint}-{str(model.dtype).removeprefix('torch.')}.safetensors"
-            if model.dtype == torch.bfloat16:
+            if loaded.model.dtype == torch.bfloat16:
                 raise ValueError("tier 'disk' stores fp32 or fp16 experts; load the model in one of those")
-        pin = device.type == "cuda" and cfg.tier == "ram"
-        store = ExpertStore.from_experts(
-            (((la.index, e), module) for la in layers for e, module in enumerate(la.experts)), cfg.tier, pin, disk_path
-        )
-        self.expert_bytes = store.expert_bytes
-        self.capacity = resolve_budget(cfg, store.expert_bytes, self.total_experts)
-        transfer = Transfer(device, store.layout.numel, store.layout.dtype)
-        self.cache = DeviceExpertCache(store, self.capacity, make_policy(cfg.policy), device, transfer)
+            root = cfg.expert_dir or Path.home() / ".cache" / "sida" / "experts"
+            dtype = str(loaded.model.dtype).removeprefix("torch.")
+            disk_path = Path(root) / f"{loaded.fingerprint}-{dtype}.safetensors"
+        pin = self.device.type == "cuda" and cfg.tier == "ram"
+        experts = (((la.index, e), module) for la in layers for e, module in enumerate(la.experts))
+        return ExpertStore.from_experts(experts, cfg.tier, pin, disk_path)
+
+    def _replace_layers(self, layers) -> None:
+        """Every sparse MLP becomes a SiDA layer that knows the MoE layer after it (to prefetch for). After the
+        last decoder layer comes the first decoder layer of the next step."""
+        model, adapter = self.loaded.model, self.loaded.adapter
         forward = adapter.expert_forward(model)
-        capacity = adapter.expert_capacity(model)
-        decoder_first = next((la.index for la in layers if la.stack == "decoder"), None)
+        expert_capacity = adapter.expert_capacity(model)
+        decoder_first = self.decoder_layers[0] if self.decoder_layers else None
         for i, la in enumerate(layers):
             if i + 1 < len(layers):
                 nxt = layers[i + 1]
-            else:  # after the last decoder layer comes the first decoder layer of the next step
+            else:
                 nxt = layers[decoder_first] if la.stack == "decoder" else None
             module = SiDAMoELayer(
                 la.index,
@@ -103,40 +116,21 @@ class OffloadEngine:
                 forward,
                 self.cache,
                 self.context,
+                self.routing_stats,
                 nxt.index if nxt is not None else None,
                 nxt.stack if nxt is not None else None,
                 self.num_experts,
-                capacity,
+                expert_capacity,
             )
-            adapter.replace_moe(model, la, module.to(device))
-        del layers  # the original sparse MLPs, and with them the model's own expert weights, are freed
-        if self.decoder_layers:
-            model.get_decoder().register_forward_pre_hook(self._on_decoder_call, with_kwargs=True)
+            adapter.replace_moe(model, la, module.to(self.device))
+        # the original sparse MLPs, and with them the model's own expert weights, are freed with `layers`
 
     def set_decoder_guess(self, guess) -> None:
+        """Use `guess` (a DecoderGuess) to prefetch and score each decoder step's experts."""
         missing = set(self.decoder_layers) - set(guess.layers)
         if missing:
-            raise ValueError(f"the decoder table has no rows for decoder MoE layers {sorted(missing)}")
+            raise ValueError(f"the decoder guess has no rows for decoder MoE layers {sorted(missing)}")
         self.decoder_guess = guess.to(self.device)
-
-    def _guess_decoder(self, decoder_input_ids: torch.Tensor) -> None:
-        """Guess every decoder MoE layer's experts for the positions of this decoder call (their input tokens
-        are known now, at the start of the step)."""
-        ctx = self.context
-        first = ctx.offsets[self.decoder_layers[0]]
-        k = max(3, ctx.prefetch_k)  # ranked as deep as the encoder's tables, for the top-1..3 hit counts
-        keys = self.decoder_guess.keys(decoder_input_ids.to(self.device), ctx.encoder_first, first)
-        ctx.decoder_rows = {la: (first, self.decoder_guess.predict(la, keys, k)) for la in self.decoder_layers}
-
-    def _on_decoder_call(self, _module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if self.decoder_guess is None or ids is None:
-            return
-        self._guess_decoder(ids)
-        layer = self.decoder_layers[0]
-        _first, guess = self.context.decoder_rows[layer]
-        experts = sorted(set(guess[..., : self.context.prefetch_k].reshape(-1).tolist()))
-        self.cache.prefetch([(layer, e) for e in experts])
 
     @property
     def wants_hash_table(self) -> bool:
@@ -145,7 +139,7 @@ class OffloadEngine:
         each expert is loaded once, on its first use, and hashing every batch would be pure overhead."""
         if self.cfg.mode == "predicted":
             return True
-        return self.cache is not None and self.capacity < self.total_experts
+        return self.cache is not None and self.num_slots < self.total_experts
 
     def begin_batch(
         self,
@@ -153,44 +147,65 @@ class OffloadEngine:
         hash_table: HashTable | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         encoder_first: torch.Tensor | None = None,
+        shadow: bool = False,
     ) -> None:
-        """Reset per-batch routing state; with a table, start loading the first MoE layer's experts now. With the
-        decoder's first input tokens and a decoder table, the last encoder layer prefetches for the decoder;
-        `encoder_first` (each row's first input token) keys the table's first-step rows."""
+        """Set a batch's routing state and start loading the first MoE layer's predicted experts.
+
+        token_mask [batch, enc_seq]: the encoder's real tokens. decoder_input_ids [batch, steps]: the decoder's
+        first inputs (guessed now, so the last encoder layer can prefetch for the decoder). encoder_first
+        [batch]: each row's first input token, which keys the decoder guess of the first step. shadow: in
+        `predicted` mode, also run the router to count live hits."""
         ctx = self.context
-        ctx.encoder_first = encoder_first
         if ctx.mode == "predicted" and hash_table is None:
             raise ValueError("predicted mode needs a hash table for every batch (a predictor or --hash oracle)")
         ctx.hash_table = hash_table
         ctx.token_mask = token_mask
+        ctx.shadow = shadow
         ctx.offsets.clear()
-        ctx.decoder_rows = {}
-        if self.decoder_guess is not None and decoder_input_ids is not None and self.cache is not None:
-            self._guess_decoder(decoder_input_ids)
-        if self.cache is not None and hash_table is not None:
-            first = min(hash_table.experts) if hash_table.experts else None
-            if first is not None:
-                mask = token_mask if self.first_layer_stack == "encoder" else None
-                keys = hash_table.candidates(first, ctx.prefetch_k, mask=mask)
-                self.cache.prefetch([(first, e) for e in keys])
+        ctx.decoder_guesses = {}
+        self._encoder_first = encoder_first
+        if self.cache is None:
+            return
+        if decoder_input_ids is not None:
+            self._guess_decoder_step(decoder_input_ids)
+        first = min(hash_table.experts) if hash_table is not None and hash_table.experts else None
+        if first is not None:
+            mask = token_mask if self.first_layer_stack == "encoder" else None
+            keys = hash_table.candidates(first, ctx.prefetch_k, mask=mask)
+            self.cache.prefetch([(first, e) for e in keys])
+
+    def begin_decoder_step(self, decoder_input_ids: torch.Tensor) -> None:
+        """A later decoder step reads `decoder_input_ids` [batch, 1]: guess its experts and start loading the
+        first decoder layer's."""
+        if self.cache is None or not self._guess_decoder_step(decoder_input_ids):
+            return
+        layer = self.decoder_layers[0]
+        _first, guess = self.context.decoder_guesses[layer]
+        experts = sorted(set(guess[..., : self.context.prefetch_k].reshape(-1).tolist()))
+        self.cache.prefetch([(layer, e) for e in experts])
+
+    def _guess_decoder_step(self, decoder_input_ids: torch.Tensor) -> bool:
+        """Every decoder MoE layer's guessed experts for the positions of this decoder call; False without a guess."""
+        if self.decoder_guess is None or not self.decoder_layers:
+            return False
+        ctx = self.context
+        first = ctx.offsets[self.decoder_layers[0]]
+        k = rank_depth(ctx.prefetch_k)
+        keys = self.decoder_guess.keys(decoder_input_ids.to(self.device), self._encoder_first, first)
+        ctx.decoder_guesses = {la: (first, self.decoder_guess.predict(la, keys, k)) for la in self.decoder_layers}
+        return True
 
     def reset_stats(self) -> None:
         """Start counting afresh (after a warm-up); experts already resident stay where they are."""
-        from sida.offload.device_cache import CacheStats
-
-        ctx = self.context
-        ctx.hash_lookups.clear()
-        ctx.hash_hits.clear()
-        ctx.router_fallbacks = 0
+        self.routing_stats.clear()
         if self.cache is not None:
             self.cache.stats = CacheStats(peak_resident=len(self.cache.resident_keys))
 
     def summary(self) -> dict:
-        """The offload figures `sida eval --json` reports (measured by the cache, not recomputed)."""
-        ctx = self.context
+        """The offload figures `sida eval --json` and `/info` report (measured by the cache, not recomputed)."""
         out = {
             "mode": self.cfg.mode,
-            "budget_experts": self.capacity,
+            "budget_experts": self.num_slots,
             "total_experts": self.total_experts,
             "expert_bytes": self.expert_bytes,
         }
@@ -219,17 +234,33 @@ class OffloadEngine:
             waves=s.waves,
             stall_seconds=round(s.stall_seconds, 6),
         )
+        out.update(self._hit_rates())
+        if self.cfg.mode == "predicted":
+            out["router_fallbacks"] = self.routing_stats.router_fallbacks
+        return out
+
+    def _hit_rates(self) -> dict:
+        """{"hash_hit_rate": {"top1": …}, "decoder_hash_hit_rate": …} over the layers of each stack that were scored."""
+        stats, out = self.routing_stats, {}
         for stack, key in (("encoder", "hash_hit_rate"), ("decoder", "decoder_hash_hit_rate")):
             layers = {la for la, s in self.layer_stack.items() if s == stack}
-            lookups = sum(n for la, n in ctx.hash_lookups.items() if la in layers)
-            if lookups:
-                ks = sorted({k for la, k in ctx.hash_hits if la in layers})
-                out[key] = {
-                    f"top{k}": round(
-                        sum(n for (la, kk), n in ctx.hash_hits.items() if kk == k and la in layers) / lookups, 6
-                    )
-                    for k in ks
-                }
-        if ctx.mode == "predicted":
-            out["router_fallbacks"] = ctx.router_fallbacks
+            lookups = sum(n for la, n in stats.hash_lookups.items() if la in layers)
+            if not lookups:
+                continue
+            hits: dict[int, int] = {}
+            for (la, k), n in stats.hash_hits.items():
+                if la in layers:
+                    hits[k] = hits.get(k, 0) + n
+            out[key] = {f"top{k}": round(hits[k] / lookups, 6) for k in sorted(hits)}
         return out
+
+
+def _check(cfg: OffloadConfig) -> None:
+    """Refuse a config that cannot work, before any work."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown mode {cfg.mode!r}; expected one of {', '.join(MODES)}")
+    make_policy(cfg.policy)
+    if cfg.tier not in ("ram", "disk"):
+        raise ValueError(f"unknown expert tier {cfg.tier!r}; expected ram or disk")
+    if cfg.prefetch_k < 1:
+        raise ValueError("prefetch_k must be >= 1")

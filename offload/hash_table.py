@@ -1,7 +1,7 @@
 """The hash table: for every MoE layer and token of a batch, the predicted experts (best first) and α.
 
-The predictor builds it ahead of inference; the MoE layer reads it to prefetch (`exact` mode) or to
-route (`predicted` mode). Until the predictor exists, tests build it from the router itself.
+The predictor worker builds it ahead of inference; the MoE layer reads it to prefetch (`exact` mode) or to
+route (`predicted` mode). `from_router_logits` builds a perfect one from the router itself (the oracle).
 """
 
 from __future__ import annotations
@@ -10,25 +10,36 @@ from dataclasses import dataclass
 
 import torch
 
+HIT_RANKS = 3  # tables rank at least this deep, so that top-1..3 hit rates can be counted
+
+
+def rank_depth(prefetch_k: int) -> int:
+    """How many experts per token a hash table ranks: enough for prefetch and for the top-1..3 hit counts."""
+    return max(HIT_RANKS, prefetch_k)
+
 
 @dataclass
 class HashTable:
+    """Per MoE layer, each position's predicted experts ranked best first, and the top-1 expert's α."""
+
     experts: dict[int, torch.Tensor]  # MoE layer → [batch, seq, k] expert ids, best first
     alphas: dict[int, torch.Tensor]  # MoE layer → [batch, seq] scaling factor of the top-1 expert
 
-    def rows(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Positions [start, start+length) of a layer, or None if the table does not cover them."""
+    def positions(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(experts [batch, length, k], α [batch, length]) of positions [start, start+length) of a layer, or None
+        if the table does not cover them."""
         experts = self.experts.get(layer)
         if experts is None or start + length > experts.shape[1]:
             return None
         return experts[:, start : start + length], self.alphas[layer][:, start : start + length]
 
-    def select_rows(self, rows: list[int]) -> HashTable:
-        """The table of a batch from which some sequences were dropped (deadline passed)."""
-        return HashTable({k: v[rows] for k, v in self.experts.items()}, {k: v[rows] for k, v in self.alphas.items()})
+    def select_sequences(self, keep: list[int]) -> HashTable:
+        """The table of the batch's sequences `keep` (the others were dropped: their deadline passed)."""
+        return HashTable({k: v[keep] for k, v in self.experts.items()}, {k: v[keep] for k, v in self.alphas.items()})
 
     def candidates(self, layer: int, k: int, start: int = 0, length: int | None = None, mask=None) -> list[int]:
-        """Distinct experts among the top-k predictions of real tokens: what to make resident for this layer."""
+        """Distinct experts among the top-k predictions of real tokens (`mask` [batch, seq]) at positions from
+        `start`: what to make resident for this layer."""
         experts = self.experts.get(layer)
         if experts is None:
             return []
@@ -41,7 +52,7 @@ class HashTable:
         return sorted(set(top.reshape(-1).tolist()))
 
     @classmethod
-    def from_router_logits(cls, logits: dict[int, torch.Tensor], k: int = 3) -> HashTable:
+    def from_router_logits(cls, logits: dict[int, torch.Tensor], k: int = HIT_RANKS) -> HashTable:
         """A perfect table: the router's own ranking (used as an oracle and in tests)."""
         experts, alphas = {}, {}
         for layer, lg in logits.items():

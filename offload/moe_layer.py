@@ -19,23 +19,34 @@ from sida.offload.hash_table import HashTable
 
 
 @dataclass
+class RoutingStats:
+    """Running counts of hash-table hits, for eval and metrics: a hit is the router's real choice for a real
+    token found among the top-k predicted experts."""
+
+    hash_lookups: Counter = field(default_factory=Counter)  # layer → real tokens checked
+    hash_hits: Counter = field(default_factory=Counter)  # (layer, k) → tokens whose router choice was in top-k
+    router_fallbacks: int = 0  # predicted mode: layer calls the table did not cover, routed by the router
+
+    def clear(self) -> None:
+        """Start counting afresh (the SiDA layers keep this same object)."""
+        self.hash_lookups.clear()
+        self.hash_hits.clear()
+        self.router_fallbacks = 0
+
+
+@dataclass
 class RoutingContext:
-    """Per-batch state shared by all SiDA layers of one model; set by `OffloadEngine.begin_batch`."""
+    """Per-batch routing state shared by all SiDA layers of one model; reset by `OffloadEngine.begin_batch`."""
 
     mode: str  # "exact" | "predicted"
     prefetch_k: int = 1
     hash_table: HashTable | None = None
     token_mask: torch.Tensor | None = None  # [batch, enc_seq] encoder attention mask
     offsets: Counter = field(default_factory=Counter)  # layer → positions already processed (decoder steps)
-    # what happened, for eval and metrics (a hit is the router's real choice found among the predictions)
-    hash_lookups: Counter = field(default_factory=Counter)  # layer → real tokens checked
-    hash_hits: Counter = field(default_factory=Counter)  # (layer, k) → tokens whose router choice was in top-k
-    router_fallbacks: int = 0  # predicted mode: layer calls the table did not cover, routed by the router
-    shadow: bool = False  # predicted mode: also run the router (output unused) to measure live hit rates
-    # decoder layers: per-step guesses from the decoder's input token (layer → (first position, [batch, seq, k])),
-    # used to prefetch only; routing there is always the router's
-    decoder_rows: dict = field(default_factory=dict)
-    encoder_first: torch.Tensor | None = None  # each row's first input token: keys decoder first-step guesses
+    shadow: bool = False  # predicted mode: also run the router (output unused) to count live hits
+    # the decoder guess of the current decoder step: layer → (its first position, experts [batch, steps, k]);
+    # decoder layers are always routed by their router, the guess only prefetches and is scored
+    decoder_guesses: dict = field(default_factory=dict)
 
 
 class SiDAMoELayer(nn.Module):
@@ -47,10 +58,11 @@ class SiDAMoELayer(nn.Module):
         expert_forward,
         cache: DeviceExpertCache,
         context: RoutingContext,
+        stats: RoutingStats,
         next_layer: int | None,
         next_stack: str | None,
         num_experts: int,
-        capacity: int,
+        expert_capacity: int,
     ):
         super().__init__()
         self.index = index
@@ -59,12 +71,14 @@ class SiDAMoELayer(nn.Module):
         self.expert_forward = expert_forward
         self.cache = cache
         self.context = context
+        self.stats = stats
         self.next_layer = next_layer
         self.next_stack = next_stack
         self.num_experts = num_experts
-        self.capacity = capacity
+        self.expert_capacity = expert_capacity  # Switch: tokens one expert takes per sequence
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, d_model] → the MoE output of the same shape (zeros where no expert ran)."""
         batch, seq, d_model = hidden_states.shape
         ctx = self.context
         start = ctx.offsets[self.index]
@@ -87,9 +101,9 @@ class SiDAMoELayer(nn.Module):
             if i == 0:  # copies for the next layer overlap this layer's compute, never evicting its experts
                 self.cache.prefetch(upcoming, protect=set(keys))
             for j, key in enumerate(wave):
-                rows = torch.nonzero(flat_expert == key[1]).squeeze(1)  # ascending token order, as HF
-                y = self.expert_forward(params[key], flat[rows])  # [rows, d_model]
-                out.index_add_(0, rows, (y * flat_alpha[rows]).to(out.dtype))
+                tokens = torch.nonzero(flat_expert == key[1]).squeeze(1)  # ascending token order, as HF
+                y = self.expert_forward(params[key], flat[tokens])  # [n, d_model]
+                out.index_add_(0, tokens, (y * flat_alpha[tokens]).to(out.dtype))
                 # The expert is done: its slot may take what comes next (this layer's later waves first, then
                 # the next layer's predicted experts) while the rest of the wave computes.
                 self.cache.release([key])
@@ -98,19 +112,20 @@ class SiDAMoELayer(nn.Module):
         return out.view(batch, seq, d_model)
 
     def _route(self, hidden_states: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert [batch, seq], -1 where the token goes to none; α [batch, seq]) for positions from `start`."""
         ctx = self.context
         table = ctx.hash_table
-        rows = table.rows(self.index, start, hidden_states.shape[1]) if table is not None else None
-        if ctx.mode == "predicted" and rows is not None:
-            experts, alpha = rows
+        predicted = table.positions(self.index, start, hidden_states.shape[1]) if table is not None else None
+        if ctx.mode == "predicted" and predicted is not None:
+            experts, alpha = predicted
             if ctx.shadow:
                 self._count_hits(self.router(hidden_states)[2].argmax(-1), experts)
             return self._apply_capacity(experts[..., 0]), alpha
         if ctx.mode == "predicted":
-            ctx.router_fallbacks += 1
+            self.stats.router_fallbacks += 1
         one_hot, top_prob, logits = self.router(hidden_states)  # capacity already applied by the router
         expert = torch.where(one_hot.sum(-1) > 0, one_hot.argmax(-1), -1)
-        guess = rows[0] if rows is not None else None
+        guess = predicted[0] if predicted is not None else None
         if guess is None and self.stack == "decoder":
             guess = self._decoder_guess(self.index, start)
             seq = hidden_states.shape[1]
@@ -121,7 +136,7 @@ class SiDAMoELayer(nn.Module):
 
     def _decoder_guess(self, layer: int, position: int) -> torch.Tensor | None:
         """[batch, positions from `position` on, k] guessed experts of a decoder layer, if this step has them."""
-        got = self.context.decoder_rows.get(layer)
+        got = self.context.decoder_guesses.get(layer)
         if got is None:
             return None
         first, guess = got
@@ -132,19 +147,20 @@ class SiDAMoELayer(nn.Module):
         """Switch's rule: per sequence, an expert takes its first `capacity` tokens; later ones are dropped."""
         one_hot = nn.functional.one_hot(expert, self.num_experts)  # [batch, seq, experts]
         priority = (one_hot.cumsum(dim=1) * one_hot).sum(-1)  # [batch, seq], 1-based rank within the expert
-        return expert.masked_fill(priority > self.capacity, -1)
+        return expert.masked_fill(priority > self.expert_capacity, -1)
 
     def _count_hits(self, router_choice: torch.Tensor, predicted: torch.Tensor) -> None:
+        """Count real tokens whose router choice [batch, seq] is among the top-1..k of `predicted` [batch, seq, k]."""
         mask = None
         if self.stack == "encoder" and self.context.token_mask is not None:
             mask = self.context.token_mask.bool()
         choice = router_choice if mask is None else router_choice[mask]  # [real tokens]
         pred = predicted if mask is None else predicted[mask]  # [real tokens, k]
         choice, pred = choice.reshape(-1), pred.reshape(choice.numel(), -1)
-        self.context.hash_lookups[self.index] += choice.numel()
+        self.stats.hash_lookups[self.index] += choice.numel()
         match = pred == choice[:, None]  # [real tokens, k]
         for k in range(1, pred.shape[1] + 1):
-            self.context.hash_hits[(self.index, k)] += int(match[:, :k].any(-1).sum())
+            self.stats.hash_hits[(self.index, k)] += int(match[:, :k].any(-1).sum())
 
     def _next_keys(self) -> list:
         """The next MoE layer's predicted experts (top-k of its real tokens), to load ahead of it."""

@@ -9,6 +9,7 @@ import torch
 
 from sida.offload.device import resolve_device
 from sida.offload.engine import OffloadEngine
+from sida.offload.hash_table import rank_depth
 from sida.offload.model_loader import load_model
 from sida.offload.runner import Runner
 from sida.predictor.artifact import PredictorHash, find_predictor, load_predictor, predictor_folder
@@ -27,7 +28,7 @@ def build_runner(settings: Settings, hash_source: str = "auto") -> Runner:
     device = resolve_device(settings.device)
     offload = settings.offload_config()
     loaded = load_model(settings.model_dir, settings.dtype, str(device))
-    k = max(3, offload.prefetch_k)
+    k = rank_depth(offload.prefetch_k)
     hash_fn = decoder_guess = None
     if hash_source == "oracle":
         hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=k)

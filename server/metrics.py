@@ -62,15 +62,15 @@ class _EngineCollector:
 
     def collect(self):
         e = self.engine
-        ctx = e.context
+        stats = e.routing_stats
         lookups = CounterMetricFamily("sida_hash_lookups", "Real tokens whose hash entry was checked", labels=["layer"])
-        for layer, n in sorted(ctx.hash_lookups.items()):
+        for layer, n in sorted(stats.hash_lookups.items()):
             lookups.add_metric([str(layer)], n)
         yield lookups
         hits = CounterMetricFamily(
             "sida_hash_hits", "Real tokens whose router choice was among the top-k predictions", labels=["layer", "k"]
         )
-        for (layer, k), n in sorted(ctx.hash_hits.items()):
+        for (layer, k), n in sorted(stats.hash_hits.items()):
             hits.add_metric([str(layer), str(k)], n)
         yield hits
         cache_hits = CounterMetricFamily("sida_expert_cache_hits", "Expert lookups found resident", labels=["layer"])
@@ -80,26 +80,26 @@ class _EngineCollector:
         resident = GaugeMetricFamily("sida_resident_experts", "Experts resident on the device", labels=["layer"])
         memory = GaugeMetricFamily("sida_device_memory_bytes", "Device memory", labels=["kind"])
         budget = GaugeMetricFamily("sida_expert_budget_bytes", "Device bytes reserved for experts")
-        budget.add_metric([], e.capacity * e.expert_bytes)
-        stats = e.cache.stats if e.cache is not None else None
+        budget.add_metric([], e.num_slots * e.expert_bytes)
+        cache = e.cache.stats if e.cache is not None else None
         per_layer = Counter(k[0] for k in e.cache.resident_keys) if e.cache is not None else None
         for layer in range(e.num_layers):
-            if stats is not None:
-                cache_hits.add_metric([str(layer)], stats.hits_by_layer[layer])
-                cache_misses.add_metric([str(layer)], stats.misses_by_layer[layer])
+            if cache is not None:
+                cache_hits.add_metric([str(layer)], cache.hits_by_layer[layer])
+                cache_misses.add_metric([str(layer)], cache.misses_by_layer[layer])
                 resident.add_metric([str(layer)], per_layer[layer])
             else:  # resident mode: every expert stays on the device
                 resident.add_metric([str(layer)], e.num_experts)
-        memory.add_metric(["experts"], e.capacity * e.expert_bytes)
+        memory.add_metric(["experts"], e.num_slots * e.expert_bytes)
         if e.device.type == "cuda":
             memory.add_metric(["allocated"], torch.cuda.memory_allocated(e.device))
             memory.add_metric(["reserved"], torch.cuda.memory_reserved(e.device))
         yield from (cache_hits, cache_misses, resident, memory, budget)
         counters = {
-            "sida_expert_loads": ("Experts copied to the device", stats.loads if stats else 0),
-            "sida_expert_evictions": ("Experts evicted from the device", stats.evictions if stats else 0),
-            "sida_expert_bytes_transferred": ("Bytes of expert weights copied", stats.bytes_moved if stats else 0),
-            "sida_expert_stall_seconds": ("Time compute waited for expert copies", stats.stall_seconds if stats else 0),
+            "sida_expert_loads": ("Experts copied to the device", cache.loads if cache else 0),
+            "sida_expert_evictions": ("Experts evicted from the device", cache.evictions if cache else 0),
+            "sida_expert_bytes_transferred": ("Bytes of expert weights copied", cache.bytes_moved if cache else 0),
+            "sida_expert_stall_seconds": ("Time compute waited for expert copies", cache.stall_seconds if cache else 0),
         }
         for name, (doc, value) in counters.items():
             c = CounterMetricFamily(name, doc)

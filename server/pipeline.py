@@ -1,8 +1,8 @@
-"""The serving pipeline: a bounded intake, the predictor worker (batches requests, builds hash table i+1) and
-the single inference worker (owns the model and the expert cache, runs batch i).
+"""The serving pipeline: a bounded intake, the predictor worker's thread (batches requests, builds hash table
+i+1) and the single inference worker's thread (owns the model and the expert cache, runs batch i).
 
-   submit() ──▶ intake queue ──▶ PredictorWorker: Batcher → pad → HashTable ──▶ hash queue (depth 1)
-                                                                       ──▶ InferenceWorker: run → futures
+   submit_many() ──▶ intake queue ──▶ PredictorWorker.step: Batcher → pad → HashTable ──▶ hash queue (depth 1)
+                                                          ──▶ InferenceWorker.step: run → futures
 """
 
 from __future__ import annotations
@@ -10,36 +10,17 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from sida.server.batcher import Batcher
-from sida.server.request import DeadlineExceeded, QueueFull, Request, resolve_all
+from sida.server.request import QueueFull, Request
+from sida.server.workers import InferenceWorker, PredictorWorker, set_thread_count
 
 _STOP = object()
 
 
-@dataclass
-class _Batch:
-    requests: list[Request]
-    enc: dict[str, torch.Tensor]
-    table: Any
-    hash_seconds: float
-    ready: Any = None  # CUDA event recorded after the table was built on the predictor's stream
-
-
-def set_thread_count(n: int | None) -> None:
-    """This OS thread's torch intra-op thread count (each thread has its own). torch gives a thread its count on
-    first use, copied from whichever thread set one last, so that happens first: else the other worker's later
-    `set_num_threads` would become this thread's count."""
-    if n:
-        torch.get_num_threads()
-        torch.set_num_threads(n)
-
-
 class Pipeline:
+    """Owns the queues and the two worker threads; the HTTP layer only calls `submit_many`, `start` and `stop`."""
+
     def __init__(
         self,
         runner,
@@ -52,21 +33,17 @@ class Pipeline:
         shadow_sample_rate: float = 0.0,
         threads: tuple[int | None, int | None] = (None, None),  # torch threads of (inference, predictor) workers
     ):
-        self.runner = runner
         self.metrics = metrics
-        self.batcher = Batcher(max_batch_size, max_batch_tokens, max_wait_s)
         self.max_queue = max_queue
+        batcher = Batcher(max_batch_size, max_batch_tokens, max_wait_s)
+        self.predictor = PredictorWorker(runner, batcher, metrics, self._left_queue)
+        self.inference = InferenceWorker(runner, metrics, self._left_queue, shadow_sample_rate)
         self._intake: queue.Queue = queue.Queue()
         self._hashed: queue.Queue = queue.Queue(maxsize=hash_depth)
         self._pending = 0  # accepted and not yet started
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._shadow_rate = shadow_sample_rate
         self._inference_threads, self._predictor_threads = threads
-        self._batches = 0
-        self.error: BaseException | None = None
-        device = runner.device
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     # ------------------------------------------------------------------ intake (event-loop side)
 
@@ -82,9 +59,11 @@ class Pipeline:
 
     @property
     def pending(self) -> int:
+        """Accepted requests not yet started."""
         return self._pending
 
     def start(self) -> None:
+        """Start both worker threads."""
         for target, name in ((self._predictor_loop, "sida-predictor"), (self._inference_loop, "sida-inference")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -96,12 +75,12 @@ class Pipeline:
         for t in self._threads:
             t.join()
 
-    def _started(self, req: Request) -> None:
+    def _left_queue(self, req: Request) -> None:
         with self._lock:
             self._pending -= 1
         self.metrics.queue_depth.set(self._pending)
 
-    # ------------------------------------------------------------------ predictor worker
+    # ------------------------------------------------------------------ worker threads
 
     def _predictor_loop(self) -> None:
         set_thread_count(self._predictor_threads)
@@ -109,122 +88,41 @@ class Pipeline:
         while True:
             # A hashed batch already waits for the inference worker: a batch cut now could not start any sooner,
             # so keep collecting (it grows fuller) and look again for room every few milliseconds.
-            busy = self._hashed.full()
-            timeout = self.batcher.time_to_next(time.monotonic())
-            if busy and timeout is not None:
+            room = self._hashed.maxsize - self._hashed.qsize()
+            timeout = self.predictor.batcher.time_to_next(time.monotonic())
+            if room < 1 and timeout is not None:
                 timeout = max(timeout, 0.002)
-            try:
-                item = self._intake.get(timeout=timeout) if not stopping else self._intake.get_nowait()
-            except queue.Empty:
-                item = None
-            if item is _STOP:
+            arrived = self._take_arrived(timeout if not stopping else 0)
+            if _STOP in arrived:
                 stopping = True
-            elif item is not None:
-                self.batcher.add(item, item.key, len(item.ids), item.arrival)
-                if not self._intake.empty():  # take in everything that has arrived before batching
-                    continue
-            if busy and not stopping:
+                arrived = [r for r in arrived if r is not _STOP]
+            if room < 1 and not stopping:
+                self.predictor.step(arrived, time.monotonic(), room=0)
                 continue
-            while (batch := self.batcher.pop_ready(time.monotonic(), flush=stopping)) is not None:
-                self._hash(batch)
-                if self._hashed.full() and not stopping:
-                    break
-            if stopping and len(self.batcher) == 0 and self._intake.empty():
+            for batch in self.predictor.step(arrived, time.monotonic(), None if stopping else room, stopping):
+                self._hashed.put(batch)
+                self.metrics.hash_queue_depth.set(self._hashed.qsize())
+            if stopping and len(self.predictor.batcher) == 0 and self._intake.empty():
                 self._hashed.put(_STOP)
                 return
 
-    def _hash(self, requests: list[Request]) -> None:
-        live = self._drop_expired(requests)
-        if not live:
-            return
-        enc = self.runner.pad([r.ids for r in live])
-        t0 = time.perf_counter()
-        start = self.runner.loaded.decoder_start_ids(len(live), self.runner.device)
-        ready = None
-        if self._stream is not None:  # on its own CUDA stream, so it never queues behind batch i's kernels
-            with torch.cuda.stream(self._stream):
-                table = self.runner.hash_table(enc, start)
-                ready = torch.cuda.Event()
-                ready.record(self._stream)
-        else:
-            table = self.runner.hash_table(enc, start)
-        seconds = time.perf_counter() - t0
-        if table is not None:
-            self.metrics.hash_build_seconds.observe(seconds)
-        self._hashed.put(_Batch(live, enc, table, seconds, ready))
-        self.metrics.hash_queue_depth.set(self._hashed.qsize())
-
-    def _drop_expired(self, requests: list[Request]) -> list[Request]:
-        now = time.monotonic()
-        live = []
-        for r in requests:
-            if now > r.deadline:
-                self._started(r)
-                r.resolve(error=DeadlineExceeded("the request's deadline passed before it was started"))
-            else:
-                live.append(r)
-        return live
-
-    # ------------------------------------------------------------------ inference worker
+    def _take_arrived(self, timeout: float | None) -> list:
+        """Everything in the intake now, waiting up to `timeout` seconds (None: forever) for the first item."""
+        try:
+            items = [self._intake.get(timeout=timeout) if timeout != 0 else self._intake.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                items.append(self._intake.get_nowait())
+            except queue.Empty:
+                return items
 
     def _inference_loop(self) -> None:
         set_thread_count(self._inference_threads)
         while True:
-            item = self._hashed.get()
+            batch = self._hashed.get()
             self.metrics.hash_queue_depth.set(self._hashed.qsize())
-            if item is _STOP:
+            if batch is _STOP:
                 return
-            live = self._drop_expired(item.requests)
-            if len(live) != len(item.requests):  # rebuild the batch without the dropped rows
-                keep = [i for i, r in enumerate(item.requests) if r in live]
-                item.enc = {k: v[keep] for k, v in item.enc.items()}
-                if item.table is not None:
-                    item.table = item.table.select_rows(keep)
-            if not live:
-                continue
-            try:
-                self._run(live, item)
-            except Exception as e:  # noqa: BLE001 — one failing batch must not kill the server
-                self.error = e
-                self.metrics.batch_errors.inc()
-                for r in live:
-                    r.resolve(error=e)
-
-    def _run(self, requests: list[Request], batch: _Batch) -> None:
-        now = time.monotonic()
-        for r in requests:
-            r.started = now
-            self._started(r)
-            self.metrics.queue_wait_seconds.observe(now - r.arrival)
-        self.metrics.observe_batch(len(requests), int(batch.enc["attention_mask"].sum()))
-        self._batches += 1
-        if batch.ready is not None:  # the compute stream waits for the table's kernels, the host does not
-            torch.cuda.current_stream(self.runner.device).wait_event(batch.ready)
-        engine = self.runner.engine
-        if engine is not None:
-            engine.context.shadow = (
-                self._shadow_rate > 0 and (self._batches * self._shadow_rate) % 1 < self._shadow_rate
-            )
-        first = requests[0]
-        if first.kind == "classify":
-            results = self.runner.classify_ids(batch.enc, first.params["task"], hash_table=batch.table)
-        else:
-            p = first.params
-            on_text = None
-            if any(r.on_text is not None for r in requests):
-
-                def on_text(row: int, delta: str) -> None:
-                    if requests[row].on_text is not None:
-                        requests[row].on_text(delta)
-
-            results = self.runner.complete_ids(
-                batch.enc,
-                p["max_tokens"],
-                p["temperature"],
-                p["top_p"],
-                p["seed"],
-                p["stops"],
-                on_text,
-                hash_table=batch.table,
-            )
-        resolve_all(requests, results)
+            self.inference.step(batch, time.monotonic())

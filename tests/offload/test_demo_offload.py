@@ -59,8 +59,8 @@ def test_exact_logits_equal_huggingface(demo_dir, data_dir):
     outs = []
     for r in (plain, offloaded):
         enc = r.encode(prompts)
-        start = torch.zeros((len(prompts), 1), dtype=torch.long)
-        r._begin_batch(enc, start)
+        start = r.loaded.decoder_start_ids(len(prompts))
+        r.begin_batch(enc, start, r.hash_table(enc, start))
         with torch.inference_mode():
             outs.append(r.model(**enc, decoder_input_ids=start).logits)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -16,11 +16,11 @@ def make_store(layers=2, experts=4, tier="ram", path=None):
     return ExpertStore.from_experts(iter(modules), tier, disk_path=path), dict(modules)
 
 
-def make_cache(capacity, policy="lru", **kw):
+def make_cache(num_slots, policy="lru", **kw):
     store, modules = make_store(**kw)
     cpu = torch.device("cpu")
     return DeviceExpertCache(
-        store, capacity, make_policy(policy), cpu, Transfer(cpu, store.layout.numel, torch.float32)
+        store, num_slots, make_policy(policy), cpu, Transfer(cpu, store.layout.numel, torch.float32)
     ), modules
 
 
@@ -32,23 +32,23 @@ def test_acquire_returns_the_experts_weights():
 
 
 @pytest.mark.parametrize("policy", ["fifo", "lru", "lfu"])
-@pytest.mark.parametrize("capacity", [1, 2, 5, 8])
-def test_budget_never_exceeded_and_accounting_adds_up(policy, capacity):
-    cache, modules = make_cache(capacity, policy)
-    rng = random.Random(capacity)
+@pytest.mark.parametrize("num_slots", [1, 2, 5, 8])
+def test_budget_never_exceeded_and_accounting_adds_up(policy, num_slots):
+    cache, modules = make_cache(num_slots, policy)
+    rng = random.Random(num_slots)
     keys = list(modules)
     for _ in range(200):
         if rng.random() < 0.3:
             cache.prefetch(rng.sample(keys, rng.randint(1, 4)))
-        want = rng.sample(keys, rng.randint(1, min(4, capacity)))
+        want = rng.sample(keys, rng.randint(1, min(4, num_slots)))
         for wave in cache.waves(want):
             views = cache.acquire(wave)
             for k in wave:  # the slot really holds that expert
                 torch.testing.assert_close(views[k]["weight"], modules[k].weight)
             cache.release(wave)
-        assert len(cache.resident_keys) <= capacity
+        assert len(cache.resident_keys) <= num_slots
     s = cache.stats
-    assert s.peak_resident <= capacity
+    assert s.peak_resident <= num_slots
     assert s.hits + s.on_demand_loads == s.lookups
     assert s.bytes_moved == s.loads * cache.store.expert_bytes
     assert s.loads - s.evictions == len(cache.resident_keys)

@@ -19,7 +19,7 @@ def forward(loaded, engine=None, hash_fn=None, decoder_len=3):
     enc = runner.encode(PROMPTS)
     dec = torch.zeros((len(PROMPTS), decoder_len), dtype=torch.long)
     dec[:, 1:] = enc["input_ids"][:, : decoder_len - 1]
-    runner._begin_batch(enc, dec)
+    runner.begin_batch(enc, dec, runner.hash_table(enc, dec))
     with torch.inference_mode():
         return loaded.model(**enc, decoder_input_ids=dec).logits
 
@@ -194,4 +194,4 @@ def test_decoder_guesses_during_generation_keep_the_output(tiny8_dir):
     engine = OffloadEngine(loaded, OffloadConfig(mode="exact", budget_experts=2, prefetch_k=2), CPU)
     engine.set_decoder_guess(_decoder_guess(tiny8_dir))
     assert Runner(loaded, engine=engine).complete(prompts, max_new_tokens=6) == plain
-    assert engine.context.hash_lookups  # every generated step was guessed and scored
+    assert engine.routing_stats.hash_lookups  # every generated step was guessed and scored

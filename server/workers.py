@@ -1,0 +1,178 @@
+"""The two workers of the serving pipeline, each a `step()` that a test can call with a fake runner and clock.
+
+- `PredictorWorker.step(arrived, now, room)`: batches accepted requests (the `Batcher` policy), drops the
+  expired, pads each batch and builds its hash table ahead of inference (batch i+1 while batch i runs).
+- `InferenceWorker.step(batch, now)`: the only caller of the model: runs a hashed batch (classification or
+  completion) and answers its requests; a failing batch fails only its own requests.
+
+Threads and queues are the pipeline's (`server/pipeline.py`); nothing here blocks or sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sida.offload.hash_table import HashTable
+from sida.offload.runner import Encoded
+from sida.server.batcher import Batcher
+from sida.server.request import DeadlineExceeded, Request, resolve_all
+
+log = logging.getLogger("sida")
+
+
+@dataclass
+class HashedBatch:
+    """A batch ready for inference: its requests, their padded ids and the batch's hash table."""
+
+    requests: list[Request]
+    enc: Encoded  # input_ids, attention_mask [batch, seq]
+    table: HashTable | None
+    hash_seconds: float
+    table_event: Any = None  # CUDA event recorded after the table was built on the predictor's stream
+
+    def keep(self, rows: list[int]) -> HashedBatch:
+        """The same batch with only the sequences `rows` (the others' deadline passed)."""
+        table = self.table.select_sequences(rows) if self.table is not None else None
+        enc = {k: v[rows] for k, v in self.enc.items()}
+        return HashedBatch([self.requests[i] for i in rows], enc, table, self.hash_seconds, self.table_event)
+
+
+def drop_expired(requests: list[Request], now: float, on_leave: Callable[[Request], None]) -> list[Request]:
+    """The requests whose deadline has not passed; the others get DeadlineExceeded and leave the queue."""
+    live = []
+    for r in requests:
+        if now > r.deadline:
+            on_leave(r)
+            r.resolve(error=DeadlineExceeded("the request's deadline passed before it was started"))
+        else:
+            live.append(r)
+    return live
+
+
+def set_thread_count(n: int | None) -> None:
+    """This OS thread's torch intra-op thread count (each thread has its own). torch gives a thread its count on
+    first use, copied from whichever thread set one last, so that happens first: else the other worker's later
+    `set_num_threads` would become this thread's count."""
+    if n:
+        torch.get_num_threads()
+        torch.set_num_threads(n)
+
+
+class PredictorWorker:
+    """Cuts batches by the batching policy and builds each one's hash table (on its own CUDA stream on a GPU)."""
+
+    def __init__(self, runner, batcher: Batcher, metrics, on_leave: Callable[[Request], None]):
+        self.runner = runner
+        self.batcher = batcher
+        self.metrics = metrics
+        self.on_leave = on_leave  # a request leaves the queue: started, or dropped at its deadline
+        device = runner.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def step(
+        self, arrived: list[Request], now: float, room: int | None = None, flush: bool = False
+    ) -> list[HashedBatch]:
+        """Take in `arrived`, then cut and hash up to `room` batches (None: all that are due); `flush` cuts
+        batches without waiting for them to fill (shutdown)."""
+        for r in arrived:
+            self.batcher.add(r, r.key, len(r.ids), r.arrival)
+        out: list[HashedBatch] = []
+        while room is None or len(out) < room:
+            requests = self.batcher.pop_ready(now, flush=flush)
+            if requests is None:
+                break
+            live = drop_expired(requests, now, self.on_leave)
+            if live:
+                out.append(self.hash(live))
+        return out
+
+    def hash(self, requests: list[Request]) -> HashedBatch:
+        """Pad the requests' ids and build the batch's hash table."""
+        enc = self.runner.pad([r.ids for r in requests])
+        t0 = time.perf_counter()
+        event = None
+        if self._stream is not None:  # never queues behind the kernels of the batch being computed
+            with torch.cuda.stream(self._stream):
+                table = self.runner.hash_table(enc)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        else:
+            table = self.runner.hash_table(enc)
+        seconds = time.perf_counter() - t0
+        if table is not None:
+            self.metrics.hash_build_seconds.observe(seconds)
+        return HashedBatch(requests, enc, table, seconds, event)
+
+
+class InferenceWorker:
+    """Runs hashed batches on the model and answers their requests."""
+
+    def __init__(self, runner, metrics, on_leave: Callable[[Request], None], shadow_sample_rate: float = 0.0):
+        self.runner = runner
+        self.metrics = metrics
+        self.on_leave = on_leave
+        self.shadow_sample_rate = shadow_sample_rate
+        self.batches = 0  # batches run so far (sampling for shadow routing counts them)
+
+    def step(self, batch: HashedBatch, now: float) -> None:
+        """Drop the batch's expired requests, run the rest as one batch, answer each (an error fails this batch's
+        requests only, is counted and logged)."""
+        if batch.table_event is not None:  # the table is read below: its kernels must have run first
+            torch.cuda.current_stream(self.runner.device).wait_event(batch.table_event)
+        live = drop_expired(batch.requests, now, self.on_leave)
+        if not live:
+            return
+        if len(live) != len(batch.requests):
+            kept = {id(r) for r in live}
+            batch = batch.keep([i for i, r in enumerate(batch.requests) if id(r) in kept])
+        for r in live:
+            r.started = now
+            self.on_leave(r)
+            self.metrics.queue_wait_seconds.observe(now - r.arrival)
+        self.metrics.observe_batch(len(live), int(batch.enc["attention_mask"].sum()))
+        self.batches += 1
+        try:
+            results = self.run(batch, shadow=self.shadow_due())
+        except Exception as e:  # noqa: BLE001 — one failing batch must not stop the server
+            log.exception("batch of %d requests failed", len(live))
+            self.metrics.batch_errors.inc()
+            for r in live:
+                r.resolve(error=e)
+            return
+        resolve_all(live, results)
+
+    def shadow_due(self) -> bool:
+        """Whether this batch also runs the router beside the table: every 1/rate-th batch, evenly spread."""
+        rate = self.shadow_sample_rate
+        return rate > 0 and (self.batches * rate) % 1 < rate
+
+    def run(self, batch: HashedBatch, shadow: bool) -> list:
+        """Classification or completion of a batch whose requests share one kind and parameters."""
+        first = batch.requests[0]
+        if first.kind == "classify":
+            return self.runner.classify_ids(batch.enc, first.params["task"], batch.table, shadow)
+        p = first.params
+        on_text = None
+        if any(r.on_text is not None for r in batch.requests):
+
+            def on_text(row: int, delta: str) -> None:
+                if batch.requests[row].on_text is not None:
+                    batch.requests[row].on_text(delta)
+
+        return self.runner.complete_ids(
+            batch.enc,
+            p["max_tokens"],
+            p["temperature"],
+            p["top_p"],
+            p["seed"],
+            p["stops"],
+            on_text,
+            batch.table,
+            shadow,
+        )
