@@ -9,7 +9,7 @@ MODEL ?= models/sida-switch-demo
 # CPU machines: this exact pin resolves to a CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run demo test install demo-model demo-card demo-predictor bench bench-gpu bench-http lint clean
+.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-gpu bench-http lint clean
 
 install: $(STAMP)
 
@@ -36,13 +36,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The edit loop: everything but the whole-dataset evaluations (marked `slow`); `make test` runs them all.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
 # Rebuild the embedded demo model from $(DATA) (stages 1-4, about 75 minutes on 2 CPU cores), its model card and predictor.
 demo-model: $(STAMP)
 	$(SIDA) build-demo --data $(DATA) --out $(MODEL)
 	$(MAKE) demo-card demo-predictor
 
 demo-card: $(STAMP)
-	$(PY) -m server.model_card --model $(MODEL) --data $(DATA)
+	$(SIDA) build-demo --stage card --out $(MODEL) --data $(DATA)
 
 # Rebuild the demo model's predictor: router traces on SST-2/MRPC train and the C4 sample, then training;
 # then the decoder layers' per-step table (experts by decoder input token).

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import signal
 import sys
+from importlib.metadata import version
 
+import uvicorn
+import yaml
+
+from sida.offload.model_loader import ModelLoadError, load_model
+from sida.offload.runner import Runner
+from sida.predictor import cli as predictor_cli
+from sida.predictor.evaluation import evaluate, write_predictions
+from sida.server.app import app_from_settings
 from sida.server.composition import build_runner
 from sida.server.settings import Settings, SettingsError, load_settings
 
@@ -39,6 +51,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sida", description="SiDA-MoE serving daemon and tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('sida')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("classify", help="label sentences (SST-2 sentiment on the demo model)")
@@ -83,20 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved settings")
     _common(p)
 
-    from sida.predictor.cli import add_parser as add_predictor_parser
+    predictor_cli.add_parser(sub)
 
-    add_predictor_parser(sub)
-
-    p = sub.add_parser("build-demo", help="train the embedded demo model from ../shared/data (about 75 min, 2 cores)")
+    p = sub.add_parser("build-demo", help="train the embedded demo model (about 75 min on 2 cores), or its card")
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--out", default="models/sida-switch-demo")
     p.add_argument("--epochs", type=int)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--stage",
-        choices=["all", "revive", "consistent", "respread"],
+        choices=["all", "revive", "consistent", "respread", "card"],
         default="all",
-        help="all: stages 1-4; revive/consistent/respread: from stage 2/3/4 on, over the model in --out",
+        help="all: stages 1-4; revive/consistent/respread: from stage 2/3/4 on, over --out; card: re-measure its card",
     )
     return parser
 
@@ -126,16 +137,11 @@ def cmd_complete(args, settings: Settings) -> None:
 
 
 def cmd_eval(args, settings: Settings) -> None:
-    from sida.predictor.evaluation import evaluate, write_predictions
-
     runner = build_runner(settings, args.hash)
     result = evaluate(runner, args.task, args.data, args.limit, settings.batch_size)
     summary = {"model": str(settings.model_dir), "fingerprint": runner.loaded.fingerprint, **result.summary()}
     summary.update(runner.engine.summary())
     if settings.mode == "predicted":  # fidelity: the same data through the untouched model
-        from sida.offload.model_loader import load_model
-        from sida.offload.runner import Runner
-
         plain = Runner(load_model(settings.model_dir, settings.dtype, str(runner.device)), str(runner.device))
         base = evaluate(plain, args.task, args.data, args.limit, settings.batch_size)
         summary["resident_accuracy"] = round(base.accuracy, 6)
@@ -150,31 +156,24 @@ def cmd_eval(args, settings: Settings) -> None:
         print(f"{result.task}: accuracy {result.accuracy:.4f} on {result.examples} examples ({result.seconds:.1f}s)")
 
 
+class GracefulServer(uvicorn.Server):
+    """SIGTERM/SIGINT: stop accepting, answer everything accepted (the lifespan drains the pipeline), exit 0.
+
+    Plain uvicorn re-raises the signal after its shutdown, so the process ends with -15; a daemon under
+    systemd or Kubernetes should report a clean stop instead.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def cmd_serve(args, settings: Settings) -> None:
-    import contextlib
-    import logging
-    import signal
-
-    import uvicorn
-
-    from sida.server.app import app_from_settings
-
-    class GracefulServer(uvicorn.Server):
-        """SIGTERM/SIGINT: stop accepting, answer everything accepted (the lifespan drains the pipeline), exit 0.
-
-        Plain uvicorn re-raises the signal after its shutdown, so the process ends with -15; a daemon under
-        systemd or Kubernetes should report a clean stop instead.
-        """
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = app_from_settings(settings, args.hash)
     config = uvicorn.Config(
@@ -184,30 +183,26 @@ def cmd_serve(args, settings: Settings) -> None:
 
 
 def cmd_config(args, settings: Settings) -> None:
-    import yaml
-
     print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
 
 
 def cmd_build_demo(args) -> None:
-    from sida.server import demo_model
+    # offline tool: the serving daemon never loads the demo-model builder
+    from sida.server.demo_model import build
 
     argv = ["--data", args.data, "--out", args.out, "--threads", str(args.threads), "--stage", args.stage]
-    demo_model.main(argv + (["--epochs", str(args.epochs)] if args.epochs else []))
+    build.main(argv + (["--epochs", str(args.epochs)] if args.epochs else []))
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`sida …`: one command; a bad setting, model folder, file or value ends with one line and exit status 2
+    (PredictorError is a ValueError)."""
     args = build_parser().parse_args(argv)
-    from sida.offload.model_loader import ModelLoadError
-    from sida.predictor.artifact import PredictorError  # noqa: F401  (a ValueError, caught below)
-
     try:
         if args.command == "build-demo":
             return cmd_build_demo(args)
         if args.command == "predictor":
-            from sida.predictor.cli import run
-
-            return run(args)
+            return predictor_cli.run(args)
         settings = _settings(args)
         commands = {
             "classify": cmd_classify,

@@ -5,11 +5,15 @@ Read once in `main`; everything inward gets plain arguments (STYLE.md §2).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from sida.offload.engine import OffloadConfig
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sida-switch-demo"
 
@@ -19,6 +23,8 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
+    """Every setting of sida, typed and validated; field names are the YAML keys, `SIDA_<NAME>` env and flags."""
+
     model_config = SettingsConfigDict(env_prefix="SIDA_", extra="forbid", validate_default=True, frozen=True)
 
     model_dir: Path = DEFAULT_MODEL_DIR
@@ -107,9 +113,8 @@ class Settings(BaseSettings):
             raise ValueError("set budget_experts or budget_bytes, not both")
         return self
 
-    def offload_config(self):
-        from sida.offload.engine import OffloadConfig
-
+    def offload_config(self) -> OffloadConfig:
+        """The offload engine's part of the settings."""
         return OffloadConfig(
             self.mode, self.budget_experts, self.budget_bytes, self.policy, self.tier, self.prefetch_k, self.expert_dir
         )
@@ -144,8 +149,6 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
 
     Overrides that are None (flags not given) are ignored; every problem comes back as one SettingsError.
     """
-    import os
-
     config_file = config_file or os.environ.get("SIDA_CONFIG")
     cls = Settings
     if config_file is not None:
@@ -161,8 +164,6 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
 
 
 def _check_yaml(path: Path) -> None:
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

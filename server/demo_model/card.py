@@ -1,25 +1,26 @@
-"""Measures the demo model and writes its model card (README.md next to the weights).
+"""Measures the demo model and writes its model card (README.md next to the weights, and card.json).
 
-Every figure in the card is measured by this script on the files as shipped (fp16 weights loaded as fp32).
+Every figure in the card is measured on the files as shipped (fp16 weights loaded as fp32), or read from the
+training.json the build wrote.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
 import torch
 
-from sida.offload.datasets import read_wikitext_paragraphs
-from sida.offload.model_loader import load_model
+from sida.offload.datasets import TASKS, read_wikitext_paragraphs
+from sida.offload.model_loader import LoadedModel, load_model
 from sida.offload.runner import Runner
 from sida.predictor.evaluation import evaluate
 from sida.predictor.traces import LayerTrace, classification_batches, expert_usage, lm_batches, trace_batch
 
 
-def routing_report(loaded, batches) -> dict[int, dict]:
+def routing_report(loaded: LoadedModel, batches) -> dict[int, dict]:
+    """Per MoE layer, over the real tokens of `batches`: experts used, largest share, router confidence, histogram."""
     traces: list[list[LayerTrace]] = [trace_batch(loaded, *b) for b in batches]
     usage = expert_usage(traces, loaded.config.num_experts)
     report = {}
@@ -39,17 +40,16 @@ def routing_report(loaded, batches) -> dict[int, dict]:
 
 
 def measure(model_dir: Path, data_dir: Path) -> dict:
+    """Dev accuracies, size, files, fingerprint and routing of the model in `model_dir` (the card's figures)."""
     torch.manual_seed(0)
     loaded = load_model(model_dir)
     runner = Runner(loaded)
     sst2 = evaluate(runner, "sst2", data_dir / "sst2" / "dev.tsv", progress=False)
     mrpc = evaluate(runner, "mrpc", data_dir / "mrpc" / "dev.tsv", progress=False)
-    from sida.offload.datasets import TASKS
-
     sst2_prompts = [e.prompt for e in TASKS["sst2"].read(data_dir / "sst2" / "dev.tsv")]
+    mrpc_dev = TASKS["mrpc"].read(data_dir / "mrpc" / "dev.tsv")
     wiki = read_wikitext_paragraphs(data_dir / "wikitext2" / "wiki.valid.tokens", 600)
     random.Random(0).shuffle(wiki)
-    params = sum(p.numel() for p in loaded.model.parameters())
     layers = loaded.adapter.moe_layers(loaded.model)
     expert_params = sum(p.numel() for layer in layers for e in layer.experts for p in e.parameters())
     files = {f.name: f.stat().st_size for f in sorted(model_dir.iterdir()) if f.is_file() and f.name != "README.md"}
@@ -57,11 +57,9 @@ def measure(model_dir: Path, data_dir: Path) -> dict:
         "fingerprint": loaded.fingerprint,
         "sst2_dev_accuracy": round(sst2.accuracy, 4),
         "mrpc_dev_accuracy": round(mrpc.accuracy, 4),
-        "mrpc_dev_majority": round(
-            sum(e.label == "equivalent" for e in TASKS["mrpc"].read(data_dir / "mrpc" / "dev.tsv")) / mrpc.examples, 4
-        ),
+        "mrpc_dev_majority": round(sum(e.label == "equivalent" for e in mrpc_dev) / mrpc.examples, 4),
         "sst2_dev_seconds": round(sst2.seconds, 2),
-        "parameters": params,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "expert_parameters": expert_params,
         "files": files,
         "routing_sst2_dev": routing_report(loaded, classification_batches(runner, sst2_prompts)),
@@ -70,9 +68,19 @@ def measure(model_dir: Path, data_dir: Path) -> dict:
     }
 
 
+def write_card(model_dir: Path, data_dir: Path) -> dict:
+    """Measure the model in `model_dir` and write README.md (the card) and card.json (the measurements) there."""
+    m = measure(model_dir, data_dir)
+    training_path = model_dir / "training.json"
+    training = json.loads(training_path.read_text()) if training_path.is_file() else {}
+    (model_dir / "README.md").write_text(render(m, training))
+    (model_dir / "card.json").write_text(json.dumps(m, indent=1) + "\n")
+    return m
+
+
 def render(m: dict, training: dict) -> str:
+    """The model card's markdown, from `measure`'s result and the build's training.json."""
     c = training.get("recipe", {})
-    s1, s2, s3, s4 = (training.get(f"stage{i}", {}) for i in range(1, 5))
     lines = [
         "# sida-switch-demo",
         "",
@@ -80,15 +88,7 @@ def render(m: dict, training: dict) -> str:
         "project, so that sida has a real trained MoE to serve and measure without any download.",
         "Rebuild: `make demo-model` (trains, then runs `make demo-card`, which measured every figure below).",
         "",
-        "## Shape",
-        f"- d_model {c.get('d_model')}, d_ff {c.get('d_ff')}, {c.get('num_heads')} heads x d_kv {c.get('d_kv')}, "
-        f"{c.get('num_layers')}+{c.get('num_layers')} blocks, {c.get('num_experts')} experts per MoE layer.",
-        "- MoE layers: " + ", ".join(f"{la['index']} = `{la['name']}`" for la in m["layers"]) + ".",
-        f"- {m['parameters'] / 1e6:.2f} M parameters, {m['expert_parameters'] / 1e6:.2f} M of them in experts; "
-        "stored as fp16 safetensors.",
-        "- Files: " + ", ".join(f"`{k}` {v / 1e6:.2f} MB" for k, v in m["files"].items()) + ".",
-        f"- Fingerprint (config, weight file sizes and contents): `{m['fingerprint']}`.",
-        "",
+        *_shape_lines(m, c),
         "## Tasks and prompts",
         "- `sst2 sentence: <sentence>` → `positive` | `negative`",
         "- `mrpc sentence1: <s1> sentence2: <s2>` → `equivalent` | `not_equivalent`",
@@ -104,6 +104,36 @@ def render(m: dict, training: dict) -> str:
         "",
         f"SST-2 dev takes {m['sst2_dev_seconds']:.1f} s on this machine (`sida eval`, 2 CPU threads).",
         "",
+        *_routing_lines(m, c),
+        *_training_lines(training),
+        "",
+        "## Data licences",
+        "SST-2 (cite Socher et al. 2013), MRPC (Microsoft Research Shared Source License: **non-commercial use",
+        "only** — this model is trained on it, so the same restriction applies), C4 (ODC-BY), WikiText-2",
+        "(CC BY-SA 3.0, used only for measurement). See `../shared/data/*/SOURCE.md`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _shape_lines(m: dict, c: dict) -> list[str]:
+    """The card's "Shape" section: dimensions, MoE layers, size, files and fingerprint."""
+    return [
+        "## Shape",
+        f"- d_model {c.get('d_model')}, d_ff {c.get('d_ff')}, {c.get('num_heads')} heads x d_kv {c.get('d_kv')}, "
+        f"{c.get('num_layers')}+{c.get('num_layers')} blocks, {c.get('num_experts')} experts per MoE layer.",
+        "- MoE layers: " + ", ".join(f"{la['index']} = `{la['name']}`" for la in m["layers"]) + ".",
+        f"- {m['parameters'] / 1e6:.2f} M parameters, {m['expert_parameters'] / 1e6:.2f} M of them in experts; "
+        "stored as fp16 safetensors.",
+        "- Files: " + ", ".join(f"`{k}` {v / 1e6:.2f} MB" for k, v in m["files"].items()) + ".",
+        f"- Fingerprint (config, weight file sizes and contents): `{m['fingerprint']}`.",
+        "",
+    ]
+
+
+def _routing_lines(m: dict, c: dict) -> list[str]:
+    """The card's "Routing" section: one table per data set, one row per MoE layer."""
+    lines = [
         "## Routing (real tokens only, padding excluded)",
         "Router confidence: mean top-1 router probability (uniform = "
         f"{1 / (c.get('num_experts') or 16):.4f}) and mean top-1 minus top-2 margin.",
@@ -126,10 +156,18 @@ def render(m: dict, training: dict) -> str:
                 f"{r['mean_top1_prob']:.3f} | {r['mean_margin']:.3f} | {hist} |"
             )
         lines.append("")
-    lines += [
+    return lines + [
         "On SST-2 the decoder sees a single token (the start token) per example, so decoder layers route few",
         "experts there; their balance is measured on the WikiText continuation rows.",
         "",
+    ]
+
+
+def _training_lines(training: dict) -> list[str]:
+    """The card's "Training" section: the recipe and what each stage did, from training.json."""
+    c = training.get("recipe", {})
+    s1, s2, s3, s4 = (training.get(f"stage{i}", {}) for i in range(1, 5))
+    return [
         "## Training",
         f"- Data: SST-2 train (less {c.get('heldout')} rows held out to choose the checkpoint), MRPC train,",
         "  C4 sample (prefix-LM). Tokenizer: word-level BPE (8k) trained on the same text, lower-cased;",
@@ -144,31 +182,33 @@ def render(m: dict, training: dict) -> str:
         f"{s1.get('best', {}).get('heldout_acc', 0):.4f}).",
         f"- Stage 1: {s1.get('steps')} steps in {s1.get('minutes')} minutes on 2 CPU cores "
         "(other work was running on the same cores).",
-        "- Stage 2: decoder MoE layers see one token per classification example, so the per-sequence",
-        "  load-balancing loss left some decoder experts unused after stage 1 "
-        f"({s2.get('decoder_experts_used', {}).get('before')} experts used per decoder block, on C4",
-        "  continuations). Each unused expert got a copy of a busy one (weights plus 1% noise) and the pair's",
-        "  router rows became w ± δ, δ along the busy expert's tokens' main direction of variation, so that",
-        f"  they share its tokens; then a fine-tune of {c.get('revive_epochs')} epoch at lr {c.get('revive_lr')} "
-        f"({s2.get('steps')} steps, {s2.get('minutes')} minutes), and the same split once more for experts",
-        f"  the fine-tune left unused ({s2.get('split_after_finetune')}). After it: "
-        f"{s2.get('decoder_experts_used', {}).get('after')} experts used, held-out accuracy "
-        f"{s2.get('heldout_acc_final', s2.get('best', {}).get('heldout_acc', 0)):.4f}.",
+        *_stage2_lines(s2, c),
         *_stage3_lines(s3, c),
         *_stage4_lines(s4, c),
         "- History of every stage: `training.json`.",
-        "",
-        "## Data licences",
-        "SST-2 (cite Socher et al. 2013), MRPC (Microsoft Research Shared Source License: **non-commercial use",
-        "only** — this model is trained on it, so the same restriction applies), C4 (ODC-BY), WikiText-2",
-        "(CC BY-SA 3.0, used only for measurement). See `../shared/data/*/SOURCE.md`.",
-        "",
     ]
-    return "\n".join(lines)
+
+
+def _stage2_lines(s2: dict, recipe: dict) -> list[str]:
+    """What stage 2 (`stages.revive`) did: split idle decoder experts, fine-tune, split again."""
+    used = s2.get("decoder_experts_used", {})
+    return [
+        "- Stage 2: decoder MoE layers see one token per classification example, so the per-sequence",
+        "  load-balancing loss left some decoder experts unused after stage 1 "
+        f"({used.get('before')} experts used per decoder block, on C4",
+        "  continuations). Each unused expert got a copy of a busy one (weights plus 1% noise) and the pair's",
+        "  router rows became w ± δ, δ along the busy expert's tokens' main direction of variation, so that",
+        f"  they share its tokens; then a fine-tune of {recipe.get('revive_epochs')} epoch at lr "
+        f"{recipe.get('revive_lr')} ({s2.get('steps')} steps, {s2.get('minutes')} minutes), and the same split "
+        "once more for experts",
+        f"  the fine-tune left unused ({s2.get('split_after_finetune')}). After it: "
+        f"{used.get('after')} experts used, held-out accuracy "
+        f"{s2.get('heldout_acc_final', s2.get('best', {}).get('heldout_acc', 0)):.4f}.",
+    ]
 
 
 def _stage3_lines(s3: dict, recipe: dict) -> list[str]:
-    """What stage 3 (token-consistent encoder routing, `server.demo_model.consistent`) did, round by round."""
+    """What stage 3 (token-consistent encoder routing, `stages.consistent`) did, round by round."""
     rounds = s3.get("rounds") or []
     if not rounds:
         return []
@@ -186,12 +226,13 @@ def _stage3_lines(s3: dict, recipe: dict) -> list[str]:
             + f", held-out accuracy {r['best']['heldout_acc']:.3f}"
         )
     before = rounds[0]["router_confidence"]["before"]
+    sequences = f"{recipe.get('consistent_sequences', 0):,}".replace(",", " ")
     return [
         "- Stage 3: stages 1–2 leave the encoder routers near-uniform (mean top-1 router probability "
         + "/".join(f"{before[b]['mean_top1_prob']:.2f}" for b in sorted(before))
         + "), so a token's",
         "  expert flips with small changes of context, unlike trained Switch checkpoints whose encoder routing",
-        "  follows token identity. Each encoder MoE layer's routing was counted per token id on 20 000",
+        f"  follows token identity. Each encoder MoE layer's routing was counted per token id on {sequences}",
         "  training inputs and each token assigned the expert of its highest mean router logit plus a per-expert",
         f"  offset that keeps every expert within {recipe.get('consistent_slack')}x of an even share; the model was "
         "fine-tuned one epoch per round",
@@ -204,7 +245,7 @@ def _stage3_lines(s3: dict, recipe: dict) -> list[str]:
 
 
 def _stage4_lines(s4: dict, recipe: dict) -> list[str]:
-    """What stage 4 (`server.demo_model.respread`) did: stage 2's split again, after stage 3, without a fine-tune."""
+    """What stage 4 (`stages.respread`) did: stage 2's split again, after stage 3, without a fine-tune."""
     if not s4:
         return []
     used, acc = s4["decoder_experts_used"], s4["heldout_acc"]
@@ -224,22 +265,3 @@ def _stage4_lines(s4: dict, recipe: dict) -> list[str]:
         "  donor compute almost what the donor did, and the encoder is untouched. After it: "
         f"{per_block(used['after'])} experts used, held-out accuracy {acc['before']:.3f} → {acc['after']:.3f}.",
     ]
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", type=Path, default=Path("models/sida-switch-demo"))
-    p.add_argument("--data", type=Path, default=Path("../shared/data"))
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    m = measure(args.model, args.data)
-    training_path = args.model / "training.json"
-    training = json.loads(training_path.read_text()) if training_path.is_file() else {}
-    (args.model / "README.md").write_text(render(m, training))
-    (args.model / "card.json").write_text(json.dumps(m, indent=1) + "\n")
-    print(json.dumps({k: m[k] for k in ("sst2_dev_accuracy", "mrpc_dev_accuracy", "fingerprint")}))
-
-
-if __name__ == "__main__":
-    main()

@@ -39,6 +39,7 @@ def result(demo_dir, data_dir):
     return offload_bench.run(args, log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_every_method_and_budget_has_a_row_with_the_documented_fields(result):
     cells = {(r["method"], r["prefetch_k"], r["budget_fraction"]) for r in result["rows"]}
     assert ("resident", None, 1.0) in cells
@@ -51,12 +52,14 @@ def test_every_method_and_budget_has_a_row_with_the_documented_fields(result):
         assert key in result["header"]
 
 
+@pytest.mark.slow
 def test_lossless_methods_predict_what_resident_predicts(result):
     for row in result["rows"]:
         if row["method"] in ("accelerate", "lru", "exact"):
             assert row["agreement_with_resident"] == 1.0, row
 
 
+@pytest.mark.slow
 def test_the_counts_hang_together(result):
     for row in result["rows"]:
         if row["method"] == "resident":
@@ -73,6 +76,7 @@ def test_the_counts_hang_together(result):
     assert all(r["prefetch_loads"] > 0 and r["hash_hit_rate"]["top1"] > 0 for r in exact)
 
 
+@pytest.mark.slow
 def test_report_writes_tables_goals_and_plots(result, tmp_path):
     path = tmp_path / "cpu.json"
     for row in result["rows"]:
@@ -86,3 +90,9 @@ def test_report_writes_tables_goals_and_plots(result, tmp_path):
     assert "hand-written text" in text and "old" not in text.split("BEGIN cpu")[1]
     assert "| resident |" in text and "Goals:" in text and "exact` k3 at 100% budget" in text
     assert list((tmp_path / "docs" / "img").glob("cpu-*.png"))
+
+
+def test_predictor_inputs_carry_the_task_prompt_once(data_dir):
+    inputs = offload_bench.predictor_inputs(5)
+    assert len(inputs) == 5
+    assert all(x.startswith("sst2 sentence: ") and x.count("sst2 sentence:") == 1 for x in inputs)

@@ -29,6 +29,7 @@ def exact_eval(demo_dir, data_dir, **cfg):
 
 
 # 64 experts in all: 1, 3, one layer's worth (16 = also 25%), 50%
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [1, 3, 16, 32])
 def test_exact_equals_resident_at_every_budget(demo_dir, data_dir, resident, budget):
     result, engine = exact_eval(demo_dir, data_dir, budget_experts=budget)
@@ -43,6 +44,7 @@ def test_exact_equals_resident_at_every_budget(demo_dir, data_dir, resident, bud
 @pytest.mark.parametrize(
     "policy, tier", [("fifo", "ram"), ("lfu", "ram"), ("fifo", "disk"), ("lru", "disk"), ("lfu", "disk")]
 )
+@pytest.mark.slow
 def test_exact_equals_resident_for_every_policy_and_tier(demo_dir, data_dir, resident, tmp_path, policy, tier):
     result, engine = exact_eval(demo_dir, data_dir, budget_experts=3, policy=policy, tier=tier, expert_dir=tmp_path)
     assert result.predictions == resident.predictions
@@ -66,6 +68,7 @@ def test_exact_logits_equal_huggingface(demo_dir, data_dir):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_prediction_files_compare_equal(demo_dir, data_dir, tmp_path):
     files = []
     for mode in (["--mode", "resident"], ["--mode", "exact", "--budget-experts", "3", "--policy", "fifo"]):
