@@ -13,10 +13,13 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 
 @dataclass(frozen=True)
 class MoELayer:
+    """One MoE layer of a model: where it sits and its router and experts."""
+
     index: int  # 0..L-1 over the whole model, encoder layers first
     name: str  # module path of the sparse MLP, e.g. "encoder.block.1.layer.1.mlp"
     stack: str  # "encoder" | "decoder"
@@ -27,6 +30,8 @@ class MoELayer:
 
 
 class MoEAdapter(Protocol):
+    """What sida needs to know about a model family; one implementation per family."""
+
     family: str
 
     def embeddings(self, model: nn.Module) -> nn.Embedding: ...
@@ -60,8 +65,6 @@ class SwitchAdapter:
 
     def expert_forward(self, model: nn.Module):
         """f(params, x) computing one expert from its packed weights, as SwitchTransformersDenseActDense does."""
-        from transformers.activations import ACT2FN
-
         act = ACT2FN[model.config.dense_act_fn]
 
         def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +102,7 @@ ADAPTERS: dict[str, type] = {"switch_transformers": SwitchAdapter}
 
 
 def adapter_for(model_type: str) -> MoEAdapter:
+    """The adapter of a config's `model_type`; a clear error for an unsupported family."""
     try:
         return ADAPTERS[model_type]()
     except KeyError:
@@ -116,6 +120,8 @@ class RoutingRecord:
 
 @dataclass
 class RoutingCapture:
+    """Router records of the MoE layers observed by `capture_routing`."""
+
     records: dict[int, list[RoutingRecord]] = field(default_factory=dict)  # MoE layer index → calls in order
 
 

@@ -15,12 +15,16 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Example:
+    """One model input as a prompt, and its label word (None where the split is unlabelled)."""
+
     prompt: str
     label: str | None  # a label word of the task, or None for unlabeled data
 
 
 @dataclass(frozen=True)
 class Task:
+    """A text-to-text task: its label words and the prompt its inputs are written in."""
+
     name: str
     labels: tuple[str, ...]  # label words, index = dataset label id
     fields: tuple[str, ...]  # the texts of one input, in order (a sentence; a sentence pair; ...)
@@ -36,6 +40,7 @@ class Task:
         return self.template.format(**{f: t.strip() for f, t in zip(self.fields, texts)})
 
     def read(self, path: str | Path, limit: int | None = None) -> list[Example]:
+        """The examples of a data file of this task (the first `limit`)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{self.name} data file not found: {path}")
@@ -108,6 +113,7 @@ LABEL_WORDS: tuple[str, ...] = tuple(word for task in TASKS.values() for word in
 
 
 def get_task(name: str) -> Task:
+    """The task named `name`; a clear error naming the known tasks."""
     try:
         return TASKS[name]
     except KeyError:

@@ -140,6 +140,7 @@ class DeviceExpertCache:
         return out
 
     def release(self, keys: Iterable[ExpertKey]) -> None:
+        """Unpin `keys` (once per acquire); unpinned experts stay resident until evicted."""
         for key in keys:
             if self._pins[key] <= 0:
                 raise RuntimeError(f"expert {key} released more often than acquired")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 ExpertKey = tuple[int, int]  # (MoE layer index, expert index)
@@ -47,6 +48,7 @@ class ExpertLayout:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
     def pack(self, expert: nn.Module, out: torch.Tensor) -> None:
+        """Copy `expert`'s parameters into the flat buffer `out` [numel], in layout order."""
         params = dict(expert.named_parameters())
         offset = 0
         for name, shape in zip(self.names, self.shapes):
@@ -82,6 +84,7 @@ class ExpertStore:
         return self.layout.nbytes
 
     def host(self, key: ExpertKey) -> torch.Tensor:
+        """The host buffer [numel] of one expert: what a slot copies from."""
         return self._buffers[key]
 
     @classmethod
@@ -118,8 +121,6 @@ def _name(key: ExpertKey) -> str:
 
 
 def _write_experts(path: Path, layout: ExpertLayout, experts: list[tuple[ExpertKey, nn.Module]]) -> None:
-    from safetensors.torch import save_file
-
     tensors = {}
     for key, module in experts:
         buf = torch.empty(layout.numel, dtype=layout.dtype)

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoTokenizer, SwitchTransformersForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from sida.offload.adapters import MoEAdapter, adapter_for
 
@@ -21,6 +24,8 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
+    """A model from a local folder, with its tokenizer, family adapter, config and fingerprint."""
+
     model: nn.Module
     tokenizer: object  # a transformers PreTrainedTokenizerFast
     adapter: MoEAdapter
@@ -46,9 +51,9 @@ def fingerprint(model_dir: str | Path) -> str:
     """sha256 over config.json's content and, per weight file, its name, size and bytes: all of them up to
     FINGERPRINT_WHOLE, else 64 evenly spaced MiB from the first to the last.
 
-    Artifacts built for a model (predictor, traces) store it and are refused by a different model. The demo
-    model's file (21 MB) changes only in its middle when its decoder experts are split, so small files are
-    read whole; sampling keeps multi-GB checkpoints cheap and still catches retrained weights of the same shapes.
+    Artifacts built for a model (predictor, traces) store it and are refused by a different model. Small files
+    are read whole, since an edit of a few experts changes only bytes in the middle of a file; sampling keeps
+    multi-GB checkpoints cheap and still catches retrained weights of the same shapes.
     """
     model_dir = Path(model_dir)
     h = hashlib.sha256()
@@ -98,10 +103,7 @@ def check_model_dir(model_dir: str | Path) -> dict:
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
-    from safetensors import SafetensorError
-    from transformers import AutoTokenizer, SwitchTransformersForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
+    """Load a local Hugging Face folder (safetensors only, never the hub); one-line ModelLoadError otherwise."""
     hf_logging.disable_progress_bar()  # one-line errors and clean stderr; sida reports its own progress
 
     model_dir = Path(model_dir)

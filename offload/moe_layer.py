@@ -50,6 +50,8 @@ class RoutingContext:
 
 
 class SiDAMoELayer(nn.Module):
+    """A Switch sparse MLP that runs its experts from cache slots, routed by the router or the hash table."""
+
     def __init__(
         self,
         index: int,

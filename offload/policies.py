@@ -11,6 +11,8 @@ from collections.abc import Hashable, Iterable
 
 
 class EvictionPolicy:
+    """Which resident, unpinned expert to evict: told inserts, accesses and removals, asked for a victim."""
+
     name = "base"
 
     def on_insert(self, key: Hashable) -> None:
@@ -96,6 +98,7 @@ POLICIES: dict[str, type[EvictionPolicy]] = {"fifo": FIFOPolicy, "lru": LRUPolic
 
 
 def make_policy(name: str) -> EvictionPolicy:
+    """A new policy by name (fifo, lru, lfu); a clear error for another name."""
     try:
         return POLICIES[name]()
     except KeyError:

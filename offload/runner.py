@@ -24,12 +24,16 @@ Encoded = dict[str, torch.Tensor]  # input_ids, attention_mask: [batch, seq], ri
 
 @dataclass(frozen=True)
 class Classification:
+    """A label word and the probability of every label of the task."""
+
     label: str
     probs: dict[str, float]
 
 
 @dataclass(frozen=True)
 class Completion:
+    """Generated text of one prompt, token counts and why it ended."""
+
     text: str
     prompt_tokens: int
     completion_tokens: int

@@ -7,6 +7,7 @@ published config values: d_model 768, d_ff 3072, 12 heads x d_kv 64, 12+12 block
 from __future__ import annotations
 
 import torch
+from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
 SWITCH_BASE_EXPERTS = (8, 16, 32, 64, 128, 256)
 
@@ -15,8 +16,7 @@ PAPER_TABLE2_GIB = {8: (2.298, 1.7932), 64: (14.112, 13.608), 128: (27.614, 27.1
 
 
 def switch_base_config(num_experts: int):
-    from transformers import SwitchTransformersConfig
-
+    """The published switch-base-N configuration (N experts per MoE layer)."""
     if num_experts not in SWITCH_BASE_EXPERTS:
         raise ValueError(f"switch-base-{num_experts} does not exist; choose from {SWITCH_BASE_EXPERTS}")
     return SwitchTransformersConfig(
@@ -42,8 +42,6 @@ def switch_base_config(num_experts: int):
 
 def switch_base_model(num_experts: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A randomly initialised switch-base-N; `device="meta"` gives the shapes without allocating memory."""
-    from transformers import SwitchTransformersForConditionalGeneration
-
     config = switch_base_config(num_experts)
     with torch.device(device):
         model = SwitchTransformersForConditionalGeneration(config)

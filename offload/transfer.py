@@ -14,6 +14,8 @@ import torch
 
 
 class Transfer:
+    """Copies host expert buffers into device slots: a side stream and events on CUDA, plain copies on CPU."""
+
     def __init__(self, device: torch.device, expert_numel: int, dtype: torch.dtype):
         self.device = device
         self.cuda = device.type == "cuda"

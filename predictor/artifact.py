@@ -7,18 +7,20 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from sida.offload.hash_table import HashTable
 from sida.predictor.network import HashPredictor, PredictorArch
 
 
 class PredictorError(ValueError):
+    """A predictor artifact that cannot be used (missing files, built for another model)."""
+
     pass
 
 
 def save_predictor(pred: HashPredictor, out_dir: str | Path, fingerprint: str, info: dict) -> Path:
-    from safetensors.torch import save_file
-
+    """Write `predictor.safetensors` and `predictor.json` (architecture, model fingerprint, `info`) into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in pred.state_dict().items()}
@@ -43,8 +45,7 @@ def predictor_folder(path: str | Path) -> Path:
 
 
 def load_predictor(path: str | Path, fingerprint: str) -> tuple[HashPredictor, dict]:
-    from safetensors.torch import load_file
-
+    """(predictor in eval mode, its metadata) from a folder or its weights file; refused for another model."""
     folder = predictor_folder(path)
     meta_path, weights = folder / "predictor.json", folder / "predictor.safetensors"
     if not meta_path.is_file() or not weights.is_file():

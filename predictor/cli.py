@@ -9,10 +9,25 @@ from pathlib import Path
 
 import torch
 
-from sida.predictor.train import TrainConfig
+from sida.offload.datasets import get_task, read_c4_texts, read_inputs, read_wikitext_paragraphs
+from sida.offload.model_loader import load_model
+from sida.offload.runner import Runner
+from sida.predictor.artifact import PredictorError, find_predictor, load_predictor, predictor_folder, save_predictor
+from sida.predictor.decoder import DecoderGuess, PrevTokenTable, decoder_hit_rates, decoder_routes, guess_hit_rates
+from sida.predictor.traces import (
+    TraceSet,
+    classification_batches,
+    collect_traces,
+    lm_batches,
+    load_traces,
+    save_traces,
+    verify_alignment,
+)
+from sida.predictor.train import TrainConfig, hit_rates, train
 
 
 def add_parser(sub) -> None:
+    """Register `sida predictor trace|train|decoder|eval` on the `sida` parser."""
     p = sub.add_parser("predictor", help="router traces, hash-function training and evaluation")
     psub = p.add_subparsers(dest="predictor_command", required=True)
 
@@ -51,17 +66,13 @@ def _progress(done: int, total: int) -> None:
 
 
 def run(args) -> None:
-    from sida.offload.model_loader import load_model
-
+    """Load the model once and run the chosen `sida predictor` command."""
     loaded = load_model(args.model)
     commands = {"trace": _trace, "train": _train, "decoder": _decoder, "eval": _eval}
     commands[args.predictor_command](args, loaded)
 
 
 def _trace(args, loaded) -> None:
-    from sida.offload.datasets import read_inputs
-    from sida.predictor.traces import collect_traces, save_traces
-
     limits = args.limit or []
     inputs = []
     for i, path in enumerate(args.data):
@@ -73,16 +84,12 @@ def _trace(args, loaded) -> None:
 
 
 def _train(args, loaded) -> None:
-    from sida.predictor.artifact import save_predictor
-    from sida.predictor.traces import load_traces, verify_alignment
-    from sida.predictor.train import train
-
     parts = [load_traces(p) for p in args.traces]
     for path, part in zip(args.traces, parts):
         agreement = verify_alignment(loaded, part)
         if agreement < 0.99:
             raise ValueError(f"{path}: only {agreement:.1%} of re-routed tokens match: traces misaligned or stale")
-    traces = parts[0] if len(parts) == 1 else _concat(parts)
+    traces = TraceSet.concat(parts)
     cfg = TrainConfig(hidden=args.hidden, max_epochs=args.epochs, lr=args.lr)
     emb = loaded.adapter.embeddings(loaded.model).weight.detach().float()
     ckpt = Path(args.checkpoint) if args.checkpoint else None
@@ -97,10 +104,6 @@ def _train(args, loaded) -> None:
 def _decoder(args, loaded) -> None:
     """Fit on teacher-forced C4 continuations and the first decoder step of SST-2/MRPC train prompts; measure on
     WikiText-2 valid continuations and SST-2 dev (never fitted on)."""
-    from sida.offload.datasets import get_task, read_c4_texts, read_wikitext_paragraphs
-    from sida.offload.runner import Runner
-    from sida.predictor.decoder import DecoderGuess, PrevTokenTable, decoder_hit_rates, decoder_routes
-    from sida.predictor.traces import classification_batches, lm_batches
 
     data = Path(args.data)
     runner = Runner(loaded)
@@ -122,25 +125,7 @@ def _decoder(args, loaded) -> None:
     print(json.dumps({"out": str(Path(args.out) / DecoderGuess.FILE), **info}))
 
 
-def _concat(parts):
-    from sida.predictor.traces import TraceSet, _pad_cat
-
-    width = max(p.input_ids.shape[1] for p in parts)
-    return TraceSet(
-        _pad_cat([p.input_ids for p in parts], width),
-        _pad_cat([p.attention_mask for p in parts], width),
-        {la: _pad_cat([p.top_idx[la] for p in parts], width) for la in parts[0].layers},
-        {la: _pad_cat([p.top_prob[la] for p in parts], width) for la in parts[0].layers},
-        parts[0].fingerprint,
-    )
-
-
 def _eval(args, loaded) -> None:
-    from sida.offload.datasets import read_inputs
-    from sida.predictor.artifact import PredictorError, find_predictor, load_predictor
-    from sida.predictor.traces import collect_traces
-    from sida.predictor.train import hit_rates
-
     path = args.predictor or find_predictor(loaded.path)
     if path is None:
         raise PredictorError(f"{loaded.path} ships no predictor; pass --predictor")
@@ -164,10 +149,6 @@ def _eval(args, loaded) -> None:
 def _decoder_eval(loaded, path, inputs: list[str]) -> dict:
     """Decoder layers: hit rates of the shipped per-step table at the first decoder step of these inputs (what
     classification runs); the router always routes them, the table only prefetches."""
-    from sida.offload.runner import Runner
-    from sida.predictor.artifact import predictor_folder
-    from sida.predictor.decoder import DecoderGuess, decoder_routes, guess_hit_rates
-    from sida.predictor.traces import classification_batches
 
     folder = predictor_folder(path)
     guess = DecoderGuess.load(folder, loaded.fingerprint)

@@ -5,14 +5,21 @@ teacher-forced traces, which experts each decoder MoE layer used at positions wh
 token v, and predicts the most frequent ones. The first step's input is always the start token, and what
 follows it depends on the input (classification prompts and continuations route it apart), so that step is
 keyed by the encoder's first token instead (`decoder_keys`). `decoder_hit_rates` measures it (real tokens
-only) against a frequency-only baseline, which is what decides whether decoder prefetch is worth wiring in.
+only) against a frequency-only baseline. What sida serves with is the frozen `DecoderGuess`: the decoder
+guess of each decoder step, used to prefetch (the router still routes).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sida.offload.model_loader import LoadedModel
+from sida.predictor.artifact import PredictorError
 from sida.predictor.traces import trace_batch
 
 
@@ -44,6 +51,7 @@ class PrevTokenTable:
         self.shape = (2 * vocab_size, num_experts)
 
     def fit(self, routes) -> PrevTokenTable:
+        """Add the routes' (layer, keys [n], router top-1 [n]) to the counts."""
         for layer, keys, expert in routes:
             c = self.counts.setdefault(layer, torch.zeros(self.shape, dtype=torch.long))
             c.index_put_((keys, expert), torch.ones_like(keys), accumulate=True)
@@ -64,6 +72,7 @@ class PrevTokenTable:
 
 
 def decoder_hit_rates(table: PrevTokenTable, routes, ks=(1, 3)) -> dict:
+    """Per decoder layer: the table's top-k hit rates and a frequency-only baseline's, on `routes`."""
     hits, base, tokens = {}, {}, {}
     for layer, keys, expert in routes:
         tokens[layer] = tokens.get(layer, 0) + expert.numel()
@@ -85,8 +94,8 @@ def decoder_hit_rates(table: PrevTokenTable, routes, ks=(1, 3)) -> dict:
 class DecoderGuess:
     """The frozen form of a PrevTokenTable that sida serves with: per decoder MoE layer, every key's experts
     ranked best first ([2 x vocab, experts] int16). `predict` is a gather: cheap enough to run at every decoder
-    step. `vocab_size` None: a table of decoder input tokens only ([vocab, experts]), as built before first steps
-    had their own rows."""
+    step. `vocab_size` None: a table keyed by decoder input tokens only ([vocab, experts]), with no first-step
+    rows by encoder token."""
 
     FILE = "decoder.safetensors"
 
@@ -96,6 +105,7 @@ class DecoderGuess:
 
     @classmethod
     def from_table(cls, table: PrevTokenTable) -> DecoderGuess:
+        """Freeze a fitted PrevTokenTable: each key's experts ranked best first."""
         ranked = {layer: table.scores(layer).argsort(dim=-1, descending=True).to(torch.int16) for layer in table.counts}
         return cls(ranked, table.vocab_size)
 
@@ -115,6 +125,7 @@ class DecoderGuess:
         return sorted(self.ranked)
 
     def to(self, device) -> DecoderGuess:
+        """The same guess with its rankings on `device`."""
         return DecoderGuess({k: v.to(device) for k, v in self.ranked.items()}, self.vocab_size)
 
     def predict(self, layer: int, keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -123,11 +134,7 @@ class DecoderGuess:
         return ranked[keys.clamp(0, ranked.shape[0] - 1), :k].long()
 
     def save(self, folder, fingerprint: str, info: dict) -> None:
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
+        """Write `decoder.safetensors` into the predictor folder, with the model's fingerprint."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(
@@ -139,10 +146,6 @@ class DecoderGuess:
     @classmethod
     def load(cls, folder, fingerprint: str) -> DecoderGuess | None:
         """The guess shipped in a predictor folder, or None; one built for another model is an error."""
-        from pathlib import Path
-
-        from safetensors import safe_open
-
         path = Path(folder) / cls.FILE
         if not path.is_file():
             return None
@@ -150,10 +153,8 @@ class DecoderGuess:
             meta = f.metadata() or {}
             ranked = {int(k.removeprefix("layer").split(".")[0]): f.get_tensor(k) for k in f.keys()}
         if meta.get("fingerprint") != fingerprint:
-            from sida.predictor.artifact import PredictorError
-
             raise PredictorError(
-                f"{path}: decoder table was built for model {meta.get('fingerprint')}, this model is {fingerprint}"
+                f"{path}: decoder guess was built for model {meta.get('fingerprint')}, this model is {fingerprint}"
             )
         return cls(ranked, int(meta["vocab_size"]) if meta.get("vocab_size") else None)
 

@@ -18,6 +18,8 @@ from sida.offload.runner import Runner
 
 @dataclass
 class EvalResult:
+    """Accuracy of one task over one data file, with each example's predicted label in file order."""
+
     task: str
     examples: int
     accuracy: float
@@ -36,6 +38,7 @@ class EvalResult:
 def evaluate(
     runner: Runner, task_name: str, data: str | Path, limit: int | None = None, batch_size: int = 32, progress=True
 ) -> EvalResult:
+    """Classify every labelled example of `data` in length-sorted batches; accuracy against the labels."""
     task = get_task(task_name)
     examples = task.read(data, limit)
     if not examples:
@@ -60,6 +63,7 @@ def evaluate(
 
 
 def write_predictions(result: EvalResult, path: str | Path) -> None:
+    """One JSON line per example, `{index, prediction}`: comparable across modes with `cmp`."""
     with Path(path).open("w", encoding="utf-8") as f:
         for i, p in enumerate(result.predictions):
             f.write(json.dumps({"index": i, "prediction": p}) + "\n")

@@ -18,6 +18,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class PredictorArch:
+    """The hash network's shape: vocabulary and embedding width, experts, covered MoE layers, LSTM size."""
+
     vocab_size: int
     d_embed: int
     num_experts: int
@@ -27,14 +29,18 @@ class PredictorArch:
     bidirectional: bool = True
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (what `predictor.json` stores under "arch")."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> PredictorArch:
+        """The architecture stored by `to_dict` (JSON lists back to tuples)."""
         return cls(**{**d, "layers": tuple(d["layers"])})
 
 
 class HashPredictor(nn.Module):
+    """Token ids [batch, seq] → router-like logits [layers, batch, seq, experts] for every covered MoE layer."""
+
     def __init__(self, arch: PredictorArch):
         super().__init__()
         self.arch = arch
@@ -71,7 +77,8 @@ class HashPredictor(nn.Module):
         return self._directions
 
     def encode(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The bidirectional LSTM over right-padded `x` [batch, seq, hidden]; padded positions come out as zeros."""
+        """The bidirectional LSTM over right-padded `x` [batch, seq, hidden] with `attention_mask` [batch, seq];
+        returns [batch, seq, hidden], padded positions as zeros."""
         seq = x.shape[1]
         lengths = attention_mask.sum(1, keepdim=True)  # [batch, 1]
         t = torch.arange(seq, device=x.device)
@@ -86,7 +93,8 @@ class HashPredictor(nn.Module):
         return x * attention_mask[..., None].to(x.dtype)
 
     def attention_weights(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, seq] sparse weights: each row sums to 1 over real tokens and is mostly zeros."""
+        """Attention of `x` [batch, seq, hidden] over itself: [batch, seq, seq] sparse weights, each row summing
+        to 1 over the real tokens of `mask` [batch, seq] and mostly zeros."""
         if torch.is_grad_enabled():
             scores = self.query(x) @ self.key(x).transpose(1, 2) / math.sqrt(x.shape[-1])  # [batch, seq, seq]
             return self.sparsemax(scores.masked_fill(~mask[:, None, :].bool(), -1e4))
@@ -95,7 +103,7 @@ class HashPredictor(nn.Module):
         return sparsemax_small_support(scores.masked_fill(~mask[:, None, :].bool(), -1e4), self.sparsemax)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Router-like logits [layers, batch, seq, experts]."""
+        """Token ids and mask [batch, seq] → router-like logits [layers, batch, seq, experts]."""
         if torch.is_grad_enabled():
             x = self.proj(self.embed(input_ids))
         else:
@@ -114,8 +122,8 @@ class HashPredictor(nn.Module):
         [vocab, hidden], and query·key as one linear map).
 
         With q = x Wqᵀ + bq and k = x Wkᵀ + bk, q_i·k_j = (x_i WqᵀWk + bq Wk)·x_j + terms that depend on i only;
-        sparsemax is unchanged by adding a constant to a row, so those terms are dropped. Two matmuls fewer
-        per forward: about 6% of the predictor's time at batch 32 on CPU."""
+        sparsemax is unchanged by adding a constant to a row, so those terms are dropped: two matmuls fewer
+        per forward."""
         sources = (
             self.embed.weight,
             self.proj.weight,
@@ -137,9 +145,8 @@ class HashPredictor(nn.Module):
 def torch_threads(n: int):
     """Run the block with `n` torch intra-op threads (a per-OS-thread setting), then restore the count.
 
-    The predictor's LSTM steps are too small to split: one direction of one layer over a batch of 32 SST-2
-    sentences takes 0.28 ms on 1 thread and 0.37 ms on 2 (oneDNN, this 2-core box), while its attention and
-    heads still gain from a second thread."""
+    The predictor's LSTM steps are too small to gain from splitting across threads, while its attention and
+    heads still do, so only the LSTM runs on one thread."""
     before = torch.get_num_threads()
     if before == n:
         yield
@@ -152,13 +159,14 @@ def torch_threads(n: int):
 
 
 def sparsemax_small_support(scores: torch.Tensor, full: Sparsemax, ks: tuple[int, ...] = (12, 24)) -> torch.Tensor:
-    """Sparsemax over the last dim from each row's top-k scores only (no gradient), the same numbers as `full`.
+    """Sparsemax over the last dim of `scores` [..., n] from each row's top-k only (no gradient): the same
+    numbers as `full`, same shape.
 
     Sparsemax keeps the j largest scores where j is the last index with 1 + j·z₍ⱼ₎ > z₍₁₎ + … + z₍ⱼ₎ (z sorted
     descending, and the condition holds for a prefix of j). If it fails within the top k, that is the support;
     rows whose support fills all k are redone with the next k of `ks`, and after the last through `full` (the
-    sparsemax package). A full sort of every row costs more than the rest of the predictor's attention on CPU;
-    on SST-2 the shipped predictor's rows keep 2-22 scores (2.4% more than 12), so most rows need only a top-12."""
+    sparsemax package). A full sort of every row costs more than the rest of the predictor's attention on CPU,
+    and a trained predictor's attention rows keep few scores, so most rows need only the first top-k."""
     k, *wider = ks
     if scores.shape[-1] <= k:
         return full(scores)

@@ -14,6 +14,8 @@ from sida.offload.model_loader import LoadedModel
 
 
 class OracleHash:
+    """(input_ids, attention_mask, decoder_input_ids) → the router's own top-k as a HashTable."""
+
     def __init__(self, resident: LoadedModel, k: int = 3):
         self.loaded = resident
         self.layers = resident.adapter.moe_layers(resident.model)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sida.offload.adapters import capture_routing
 from sida.offload.model_loader import LoadedModel
@@ -18,6 +20,8 @@ from sida.offload.runner import Runner
 
 @dataclass
 class LayerTrace:
+    """One MoE layer's router decisions for the real tokens of one batch, in (sequence, position) order."""
+
     layer: int  # MoE layer index (encoder first)
     stack: str  # "encoder" | "decoder"
     expert: torch.Tensor  # [real_tokens] the router's top-1 expert
@@ -111,7 +115,22 @@ class TraceSet:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @classmethod
+    def concat(cls, parts: list[TraceSet]) -> TraceSet:
+        """The rows of every part, in order, padded to the widest; the parts must cover the same layers."""
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.input_ids.shape[1] for p in parts)
+        return cls(
+            _pad_cat([p.input_ids for p in parts], width),
+            _pad_cat([p.attention_mask for p in parts], width),
+            {la: _pad_cat([p.top_idx[la] for p in parts], width) for la in parts[0].layers},
+            {la: _pad_cat([p.top_prob[la] for p in parts], width) for la in parts[0].layers},
+            parts[0].fingerprint,
+        )
+
     def subset(self, rows: torch.Tensor) -> TraceSet:
+        """The rows `rows` [n], trimmed to their widest real length."""
         width = int(self.attention_mask[rows].sum(1).max())
         return TraceSet(
             self.input_ids[rows, :width],
@@ -166,8 +185,7 @@ def collect_traces(
 
 
 def save_traces(traces: TraceSet, path: str | Path) -> None:
-    from safetensors.torch import save_file
-
+    """Write a TraceSet as one safetensors file (compact dtypes) with the model's fingerprint."""
     tensors = {"input_ids": traces.input_ids.to(torch.int32), "attention_mask": traces.attention_mask.to(torch.int8)}
     for layer in traces.layers:
         tensors[f"layer{layer}.top_idx"] = traces.top_idx[layer].to(torch.int16).contiguous()
@@ -176,8 +194,7 @@ def save_traces(traces: TraceSet, path: str | Path) -> None:
 
 
 def load_traces(path: str | Path) -> TraceSet:
-    from safetensors import safe_open
-
+    """Read a TraceSet written by `save_traces`."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -21,10 +21,12 @@ from sida.predictor.traces import TraceSet
 
 @dataclass(frozen=True)
 class TrainConfig:
-    hidden: int = 64  # demo model, SST-2 dev: 128 gained 0.15 points of top-1 for 1.8x the latency
+    """Hash-function training settings (paper §3.5 where it gives them)."""
+
+    hidden: int = 64  # LSTM width: wider costs latency for little hit rate on the demo model (README)
     lam: float = 0.005  # weight of the CE term (paper λ)
     top_t: int = 30  # truncated KD over the router's top-T (clipped to the number of experts)
-    lr: float = 1e-3  # the paper's 5e-5 is for its scale; 1e-3 converges here in minutes (then decays linearly)
+    lr: float = 1e-3  # the paper's 5e-5 is for its scale; at this size 1e-3 converges (then decays linearly)
     weight_decay: float = 0.01
     batch_size: int = 64
     max_epochs: int = 20
@@ -46,6 +48,7 @@ def tkd_loss(logits: torch.Tensor, top_idx: torch.Tensor, top_prob: torch.Tensor
 
 
 def loss_fn(pred: HashPredictor, batch: TraceSet, cfg: TrainConfig) -> torch.Tensor:
+    """λ·CE(router top-1) + truncated KD, over the real tokens of every covered layer, averaged over layers."""
     logits = pred(batch.input_ids, batch.attention_mask)  # [layers, batch, seq, E]
     mask = batch.attention_mask.bool()
     total = logits.new_zeros(())
@@ -83,9 +86,48 @@ def hit_rates(pred: HashPredictor, traces: TraceSet, ks=(1, 3), batch_size: int 
     return out
 
 
+def _epoch_batches(traces: TraceSet, rows: torch.Tensor, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches of trace rows: shuffled, length-sorted within chunks of 50 batches (far less padding
+    for the LSTM), then the batches shuffled."""
+    perm = rows[torch.randperm(len(rows), generator=g)]
+    chunks = [perm[i : i + batch_size * 50] for i in range(0, len(perm), batch_size * 50)]
+    batches = []
+    for chunk in chunks:
+        chunk = chunk[traces.attention_mask[chunk].sum(1).argsort()]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def _resume(ckpt: Path, run: str, pred, opt, state: dict, best_weights: dict, log) -> tuple[dict, dict]:
+    """(state, best weights) from a checkpoint of the same run (settings, traces, model), else those given."""
+    saved = torch.load(ckpt, weights_only=True)
+    if saved.get("run") != run:
+        log(f"{ckpt} is from another run (settings, traces or model differ): starting afresh")
+        return state, best_weights
+    pred.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    state = json.loads(saved["state"])
+    log(f"resumed from {ckpt} at epoch {state['epoch']}")
+    return state, saved["best"]
+
+
+def _run_key(traces: TraceSet, cfg: TrainConfig) -> str:
+    """What a checkpoint must match to be resumed: the same settings on the same traces of the same model."""
+    summary = {
+        "config": asdict(cfg),
+        "fingerprint": traces.fingerprint,
+        "rows": len(traces),
+        "tokens": int(traces.attention_mask.sum()),
+        "ids": int(traces.input_ids.sum()),
+    }
+    return json.dumps(summary, sort_keys=True)
+
+
 def train(
     traces: TraceSet, embeddings: torch.Tensor, num_experts: int, cfg: TrainConfig, ckpt: Path | None = None, log=print
 ) -> tuple[HashPredictor, dict]:
+    """Train a hash function on `traces` (a validation split held out), early-stopped on its top-1 hit rate;
+    returns the best predictor and a report. `embeddings` [vocab, d_model] are the model's, kept frozen."""
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(traces), generator=g)
@@ -96,40 +138,16 @@ def train(
     pred.embed.weight.data.copy_(embeddings)
     opt = torch.optim.AdamW([p for p in pred.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "best": -1.0, "bad": 0, "history": []}
-    # what a checkpoint must match to be resumed: the same settings on the same traces of the same model
-    run = json.dumps(
-        {
-            "config": asdict(cfg),
-            "fingerprint": traces.fingerprint,
-            "rows": len(traces),
-            "tokens": int(traces.attention_mask.sum()),
-            "ids": int(traces.input_ids.sum()),
-        },
-        sort_keys=True,
-    )
+    run = _run_key(traces, cfg)
     best_weights = {k: v.clone() for k, v in pred.state_dict().items()}
     if ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=True)
-        if saved.get("run") == run:
-            pred.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["opt"])
-            best_weights = saved["best"]
-            state = json.loads(saved["state"])
-            log(f"resumed from {ckpt} at epoch {state['epoch']}")
-        else:
-            log(f"{ckpt} is from another run (settings, traces or model differ): starting afresh")
+        state, best_weights = _resume(ckpt, run, pred, opt, state, best_weights, log)
     t0 = time.time()
     while state["epoch"] < cfg.max_epochs and state["bad"] < cfg.patience:
         # linear decay to 5% of lr over max_epochs, set per epoch (so a resumed run continues the same schedule)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * (1 - 0.95 * state["epoch"] / cfg.max_epochs)
-        perm = train_rows[torch.randperm(len(train_rows), generator=g)]
-        chunks = [perm[i : i + cfg.batch_size * 50] for i in range(0, len(perm), cfg.batch_size * 50)]
-        batches = []
-        for chunk in chunks:  # length-sorted inside chunks: far less padding for the LSTM
-            chunk = chunk[traces.attention_mask[chunk].sum(1).argsort()]
-            batches += [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        batches = _epoch_batches(traces, train_rows, cfg.batch_size, g)
         for n, rows in enumerate(batches):
             loss = loss_fn(pred, traces.subset(rows), cfg)
             opt.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from importlib.metadata import version
 import uvicorn
 import yaml
 
+from sida.offload.datasets import TASKS
 from sida.offload.model_loader import ModelLoadError, load_model
 from sida.offload.runner import Runner
 from sida.predictor import cli as predictor_cli
@@ -49,34 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sida", description="SiDA-MoE serving daemon and tools.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('sida')}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("classify", help="label sentences (SST-2 sentiment on the demo model)")
-    _common(p)
-    p.add_argument("text", nargs="+")
-    p.add_argument("--task", default="sst2", choices=["sst2"])
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-
-    p = sub.add_parser("complete", help="continue prompts with the model's decoder")
-    _common(p)
-    p.add_argument("text", nargs="+")
-    p.add_argument("--max-tokens", type=int, dest="max_new_tokens")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-
-    p = sub.add_parser("eval", help="task accuracy over a labelled data file")
-    _common(p)
-    p.add_argument("--task", required=True, choices=["sst2", "mrpc", "multirc"])
-    p.add_argument("--data", required=True, help="e.g. ../shared/data/sst2/dev.tsv")
-    p.add_argument("--limit", type=int, help="first N examples only")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
-    p.add_argument("--out", help="write {index, prediction} JSON lines here")
-
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-style API, /metrics)")
     _common(p)
     g = p.add_argument_group("serving")
@@ -92,6 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shadow-sample-rate", type=float)
     g.add_argument("--predictor-threads", type=int, help="torch threads of the predictor worker (default 1 on CPU)")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `sida` command and its subcommands; every settings flag is named after its setting."""
+    parser = argparse.ArgumentParser(prog="sida", description="SiDA-MoE serving daemon and tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('sida')}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("classify", help="label sentences (SST-2 sentiment on the demo model)")
+    _common(p)
+    p.add_argument("text", nargs="+")
+    p.add_argument("--task", default="sst2", choices=[n for n, t in TASKS.items() if len(t.fields) == 1])
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("complete", help="continue prompts with the model's decoder")
+    _common(p)
+    p.add_argument("text", nargs="+")
+    p.add_argument("--max-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("eval", help="task accuracy over a labelled data file")
+    _common(p)
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--data", required=True, help="e.g. ../shared/data/sst2/dev.tsv")
+    p.add_argument("--limit", type=int, help="first N examples only")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    p.add_argument("--out", help="write {index, prediction} JSON lines here")
+
+    _add_serve(sub)
 
     p = sub.add_parser("config", help="print the resolved settings")
     _common(p)

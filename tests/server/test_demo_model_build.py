@@ -1,5 +1,6 @@
 """The demo model's recipe and the shipped artifact: label tokens, router losses, accuracy and routing spread."""
 
+import pytest
 import torch
 
 from sida.offload.datasets import LABEL_WORDS
@@ -56,6 +57,7 @@ def test_demo_model_shape(demo_loaded):
     assert size <= 25 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_demo_model_sst2_dev_accuracy(demo_loaded, data_dir):
     from sida.offload.runner import Runner
     from sida.predictor.evaluation import evaluate
@@ -65,6 +67,7 @@ def test_demo_model_sst2_dev_accuracy(demo_loaded, data_dir):
     assert result.accuracy >= 0.80
 
 
+@pytest.mark.slow
 def test_demo_routers_spread(demo_loaded, data_dir):
     """Every expert used and none over half the tokens: encoder layers on SST-2 dev (decoder layers, on
     WikiText-2 continuations, below)."""
@@ -81,6 +84,7 @@ def test_demo_routers_spread(demo_loaded, data_dir):
             assert r["experts_used"] == 16 and r["max_share"] < 0.5, r
 
 
+@pytest.mark.slow
 def test_demo_decoder_routers_spread(demo_loaded, data_dir):
     """Decoder layers on WikiText-2 continuations (text never trained on): every expert used (the respread stage
     splits busy experts into idle ones) and none over half the tokens."""

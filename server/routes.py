@@ -1,0 +1,223 @@
+"""The HTTP API's handlers: OpenAI-style completions, classification, models, health, info and metrics.
+
+Each reads what it needs from `request.app.state.sida` (a `State`); the `/v1/` handlers validate and tokenize,
+hand `Request`s to the pipeline and await their futures. Errors are raised as `APIError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from sida.offload.datasets import get_task
+from sida.server.errors import APIError
+from sida.server.request import DeadlineExceeded, QueueFull, Request
+from sida.server.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthStatus,
+    ModelCard,
+    ModelList,
+    Usage,
+    error_body,
+)
+from sida.server.state import ServeOptions, State
+from sida.server.streaming import CompletionStream
+
+router = APIRouter()
+
+
+def _sse_content(model: type[BaseModel]) -> dict:
+    """`model` as the schema of `text/event-stream` events; its nested models are those in the components."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return {"text/event-stream": {"schema": schema}}
+
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503, 504)}
+_AUTH_ERRORS = {401: {"model": ErrorResponse}}
+_STREAMED = {200: {"content": _sse_content(CompletionChunk)}}  # the streamed form, beside the JSON one
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+
+
+def check_model(opts: ServeOptions, name: str) -> None:
+    """404 unless `name` is the served model."""
+    if name != opts.model_name:
+        raise APIError(
+            404,
+            f"model {name!r} not found; this server serves {opts.model_name!r}",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
+
+
+def tokenize(state: State, texts: list[str], param: str) -> list[list[int]]:
+    """Token ids of each text; 400 naming `param[i]` if one is over the input limit."""
+    limit = state.opts.max_input_tokens
+    ids = state.runner.tokenize(texts)
+    for i, x in enumerate(ids):
+        if len(x) > limit:
+            raise APIError(
+                400,
+                f"{param}[{i}] has {len(x)} tokens; the limit is {limit}",
+                "invalid_request_error",
+                param,
+                "context_length_exceeded",
+            )
+    return ids
+
+
+def new_requests(opts: ServeOptions, kind: str, ids, key: tuple, params: dict, on_text=None) -> tuple[list, float]:
+    """One `Request` per input, sharing a deadline `request_timeout_s` from now; `on_text[i]` streams input i."""
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + opts.request_timeout_s
+    reqs = [
+        Request(kind, x, key, params, deadline, loop, loop.create_future(), on_text[i] if on_text else None)
+        for i, x in enumerate(ids)
+    ]
+    return reqs, deadline
+
+
+def submit(state: State, reqs: list[Request]) -> None:
+    """Hand all of a call's requests to the pipeline, or 429 (with Retry-After) if its queue cannot take them."""
+    try:
+        state.pipeline.submit_many(reqs)
+    except QueueFull:
+        raise APIError(
+            429,
+            "the request queue is full; retry shortly",
+            "rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+async def wait(opts: ServeOptions, reqs: list[Request], deadline: float) -> list:
+    """The results of `reqs` in order, or 504 once the deadline passes."""
+    try:
+        return await asyncio.wait_for(asyncio.gather(*(r.future for r in reqs)), max(0.0, deadline - time.monotonic()))
+    except (asyncio.TimeoutError, DeadlineExceeded):
+        raise APIError(
+            504,
+            f"the request did not finish within {opts.request_timeout_s} s",
+            "timeout_error",
+            code="deadline_exceeded",
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------- /v1
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS)
+async def classify(body: ClassifyRequest, http: HTTPRequest) -> Response:
+    """Label each input with the task's classifier."""
+    state: State = http.app.state.sida
+    check_model(state.opts, body.model)
+    task = get_task(body.task)
+    ids = tokenize(state, [task.prompt(*texts) for texts in body.inputs], "input")
+    reqs, deadline = new_requests(state.opts, "classify", ids, ("classify", task.name), {"task": task})
+    submit(state, reqs)
+    results = await wait(state.opts, reqs, deadline)
+    prompt_tokens = sum(len(x) for x in ids)
+    state.metrics.tokens.labels("prompt").inc(prompt_tokens)
+    answer = {  # a ClassifyResponse as plain JSON types: skips FastAPI's per-field validation and encoding
+        "object": "list",
+        "model": state.opts.model_name,
+        "data": [{"index": i, "label": r.label, "probs": r.probs} for i, r in enumerate(results)],
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+    return JSONResponse(answer)
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, **_STREAMED})
+async def completions(body: CompletionRequest, http: HTTPRequest) -> CompletionResponse | Response:
+    """Continue each prompt; with `stream`, as server-sent `CompletionChunk` events."""
+    state: State = http.app.state.sida
+    opts = state.opts
+    check_model(opts, body.model)
+    ids = tokenize(state, body.prompts, "prompt")
+    params = {
+        "max_tokens": body.max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "stops": body.stops,
+    }
+    key = ("complete", body.max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stops))
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        stream = CompletionStream(cid, created, opts.model_name, len(ids), state.metrics)
+        reqs, deadline = new_requests(opts, "complete", ids, key, params, stream.callbacks)
+        submit(state, reqs)  # 429 before the stream starts
+        return stream.response(reqs, deadline)
+    reqs, deadline = new_requests(opts, "complete", ids, key, params)
+    submit(state, reqs)
+    results = await wait(opts, reqs, deadline)
+    usage = Usage.of(results)
+    state.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
+    state.metrics.tokens.labels("completion").inc(usage.completion_tokens)
+    choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+    return CompletionResponse(id=cid, created=created, model=opts.model_name, choices=choices, usage=usage)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_AUTH_ERRORS)
+async def models(http: HTTPRequest) -> ModelList:
+    """The one served model."""
+    return ModelList(data=[ModelCard(id=http.app.state.sida.opts.model_name)])
+
+
+# ---------------------------------------------------------------------------------------------- operations
+
+
+@router.get("/health/live", response_model=HealthStatus)
+async def live() -> HealthStatus:
+    """The process answers."""
+    return HealthStatus(status="ok")
+
+
+@router.get("/health/ready", response_model=HealthStatus, responses={503: {"model": ErrorResponse}})
+async def ready(http: HTTPRequest) -> HealthStatus | Response:
+    """The model is loaded and the pipeline runs (503 while starting or draining)."""
+    state: State = http.app.state.sida
+    if not state.ready:
+        status = "draining" if state.draining else "starting"
+        return JSONResponse(error_body(f"server is {status}", "service_unavailable"), 503)
+    return HealthStatus(status="ready")
+
+
+@router.get("/info")
+async def info(http: HTTPRequest) -> dict:
+    """What setup reported (model, fingerprint, device, predictor), readiness, queue depth and the offload
+    engine's summary."""
+    state: State = http.app.state.sida
+    engine = state.runner.engine if state.runner is not None else None
+    return {
+        **state.info,
+        "ready": state.ready,
+        "queue_depth": state.pipeline.pending if state.pipeline else 0,
+        "offload": engine.summary() if engine is not None else None,
+    }
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(http: HTTPRequest) -> Response:
+    """Prometheus text exposition of the server's registry."""
+    state: State = http.app.state.sida
+    if state.metrics is None:
+        return Response("", media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
