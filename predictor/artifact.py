@@ -16,8 +16,6 @@ from sida.predictor.network import HashPredictor, PredictorArch
 class PredictorError(ValueError):
     """A predictor artifact that cannot be used (missing files, built for another model)."""
 
-    pass
-
 
 def save_predictor(pred: HashPredictor, out_dir: str | Path, fingerprint: str, info: dict) -> Path:
     """Write `predictor.safetensors` and `predictor.json` (architecture, model fingerprint, `info`) into `out_dir`."""
@@ -62,8 +60,9 @@ def load_predictor(path: str | Path, fingerprint: str) -> tuple[HashPredictor, d
 
 
 class PredictorHash:
-    """Hash function for the runner: (input_ids, attention_mask, decoder_input_ids) → HashTable of the
-    encoder MoE layers. Decoder layers are not in the table: `exact` routes them with the router."""
+    """Hash function for the runner: input_ids and attention_mask [batch, seq] → HashTable of the encoder MoE
+    layers (top-k experts [batch, seq, k] and α [batch, seq] per layer). Decoder layers are not in the table:
+    the router routes them."""
 
     def __init__(self, pred: HashPredictor, k: int = 3):
         self.pred = pred
@@ -71,6 +70,7 @@ class PredictorHash:
 
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask, decoder_input_ids=None) -> HashTable:
+        """The HashTable of one batch; `decoder_input_ids` is accepted for the runner's signature and unused."""
         logits = self.pred(input_ids, attention_mask)  # [layers, batch, seq, E]
         probs = logits.float().softmax(-1)
         top = probs.topk(self.k, dim=-1)

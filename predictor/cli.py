@@ -1,4 +1,5 @@
-"""`sida predictor trace|train|eval`: the commands behind the shipped hash function (wired in server/cli.py)."""
+"""`sida predictor trace|train|decoder|eval`: the commands that build and measure the shipped hash function and
+decoder guess (wired in server/cli.py)."""
 
 from __future__ import annotations
 
@@ -42,12 +43,12 @@ def add_parser(sub) -> None:
     t.add_argument("--model", required=True)
     t.add_argument("--traces", required=True, action="append")
     t.add_argument("--out", required=True, help="folder for predictor.safetensors + predictor.json")
-    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--epochs", type=int, default=TrainConfig.max_epochs)
     t.add_argument("--hidden", type=int, default=TrainConfig.hidden)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=TrainConfig.lr)
     t.add_argument("--checkpoint", help="resumable training state (torch.save of tensors, weights_only load)")
 
-    t = psub.add_parser("decoder", help="the decoder layers' per-step table (experts by decoder input token)")
+    t = psub.add_parser("decoder", help="fit the decoder guess (decoder experts by the previous token)")
     t.add_argument("--model", required=True)
     t.add_argument("--data", required=True, help="the shared data folder (C4 sample, SST-2, MRPC, WikiText-2)")
     t.add_argument("--out", required=True, help="the predictor folder; writes decoder.safetensors there")
@@ -62,6 +63,7 @@ def add_parser(sub) -> None:
 
 
 def _progress(done: int, total: int) -> None:
+    """Tracing progress on one stderr line."""
     print(f"\rtracing {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
 
 
@@ -73,6 +75,7 @@ def run(args) -> None:
 
 
 def _trace(args, loaded) -> None:
+    """`sida predictor trace`: encoder router traces of the --data files, saved to --out."""
     limits = args.limit or []
     inputs = []
     for i, path in enumerate(args.data):
@@ -84,6 +87,7 @@ def _trace(args, loaded) -> None:
 
 
 def _train(args, loaded) -> None:
+    """`sida predictor train`: the hash function on verified traces, saved as a predictor folder."""
     parts = [load_traces(p) for p in args.traces]
     for path, part in zip(args.traces, parts):
         agreement = verify_alignment(loaded, part)
@@ -102,9 +106,8 @@ def _train(args, loaded) -> None:
 
 
 def _decoder(args, loaded) -> None:
-    """Fit on teacher-forced C4 continuations and the first decoder step of SST-2/MRPC train prompts; measure on
-    WikiText-2 valid continuations and SST-2 dev (never fitted on)."""
-
+    """`sida predictor decoder`: fit the decoder guess on teacher-forced C4 continuations and the first decoder
+    step of SST-2/MRPC train prompts; measure it on WikiText-2 valid continuations and SST-2 dev (never fitted on)."""
     data = Path(args.data)
     runner = Runner(loaded)
     c4 = [t for t in read_c4_texts(data / "c4_sample" / "c4_sample.jsonl", args.docs) if len(t.split()) > 60]
@@ -126,6 +129,7 @@ def _decoder(args, loaded) -> None:
 
 
 def _eval(args, loaded) -> None:
+    """`sida predictor eval`: hit rates and latency of a predictor (and its decoder guess) on --data."""
     path = args.predictor or find_predictor(loaded.path)
     if path is None:
         raise PredictorError(f"{loaded.path} ships no predictor; pass --predictor")
@@ -147,9 +151,8 @@ def _eval(args, loaded) -> None:
 
 
 def _decoder_eval(loaded, path, inputs: list[str]) -> dict:
-    """Decoder layers: hit rates of the shipped per-step table at the first decoder step of these inputs (what
-    classification runs); the router always routes them, the table only prefetches."""
-
+    """Decoder layers: hit rates of the shipped decoder guess at the first decoder step of these inputs (what
+    classification runs); the router always routes them, the guess only prefetches."""
     folder = predictor_folder(path)
     guess = DecoderGuess.load(folder, loaded.fingerprint)
     if guess is None:

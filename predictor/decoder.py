@@ -1,12 +1,12 @@
-"""Decoder layers: their tokens do not exist before generation, so no hash table can be built ahead.
+"""The decoder guess: a guess of each decoder MoE layer's experts for a decoder step, used to prefetch them
+(the router still routes). Decoder tokens do not exist before generation, so no hash table can be built ahead.
 
-The cheapest per-step guess is from the token generated at the previous step: `PrevTokenTable` counts, in
-teacher-forced traces, which experts each decoder MoE layer used at positions whose decoder input was
-token v, and predicts the most frequent ones. The first step's input is always the start token, and what
-follows it depends on the input (classification prompts and continuations route it apart), so that step is
-keyed by the encoder's first token instead (`decoder_keys`). `decoder_hit_rates` measures it (real tokens
-only) against a frequency-only baseline. What sida serves with is the frozen `DecoderGuess`: the decoder
-guess of each decoder step, used to prefetch (the router still routes).
+The guess comes from the token generated at the previous step: `PrevTokenTable` counts, in teacher-forced
+traces, which experts each decoder MoE layer used at positions whose decoder input was token v, and ranks the
+most frequent. The first step's input is always the start token, and what follows it depends on the input
+(classification prompts and continuations route it apart), so that step is keyed by the encoder's first token
+instead (`decoder_keys`). `decoder_hit_rates` measures the table (real tokens only) against a frequency-only
+baseline. sida serves with `DecoderGuess`, the table frozen into rankings.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from sida.predictor.artifact import PredictorError
 from sida.predictor.traces import trace_batch
 
 
-def decoder_keys(decoder_input_ids: torch.Tensor, encoder_first: torch.Tensor, vocab_size: int, offset: int = 0):
-    """The table row of each decoder position [batch, steps]: its input token, but at the first step (offset 0)
-    vocab_size + the encoder's first token [batch]."""
+def decoder_keys(
+    decoder_input_ids: torch.Tensor, encoder_first: torch.Tensor, vocab_size: int, offset: int = 0
+) -> torch.Tensor:
+    """The table row [batch, steps] of each decoder position of `decoder_input_ids` [batch, steps]: its input
+    token, but at the first step (offset 0) vocab_size + the encoder's first token `encoder_first` [batch]."""
     keys = decoder_input_ids.clone()
     if offset == 0:
         keys[:, 0] = vocab_size + encoder_first.to(keys.device)
@@ -43,7 +45,8 @@ def decoder_routes(loaded: LoadedModel, batches):
 
 
 class PrevTokenTable:
-    """Counts per decoder layer over 2 x vocab rows: decoder input tokens, then first steps by encoder token."""
+    """Fits the decoder guess: counts [2 x vocab, experts] per decoder MoE layer of the router's choices, rows
+    keyed by decoder input token, then first steps by encoder token."""
 
     def __init__(self, vocab_size: int, num_experts: int):
         self.counts: dict[int, torch.Tensor] = {}
@@ -67,12 +70,13 @@ class PrevTokenTable:
         return c + prior / (prior.sum() + 1)
 
     def predict(self, layer: int, keys: torch.Tensor, k: int) -> torch.Tensor:
-        """[n, k] experts."""
+        """The decoder guess of `layer`: top-k experts [n, k] for table keys [n]."""
         return self.scores(layer)[keys].topk(k, dim=-1).indices
 
 
 def decoder_hit_rates(table: PrevTokenTable, routes, ks=(1, 3)) -> dict:
-    """Per decoder layer: the table's top-k hit rates and a frequency-only baseline's, on `routes`."""
+    """Per decoder layer: the top-k hit rates of the table's decoder guess and of a frequency-only baseline, on
+    `routes` (see `decoder_routes`)."""
     hits, base, tokens = {}, {}, {}
     for layer, keys, expert in routes:
         tokens[layer] = tokens.get(layer, 0) + expert.numel()
@@ -92,10 +96,9 @@ def decoder_hit_rates(table: PrevTokenTable, routes, ks=(1, 3)) -> dict:
 
 
 class DecoderGuess:
-    """The frozen form of a PrevTokenTable that sida serves with: per decoder MoE layer, every key's experts
-    ranked best first ([2 x vocab, experts] int16). `predict` is a gather: cheap enough to run at every decoder
-    step. `vocab_size` None: a table keyed by decoder input tokens only ([vocab, experts]), with no first-step
-    rows by encoder token."""
+    """The decoder guess sida serves with: a fitted PrevTokenTable frozen into, per decoder MoE layer, every
+    key's experts ranked best first ([2 x vocab, experts] int16). `predict` is a gather, cheap enough for every
+    decoder step. `vocab_size` None: keyed by decoder input tokens only ([vocab, experts]), no first-step rows."""
 
     FILE = "decoder.safetensors"
 
@@ -110,7 +113,8 @@ class DecoderGuess:
         return cls(ranked, table.vocab_size)
 
     def keys(self, decoder_input_ids: torch.Tensor, encoder_first: torch.Tensor | None, offset: int) -> torch.Tensor:
-        """`decoder_keys` for this table (decoder input tokens alone where it has no first-step rows)."""
+        """`decoder_keys` [batch, steps] for this guess (the decoder input tokens alone where it has no first-step
+        rows or no encoder tokens are given)."""
         if self.vocab_size is None or encoder_first is None:
             return decoder_input_ids
         rows, prompts = decoder_input_ids.shape[0], encoder_first.shape[0]
@@ -122,6 +126,7 @@ class DecoderGuess:
 
     @property
     def layers(self) -> list[int]:
+        """The decoder MoE layers guessed, in order."""
         return sorted(self.ranked)
 
     def to(self, device) -> DecoderGuess:
@@ -129,7 +134,8 @@ class DecoderGuess:
         return DecoderGuess({k: v.to(device) for k, v in self.ranked.items()}, self.vocab_size)
 
     def predict(self, layer: int, keys: torch.Tensor, k: int) -> torch.Tensor:
-        """[..., k] experts for table keys [...] (see `keys`); keys beyond the table use its last row."""
+        """The decoder guess of `layer`: experts [..., k] for table keys [...] (see `keys`); keys beyond the table
+        use its last row."""
         ranked = self.ranked[layer]
         return ranked[keys.clamp(0, ranked.shape[0] - 1), :k].long()
 

@@ -27,6 +27,7 @@ class EvalResult:
     predictions: list[str] = field(repr=False)
 
     def summary(self) -> dict:
+        """The result without the predictions, rounded for a JSON report."""
         return {
             "task": self.task,
             "examples": self.examples,

@@ -14,7 +14,8 @@ from sida.offload.model_loader import LoadedModel
 
 
 class OracleHash:
-    """(input_ids, attention_mask, decoder_input_ids) → the router's own top-k as a HashTable."""
+    """Encoder inputs [batch, seq] and decoder inputs [batch, steps] → the router's own top-k of every MoE layer
+    as a HashTable."""
 
     def __init__(self, resident: LoadedModel, k: int = 3):
         self.loaded = resident
@@ -23,6 +24,7 @@ class OracleHash:
 
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask, decoder_input_ids) -> HashTable:
+        """One full forward of the resident model, its routers' choices recorded."""
         with capture_routing(self.layers) as cap:
             self.loaded.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
         return HashTable.from_router_logits({i: recs[0].logits for i, recs in cap.records.items()}, self.k)

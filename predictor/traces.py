@@ -37,7 +37,8 @@ def trace_batch(
     decoder_input_ids: torch.Tensor,
     decoder_attention_mask: torch.Tensor,
 ) -> list[LayerTrace]:
-    """One teacher-forced forward; the router decisions of every MoE layer for the unpadded tokens."""
+    """One teacher-forced forward of encoder inputs [batch, seq] and decoder inputs [batch, steps]; the router
+    decisions of every MoE layer for its real tokens, one LayerTrace per layer."""
     layers = loaded.adapter.moe_layers(loaded.model)
     with capture_routing(layers) as cap:
         loaded.model(
@@ -65,7 +66,8 @@ def trace_batch(
 
 def lm_batches(runner: Runner, texts: list[str], prefix_words: int = 40, batch_size: int = 32):
     """Teacher-forced prefix → continuation batches for `trace_batch`: the first `prefix_words` words of each text
-    are the encoder input, the next 30 the decoder's target (decoder input = start token + target)."""
+    are the encoder input, the next 30 the decoder's target (decoder input = start token + target). Yields
+    (input_ids, attention_mask) [batch, seq] and (decoder_input_ids, decoder_attention_mask) [batch, steps]."""
     pairs = [(" ".join(t.split()[:prefix_words]), " ".join(t.split()[prefix_words : prefix_words + 30])) for t in texts]
     for i in range(0, len(pairs), batch_size):
         part = pairs[i : i + batch_size]
@@ -78,7 +80,8 @@ def lm_batches(runner: Runner, texts: list[str], prefix_words: int = 40, batch_s
 
 
 def classification_batches(runner: Runner, prompts: list[str], batch_size: int = 64):
-    """Batches for `trace_batch` of the first decoder step only (what classification runs)."""
+    """Batches for `trace_batch` of the first decoder step only (what classification runs): encoder inputs
+    [batch, seq] and the start token with its mask [batch, 1]."""
     for i in range(0, len(prompts), batch_size):
         enc = runner.encode(prompts[i : i + batch_size])
         start = runner.loaded.decoder_start_ids(enc["input_ids"].shape[0])
@@ -86,7 +89,7 @@ def classification_batches(runner: Runner, prompts: list[str], batch_size: int =
 
 
 def expert_usage(traces: list[list[LayerTrace]], num_experts: int) -> dict[int, torch.Tensor]:
-    """Token counts per expert, per MoE layer, summed over batches of traces."""
+    """Token counts per expert [num_experts], per MoE layer, summed over batches of traces."""
     usage: dict[int, torch.Tensor] = {}
     for batch in traces:
         for t in batch:
@@ -110,6 +113,7 @@ class TraceSet:
 
     @property
     def layers(self) -> list[int]:
+        """The MoE layers traced, in order."""
         return sorted(self.top_idx)
 
     def __len__(self) -> int:
@@ -142,6 +146,7 @@ class TraceSet:
 
 
 def _pad_cat(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Concatenate [rows, seq, ...] tensors along rows, right-padding each with zeros to `width` positions."""
     out = []
     for t in tensors:
         pad = width - t.shape[1]
@@ -152,8 +157,9 @@ def _pad_cat(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
 @torch.inference_mode()
 def collect_traces(
     loaded: LoadedModel, inputs: list[str], top_t: int = 30, batch_size: int = 64, max_tokens: int = 512, progress=None
-):
-    """Run the encoder (all experts resident) over `inputs`; returns a TraceSet in input order."""
+) -> TraceSet:
+    """Run the encoder (all experts resident) over `inputs`; their router top-`top_t` as a TraceSet in input
+    order. `progress(done, total)` is called after each batch."""
     layers = [la for la in loaded.adapter.moe_layers(loaded.model) if la.stack == "encoder"]
     top_t = min(top_t, loaded.adapter.num_experts(loaded.model))
     encoder = loaded.model.get_encoder()

@@ -123,6 +123,39 @@ def _run_key(traces: TraceSet, cfg: TrainConfig) -> str:
     return json.dumps(summary, sort_keys=True)
 
 
+def _train_epoch(pred: HashPredictor, opt, traces: TraceSet, batches: list[torch.Tensor], cfg: TrainConfig, epoch: int):
+    """One pass over `batches` (rows of `traces`), one optimizer step each; progress on stderr."""
+    for n, rows in enumerate(batches):
+        loss = loss_fn(pred, traces.subset(rows), cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(pred.parameters(), 1.0)
+        opt.step()
+        if n % 50 == 0:
+            print(f"\repoch {epoch + 1} batch {n}/{len(batches)} loss {loss.item():.4f}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+
+
+def _validate(pred: HashPredictor, val: TraceSet, state: dict, best_weights: dict, t0: float, log) -> dict:
+    """Score the finished epoch on `val`, log it and update the early-stopping `state`; the best weights so far."""
+    rates = hit_rates(pred, val)
+    row = {"epoch": state["epoch"], "val_top1": rates["top1_hit_rate"], "val_top3": rates["top3_hit_rate"]}
+    row["minutes"] = round((time.time() - t0) / 60, 2)
+    state["history"].append(row)
+    log(json.dumps(row))
+    if rates["top1_hit_rate"] > state["best"]:
+        state["best"], state["bad"] = rates["top1_hit_rate"], 0
+        return {k: v.clone() for k, v in pred.state_dict().items()}
+    state["bad"] += 1
+    return best_weights
+
+
+def _save_checkpoint(ckpt: Path, run: str, pred: HashPredictor, opt, state: dict, best_weights: dict) -> None:
+    """Everything `_resume` needs to continue this run after the last finished epoch."""
+    saved = {"model": pred.state_dict(), "opt": opt.state_dict(), "best": best_weights}
+    torch.save({**saved, "state": json.dumps(state), "run": run}, ckpt)
+
+
 def train(
     traces: TraceSet, embeddings: torch.Tensor, num_experts: int, cfg: TrainConfig, ckpt: Path | None = None, log=print
 ) -> tuple[HashPredictor, dict]:
@@ -147,34 +180,11 @@ def train(
         # linear decay to 5% of lr over max_epochs, set per epoch (so a resumed run continues the same schedule)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * (1 - 0.95 * state["epoch"] / cfg.max_epochs)
-        batches = _epoch_batches(traces, train_rows, cfg.batch_size, g)
-        for n, rows in enumerate(batches):
-            loss = loss_fn(pred, traces.subset(rows), cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(pred.parameters(), 1.0)
-            opt.step()
-            if n % 50 == 0:
-                print(
-                    f"\repoch {state['epoch'] + 1} batch {n}/{len(batches)} loss {loss.item():.4f}",
-                    end="",
-                    file=sys.stderr,
-                )
+        _train_epoch(pred, opt, traces, _epoch_batches(traces, train_rows, cfg.batch_size, g), cfg, state["epoch"])
         state["epoch"] += 1
-        rates = hit_rates(pred, val)
-        row = {"epoch": state["epoch"], "val_top1": rates["top1_hit_rate"], "val_top3": rates["top3_hit_rate"]}
-        row["minutes"] = round((time.time() - t0) / 60, 2)
-        state["history"].append(row)
-        print(file=sys.stderr)
-        log(json.dumps(row))
-        if rates["top1_hit_rate"] > state["best"]:
-            state["best"], state["bad"] = rates["top1_hit_rate"], 0
-            best_weights = {k: v.clone() for k, v in pred.state_dict().items()}
-        else:
-            state["bad"] += 1
+        best_weights = _validate(pred, val, state, best_weights, t0, log)
         if ckpt is not None:
-            saved = {"model": pred.state_dict(), "opt": opt.state_dict(), "best": best_weights}
-            torch.save({**saved, "state": json.dumps(state), "run": run}, ckpt)
+            _save_checkpoint(ckpt, run, pred, opt, state, best_weights)
     pred.load_state_dict(best_weights)
     pred.eval()
     report = {"config": asdict(cfg), "history": state["history"], "val": hit_rates(pred, val), "rows": len(traces)}

@@ -1,9 +1,10 @@
-import pytest
 """The `sida` command as a user runs it: a real subprocess on the shipped demo model."""
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
