@@ -34,19 +34,33 @@ class MoEAdapter(Protocol):
 
     family: str
 
-    def embeddings(self, model: nn.Module) -> nn.Embedding: ...
+    def embeddings(self, model: nn.Module) -> nn.Embedding:
+        """The input token embeddings [vocab, d_model]."""
+        ...
 
-    def moe_layers(self, model: nn.Module) -> list[MoELayer]: ...
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        """Every MoE layer, encoder first, indexed 0..L-1."""
+        ...
 
-    def num_experts(self, model: nn.Module) -> int: ...
+    def num_experts(self, model: nn.Module) -> int:
+        """Experts per MoE layer."""
+        ...
 
-    def expert_capacity(self, model: nn.Module) -> int: ...
+    def expert_capacity(self, model: nn.Module) -> int:
+        """The router's tokens-per-expert limit."""
+        ...
 
-    def expert_forward(self, model: nn.Module): ...
+    def expert_forward(self, model: nn.Module):
+        """f(params, x [tokens, d_model]) → [tokens, d_model]: one expert computed from its parameter views."""
+        ...
 
-    def replace_moe(self, model: nn.Module, layer: MoELayer, module: nn.Module) -> None: ...
+    def replace_moe(self, model: nn.Module, layer: MoELayer, module: nn.Module) -> None:
+        """Put `module` in the model where `layer`'s sparse MLP was."""
+        ...
 
-    def decoder_start_ids(self, model: nn.Module, rows: int, device=None) -> torch.Tensor: ...
+    def decoder_start_ids(self, model: nn.Module, rows: int, device=None) -> torch.Tensor:
+        """[rows, 1] the decoder's first input."""
+        ...
 
 
 class SwitchAdapter:
@@ -55,16 +69,20 @@ class SwitchAdapter:
     family = "switch_transformers"
 
     def embeddings(self, model: nn.Module) -> nn.Embedding:
+        """The shared input embeddings [vocab, d_model]."""
         return model.get_input_embeddings()
 
     def num_experts(self, model: nn.Module) -> int:
+        """`config.num_experts`: the same for every MoE layer."""
         return int(model.config.num_experts)
 
     def expert_capacity(self, model: nn.Module) -> int:
+        """`config.expert_capacity`: the router's tokens-per-expert limit."""
         return int(model.config.expert_capacity)
 
     def expert_forward(self, model: nn.Module):
-        """f(params, x) computing one expert from its packed weights, as SwitchTransformersDenseActDense does."""
+        """f(params, x [tokens, d_model]) → [tokens, d_model]: one expert from views of its packed weights, as
+        SwitchTransformersDenseActDense computes it."""
         act = ACT2FN[model.config.dense_act_fn]
 
         def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +96,12 @@ class SwitchAdapter:
         return torch.full((rows, 1), int(model.config.decoder_start_token_id), dtype=torch.long, device=device)
 
     def replace_moe(self, model: nn.Module, layer: MoELayer, module: nn.Module) -> None:
+        """Set `module` as the sparse MLP at `layer.name`."""
         parent_name, _, child = layer.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        """The sparse blocks' MLPs, encoder then decoder; an error if the model has none."""
         layers = []
         for stack_name in ("encoder", "decoder"):
             stack = getattr(model, stack_name)
@@ -127,7 +147,8 @@ class RoutingCapture:
 
 @contextmanager
 def capture_routing(layers: list[MoELayer]) -> Iterator[RoutingCapture]:
-    """Record every router call while the block runs (one record per forward call; decoding appends per step)."""
+    """Record every router call of `layers` while the block runs (one record per forward call; decoding appends
+    one per step)."""
     capture = RoutingCapture({layer.index: [] for layer in layers})
     handles = []
     for layer in layers:

@@ -1,5 +1,5 @@
-"""The datasets a model is trained and scored on: each text-to-text task's prompt format and label words, and
-readers for the files of the shared data folder (SST-2, MRPC, MultiRC, the C4 sample, WikiText).
+"""The text-to-text tasks (SST-2, MRPC, MultiRC: prompt format and label words) and readers for the files of
+the shared data folder (those tasks' tsv/jsonl splits, the C4 sample, WikiText).
 
 A prompt is always made by `Task.prompt`: the demo model is trained on these prompts, and the server, the CLI,
 `sida eval` and the benchmarks all format their inputs through it.
@@ -18,7 +18,7 @@ class Example:
     """One model input as a prompt, and its label word (None where the split is unlabelled)."""
 
     prompt: str
-    label: str | None  # a label word of the task, or None for unlabeled data
+    label: str | None
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class Task:
         return self.template.format(**{f: t.strip() for f, t in zip(self.fields, texts)})
 
     def read(self, path: str | Path, limit: int | None = None) -> list[Example]:
-        """The examples of a data file of this task (the first `limit`)."""
+        """The examples of a data file of this task (the first `limit`), prompts made by `prompt`; labels where
+        the file has them."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{self.name} data file not found: {path}")
@@ -49,6 +50,7 @@ class Task:
 
 
 def _sst2(task: Task, path: Path) -> list[Example]:
+    """An SST-2 tsv: a 'sentence' column and, in labelled splits, 'label' (0/1)."""
     rows = _tsv_rows(path)
     if not rows or "sentence" not in rows[0]:
         raise ValueError(f"{path}: expected an SST-2 tsv with a 'sentence' column")
@@ -59,6 +61,7 @@ def _sst2(task: Task, path: Path) -> list[Example]:
 
 
 def _mrpc(task: Task, path: Path) -> list[Example]:
+    """An MRPC tsv: '#1 String', '#2 String' and, in labelled splits, 'Quality' (0/1)."""
     rows = _tsv_rows(path)
     if not rows or "#1 String" not in rows[0]:
         raise ValueError(f"{path}: expected an MRPC tsv with '#1 String' and '#2 String' columns")
@@ -69,6 +72,7 @@ def _mrpc(task: Task, path: Path) -> list[Example]:
 
 
 def _multirc(task: Task, path: Path) -> list[Example]:
+    """SuperGLUE MultiRC jsonl: one example per (question, answer) of each passage."""
     examples = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -86,6 +90,7 @@ def _multirc(task: Task, path: Path) -> list[Example]:
 
 
 def _tsv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a GLUE tsv as dicts by header column."""
     # utf-8-sig: the MRPC header starts with a BOM; QUOTE_NONE: sentences contain bare quotes.
     with path.open(encoding="utf-8-sig", newline="") as f:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -109,6 +114,7 @@ TASKS: dict[str, Task] = {
     ),
 }
 
+# Every task's label words: the words a classification step chooses among.
 LABEL_WORDS: tuple[str, ...] = tuple(word for task in TASKS.values() for word in task.labels)
 
 
@@ -132,24 +138,25 @@ def read_c4_texts(path: str | Path, limit: int | None = None) -> list[str]:
 
 
 def read_wikitext_paragraphs(path: str | Path, limit: int) -> list[str]:
-    """WikiText paragraphs of more than 40 words (headings skipped): prefixes and continuations to measure
-    decoder routing on text no stage of training saw."""
+    """The first `limit` WikiText paragraphs of more than 40 words (headings skipped): prefix → continuation
+    text for measuring decoder routing on text the demo model is not trained on."""
     lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
     return [ln for ln in lines if len(ln.split()) > 40 and not ln.startswith("=")][:limit]
 
 
 def read_inputs(path: str | Path, limit: int | None = None) -> list[str]:
-    """Model inputs from any supported file: the shared SST-2/MRPC tsv, MultiRC or C4 jsonl (as prompts or
-    raw text), or a plain text file with one input per line (WikiText headings and blank lines skipped)."""
+    """Model inputs from any supported file (the first `limit`): SST-2/MRPC tsv or MultiRC jsonl as task
+    prompts, C4 jsonl as raw text, or a plain text file with one input per line (WikiText headings and blank
+    lines skipped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     if path.suffix == ".tsv":
-        header = path.open(encoding="utf-8-sig").readline()
+        header = _first_line(path, "utf-8-sig")
         task = "mrpc" if "#1 String" in header else "sst2"
         return [e.prompt for e in TASKS[task].read(path, limit)]
     if path.suffix == ".jsonl":
-        first = json.loads(path.open(encoding="utf-8").readline())
+        first = json.loads(_first_line(path, "utf-8"))
         if "passage" in first:
             return [e.prompt for e in TASKS["multirc"].read(path, limit)]
         return read_c4_texts(path, limit)
@@ -162,3 +169,9 @@ def read_inputs(path: str | Path, limit: int | None = None) -> list[str]:
                 if limit is not None and len(lines) >= limit:
                     break
     return lines
+
+
+def _first_line(path: Path, encoding: str) -> str:
+    """The file's first line, the file closed again."""
+    with path.open(encoding=encoding) as f:
+        return f.readline()

@@ -1,4 +1,4 @@
-"""The one place that knows which device sida computes on (CUDA specifics grow here, behind this module)."""
+"""The one place that decides which device sida computes on, so CUDA specifics stay behind this module."""
 
 from __future__ import annotations
 

@@ -36,15 +36,18 @@ class ExpertLayout:
 
     @classmethod
     def of(cls, expert: nn.Module) -> ExpertLayout:
+        """The layout of `expert`'s parameters, in `named_parameters` order."""
         params = list(expert.named_parameters())
         return cls(tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params), params[0][1].dtype)
 
     @property
     def numel(self) -> int:
+        """Elements in one packed expert."""
         return sum(math.prod(s) for s in self.shapes)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of one packed expert: the size of a cache slot."""
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
     def pack(self, expert: nn.Module, out: torch.Tensor) -> None:
@@ -77,10 +80,12 @@ class ExpertStore:
 
     @property
     def keys(self) -> list[ExpertKey]:
+        """Every stored (layer, expert), sorted."""
         return sorted(self._buffers)
 
     @property
     def expert_bytes(self) -> int:
+        """Bytes of one expert (all are the same size)."""
         return self.layout.nbytes
 
     def host(self, key: ExpertKey) -> torch.Tensor:
@@ -117,10 +122,12 @@ class ExpertStore:
 
 
 def _name(key: ExpertKey) -> str:
+    """The tensor name of an expert in the disk tier's file."""
     return f"layer{key[0]}.expert{key[1]}"
 
 
 def _write_experts(path: Path, layout: ExpertLayout, experts: list[tuple[ExpertKey, nn.Module]]) -> None:
+    """Pack every expert into one safetensors file at `path`, atomically."""
     tensors = {}
     for key, module in experts:
         buf = torch.empty(layout.numel, dtype=layout.dtype)

@@ -35,6 +35,7 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
+        """The model folder's name."""
         return self.path.name
 
     def decoder_start_ids(self, rows: int, device=None) -> torch.Tensor:
@@ -49,7 +50,7 @@ FINGERPRINT_SAMPLES = 64
 
 def fingerprint(model_dir: str | Path) -> str:
     """sha256 over config.json's content and, per weight file, its name, size and bytes: all of them up to
-    FINGERPRINT_WHOLE, else 64 evenly spaced MiB from the first to the last.
+    FINGERPRINT_WHOLE, else FINGERPRINT_SAMPLES evenly spaced samples of FINGERPRINT_SAMPLE bytes, first to last.
 
     Artifacts built for a model (predictor, traces) store it and are refused by a different model. Small files
     are read whole, since an edit of a few experts changes only bytes in the middle of a file; sampling keeps
@@ -74,7 +75,8 @@ def fingerprint(model_dir: str | Path) -> str:
 
 
 def check_model_dir(model_dir: str | Path) -> dict:
-    """Cheap checks with one clear message each, before transformers gets a chance to raise a traceback."""
+    """The folder's config.json as a dict, after cheap checks with one clear ModelLoadError each, before
+    transformers gets a chance to raise a traceback."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")

@@ -16,12 +16,15 @@ class EvictionPolicy:
     name = "base"
 
     def on_insert(self, key: Hashable) -> None:
+        """`key` became resident."""
         raise NotImplementedError
 
     def on_access(self, key: Hashable) -> None:
+        """`key` was used while resident."""
         raise NotImplementedError
 
     def on_remove(self, key: Hashable) -> None:
+        """`key` is no longer resident."""
         raise NotImplementedError
 
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:

@@ -1,6 +1,6 @@
 """The real switch-base-N shapes (google/switch-base-{8..256}), with random weights, for benchmarks on a GPU box.
 
-Checkpoints cannot be downloaded here; speed and memory depend only on the shapes, which are these
+sida never downloads checkpoints, and speed and memory depend only on the shapes, which are these
 published config values: d_model 768, d_ff 3072, 12 heads x d_kv 64, 12+12 blocks, every 2nd block sparse.
 """
 
@@ -15,7 +15,7 @@ SWITCH_BASE_EXPERTS = (8, 16, 32, 64, 128, 256)
 PAPER_TABLE2_GIB = {8: (2.298, 1.7932), 64: (14.112, 13.608), 128: (27.614, 27.11), 256: (54.62, 54.114)}
 
 
-def switch_base_config(num_experts: int):
+def switch_base_config(num_experts: int) -> SwitchTransformersConfig:
     """The published switch-base-N configuration (N experts per MoE layer)."""
     if num_experts not in SWITCH_BASE_EXPERTS:
         raise ValueError(f"switch-base-{num_experts} does not exist; choose from {SWITCH_BASE_EXPERTS}")
@@ -40,7 +40,9 @@ def switch_base_config(num_experts: int):
     )
 
 
-def switch_base_model(num_experts: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def switch_base_model(
+    num_experts: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> SwitchTransformersForConditionalGeneration:
     """A randomly initialised switch-base-N; `device="meta"` gives the shapes without allocating memory."""
     config = switch_base_config(num_experts)
     with torch.device(device):
