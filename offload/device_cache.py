@@ -1,6 +1,8 @@
 """A fixed pool of device slots holding experts under a budget, with pin counts and a pluggable eviction policy.
 
-The pool is allocated once (no allocator churn); the budget is the number of slots and is never exceeded.
+The pool is allocated up front (no allocator churn; `grow` adds slots once, when an automatic budget has been
+measured); the budget is the number of slots and is never exceeded. Every slot's bytes are placed through a
+`DeviceMemory` account.
 All accounting of expert movement lives here and is read by eval and metrics, never recomputed.
 """
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sida.offload.device import DeviceMemory
 from sida.offload.expert_store import ExpertKey, ExpertStore
 from sida.offload.policies import EvictionPolicy
 from sida.offload.transfer import Transfer
@@ -48,23 +51,45 @@ class DeviceExpertCache:
     `prefetch` starts loads ahead into free or evictable slots, `release` unpins."""
 
     def __init__(
-        self, store: ExpertStore, num_slots: int, policy: EvictionPolicy, device: torch.device, transfer: Transfer
+        self,
+        store: ExpertStore,
+        num_slots: int,
+        policy: EvictionPolicy,
+        device: torch.device,
+        transfer: Transfer,
+        memory: DeviceMemory | None = None,
     ):
         if num_slots < 1:
             raise ValueError("the expert budget must hold at least one expert")
         self.store = store
-        self.num_slots = num_slots
         self.policy = policy
         self.device = device
         self.transfer = transfer
-        layout = store.layout
-        self._slots = [torch.empty(layout.numel, dtype=layout.dtype, device=device) for _ in range(num_slots)]
-        self._views = [layout.views(s) for s in self._slots]
-        self._free = list(range(num_slots - 1, -1, -1))
+        self.memory = memory or DeviceMemory(device)
+        self.num_slots = 0
+        self._slots: list[torch.Tensor] = []
+        self._views: list[dict[str, torch.Tensor]] = []
+        self._free: list[int] = []  # popped from the end: lowest slot first
         self._slot_of: dict[ExpertKey, int] = {}
         self._pins: Counter = Counter()
         self._pending: dict[int, object] = {}  # slot → copy handle not yet waited for
+        self._last_read: dict[int, object] = {}  # slot → event after the last kernels that read it (CUDA)
         self.stats = CacheStats()
+        self.grow(num_slots)
+
+    def grow(self, n: int) -> None:
+        """Add `n` empty slots (their bytes placed on the device account first)."""
+        if n <= 0:
+            return
+        layout = self.store.layout
+        self.memory.place("experts", n * layout.nbytes)
+        first = self.num_slots
+        for _ in range(n):
+            slot = torch.empty(layout.numel, dtype=layout.dtype, device=self.device)
+            self._slots.append(slot)
+            self._views.append(layout.views(slot))
+        self._free[:0] = range(first + n - 1, first - 1, -1)
+        self.num_slots += n
 
     # ------------------------------------------------------------------ queries
 
@@ -112,32 +137,42 @@ class DeviceExpertCache:
         """Pin `keys` (loading misses now) and return their parameter views, ready for compute."""
         if len(set(keys)) > self.num_slots:
             raise ValueError(f"{len(set(keys))} experts cannot be pinned at once with {self.num_slots} slots")
-        out = {}
-        for key in keys:
-            self.stats.lookups += 1
-            if key in self._slot_of:
-                self.stats.hits += 1
-                self.stats.hits_by_layer[key[0]] += 1
-                self.policy.on_access(key)
-            else:
-                self.stats.misses_by_layer[key[0]] += 1
-                slot = self._take_slot(protect=set(keys))
-                if slot is None:
-                    raise RuntimeError("no evictable slot: too many experts pinned")
-                t0 = time.perf_counter()
-                self._load(key, slot)
-                self.transfer.wait(self._pending.pop(slot, None), block=True)
-                self.stats.stall_seconds += time.perf_counter() - t0
-                self.stats.on_demand_loads += 1
-                self.policy.on_access(key)
-            self._pins[key] += 1
-            slot = self._slot_of[key]
-            handle = self._pending.pop(slot, None)
-            if handle is not None:  # prefetched: on CUDA the compute stream waits on the copy's event
-                late = not handle.query()  # still in flight: the host waits too, and that is a stall
-                self.stats.stall_seconds += self.transfer.wait(handle, block=late)
-            out[key] = self._views[slot]
+        out: dict[ExpertKey, dict[str, torch.Tensor]] = {}
+        pinned: list[ExpertKey] = []
+        try:
+            for key in keys:
+                out[key] = self._acquire_one(key, keys)
+                pinned.append(key)
+        except BaseException:
+            self.release(pinned)  # all or nothing: a failed load leaves none of `keys` pinned
+            raise
         return out
+
+    def _acquire_one(self, key: ExpertKey, keys: list[ExpertKey]) -> dict[str, torch.Tensor]:
+        """Pin one expert of `keys`, loading it now if it is not resident."""
+        self.stats.lookups += 1
+        if key in self._slot_of:
+            self.stats.hits += 1
+            self.stats.hits_by_layer[key[0]] += 1
+            self.policy.on_access(key)
+        else:
+            self.stats.misses_by_layer[key[0]] += 1
+            slot = self._take_slot(protect=set(keys))
+            if slot is None:
+                raise RuntimeError("no evictable slot: too many experts pinned")
+            t0 = time.perf_counter()
+            self._load(key, slot)
+            self.transfer.wait(self._pending.pop(slot, None), block=True)
+            self.stats.stall_seconds += time.perf_counter() - t0
+            self.stats.on_demand_loads += 1
+            self.policy.on_access(key)
+        self._pins[key] += 1
+        slot = self._slot_of[key]
+        handle = self._pending.pop(slot, None)
+        if handle is not None:  # prefetched: on CUDA the compute stream waits on the copy's event
+            late = not handle.query()  # still in flight: the host waits too, and that is a stall
+            self.stats.stall_seconds += self.transfer.wait(handle, block=late)
+        return self._views[slot]
 
     def release(self, keys: Iterable[ExpertKey]) -> None:
         """Unpin `keys` (once per acquire); unpinned experts stay resident until evicted."""
@@ -147,6 +182,14 @@ class DeviceExpertCache:
             self._pins[key] -= 1
             if self._pins[key] == 0:
                 del self._pins[key]
+            done = self.transfer.reads_done()  # a later copy into this slot waits for these kernels only
+            if done is not None:
+                self._last_read[self._slot_of[key]] = done
+
+    @property
+    def pinned_keys(self) -> list[ExpertKey]:
+        """Experts acquired and not yet released."""
+        return list(self._pins)
 
     def _take_slot(self, protect: set[ExpertKey]) -> int | None:
         if self._free:
@@ -162,7 +205,13 @@ class DeviceExpertCache:
         return slot
 
     def _load(self, key: ExpertKey, slot: int) -> None:
-        handle = self.transfer.copy(self._slots[slot], self.store.host(key))  # None: already done (CPU)
+        try:
+            after = self._last_read.get(slot)
+            handle = self.transfer.copy(self._slots[slot], self.store.host(key), after)  # None: already done (CPU)
+        except BaseException:
+            self._free.append(slot)  # the read failed: the slot stays usable, empty
+            raise
+        self._last_read.pop(slot, None)
         self._slot_of[key] = slot
         self.policy.on_insert(key)
         self.stats.bytes_moved += self.store.expert_bytes

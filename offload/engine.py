@@ -1,19 +1,26 @@
 """Puts a loaded model under offload: experts move to an ExpertStore, a budgeted DeviceExpertCache serves them,
 and every sparse MLP is replaced by a SiDA MoE layer. `resident` leaves the Hugging Face model untouched.
 
+Every byte the engine places on the device is on its `DeviceMemory` account: the dense weights (measured from
+the module tree) and the expert slots. A model loaded with `experts="host"` has its experts read from the
+checkpoint straight into the host store, so they reach the device only through the slots.
+
 Per batch, the runner calls `begin_batch` (the batch's hash table and routing state) and, for every later
 decoder step, `begin_decoder_step` (the tokens that step reads), so each layer finds its predictions ready.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from sida.offload.budget import AUTO_RESERVE, BudgetDecision, auto_budget, explicit_budget
+from sida.offload.device import DeviceMemory, PeakMemory, tensor_bytes
 from sida.offload.device_cache import CacheStats, DeviceExpertCache
-from sida.offload.expert_store import ExpertStore
+from sida.offload.expert_store import ExpertStore, ModuleExperts
 from sida.offload.hash_table import HashTable, rank_depth
 from sida.offload.model_loader import LoadedModel
 from sida.offload.moe_layer import RoutingContext, RoutingStats, SiDAMoELayer
@@ -22,33 +29,24 @@ from sida.offload.transfer import Transfer
 
 MODES = ("resident", "exact", "predicted")
 
+log = logging.getLogger("sida")
+
 
 @dataclass(frozen=True)
 class OffloadConfig:
     """How a model is offloaded: routing mode, the device budget, eviction policy, host tier and prefetch depth."""
 
     mode: str = "resident"
-    budget_experts: int | None = None  # slots for all MoE layers together; neither given: half of all experts
+    budget_experts: int | None = None  # slots for all MoE layers together; wins over `budget`
     budget_bytes: int | None = None  # alternative to budget_experts
+    budget: str = "half"  # neither given: "half" of all experts, or "auto" (what the device has free, measured)
     policy: str = "lru"
     tier: str = "ram"
     prefetch_k: int = 1  # predicted candidates per token made resident ahead of their layer (exact mode)
     expert_dir: Path | None = None  # where tier 'disk' keeps its expert file
-
-
-def resolve_budget(cfg: OffloadConfig, expert_bytes: int, total_experts: int) -> int:
-    """The number of device slots the budget buys; clear errors for budgets that cannot work."""
-    if cfg.budget_experts is not None and cfg.budget_bytes is not None:
-        raise ValueError("give the expert budget as experts or as bytes, not both")
-    if cfg.budget_experts is not None:
-        if cfg.budget_experts < 1:
-            raise ValueError(f"expert budget must be at least 1 expert, got {cfg.budget_experts}")
-        return min(cfg.budget_experts, total_experts)
-    if cfg.budget_bytes is not None:
-        if cfg.budget_bytes < expert_bytes:
-            raise ValueError(f"expert budget of {cfg.budget_bytes} bytes is below one expert ({expert_bytes} bytes)")
-        return min(cfg.budget_bytes // expert_bytes, total_experts)
-    return max(1, (total_experts + 1) // 2)  # the default: half of all experts
+    device_memory_limit: int | None = None  # bytes the engine may place on the device (None: what it has)
+    max_batch: int = 32  # the largest batch (sequences × tokens) budget "auto" keeps activation room for
+    max_tokens: int = 512
 
 
 class OffloadEngine:
@@ -72,30 +70,75 @@ class OffloadEngine:
         self.decoder_layers = [la.index for la in layers if la.stack == "decoder"]
         self.decoder_guess = None  # a predictor.decoder.DecoderGuess: each decoder step's experts, by its input
         self._encoder_first: torch.Tensor | None = None  # [batch] each row's first input token: keys first steps
+        self.memory = DeviceMemory(device, cfg.device_memory_limit)
+        in_experts = tensor_bytes(p for la in layers for m in la.experts for p in m.parameters())
+        self.memory.place("dense", tensor_bytes([*model.parameters(), *model.buffers()]) - in_experts)
         if cfg.mode == "resident":
-            self.expert_bytes = sum(p.numel() * p.element_size() for p in layers[0].experts[0].parameters())
+            if loaded.experts is not None:
+                raise ValueError("resident mode needs the experts in the model: load it with experts='device'")
+            self.memory.place("experts", in_experts)
+            self.expert_bytes = in_experts // self.total_experts
             self.num_slots = self.total_experts
+            self.budget = BudgetDecision(self.total_experts, "resident", "every expert, in the model")
             return
         store = self._build_store(layers)
         self.expert_bytes = store.expert_bytes
-        self.num_slots = resolve_budget(cfg, store.expert_bytes, self.total_experts)
+        decision = explicit_budget(
+            cfg.budget, cfg.budget_experts, cfg.budget_bytes, store.expert_bytes, self.total_experts
+        )
         transfer = Transfer(device, store.layout.numel, store.layout.dtype)
-        self.cache = DeviceExpertCache(store, self.num_slots, make_policy(cfg.policy), device, transfer)
+        slots = decision.slots if decision is not None else 1
+        self.cache = DeviceExpertCache(store, slots, make_policy(cfg.policy), device, transfer, self.memory)
         self._replace_layers(layers)
+        del layers  # with them go the original sparse MLPs and, for a whole-loaded model, its expert weights
+        self.budget = decision if decision is not None else self._auto_budget()
+        self.cache.grow(self.budget.slots - self.cache.num_slots)
+        self.num_slots = self.cache.num_slots
+        log.info("expert budget: %s", self.budget.reason)
 
     def _build_store(self, layers) -> ExpertStore:
-        """Copy every expert out of the model into the host tier."""
+        """Every expert in the host tier: from the checkpoint when the model was loaded without them, else copied
+        out of the model's modules."""
         cfg, loaded = self.cfg, self.loaded
         disk_path = None
         if cfg.tier == "disk":
-            if loaded.model.dtype == torch.bfloat16:
-                raise ValueError("tier 'disk' stores fp32 or fp16 experts; load the model in one of those")
             root = cfg.expert_dir or Path.home() / ".cache" / "sida" / "experts"
             dtype = str(loaded.model.dtype).removeprefix("torch.")
             disk_path = Path(root) / f"{loaded.fingerprint}-{dtype}.safetensors"
         pin = self.device.type == "cuda" and cfg.tier == "ram"
-        experts = (((la.index, e), module) for la in layers for e, module in enumerate(la.experts))
-        return ExpertStore.from_experts(experts, cfg.tier, pin, disk_path)
+        source = loaded.experts
+        if source is None:
+            source = ModuleExperts(((la.index, e), module) for la in layers for e, module in enumerate(la.experts))
+        return ExpertStore.build(source, cfg.tier, pin, disk_path)
+
+    def _auto_budget(self) -> BudgetDecision:
+        """Budget "auto": every expert for the ram tier on CPU (the host holds them all already); else what the
+        device has free once the activations of the largest batch, measured by one warm-up forward, are kept."""
+        if self.device.type == "cpu" and self.cfg.tier == "ram":
+            slots = self.total_experts
+            if self.memory.limit is not None:
+                slots = max(1, min(slots, self.cache.num_slots + self.memory.free_bytes() // self.expert_bytes))
+            return BudgetDecision(slots, "auto", f"{slots} of {self.total_experts} experts: tier ram on CPU")
+        headroom = self._warmup()
+        free = self.memory.free_bytes(reserve=AUTO_RESERVE)
+        return auto_budget(free, headroom, self.expert_bytes, self.total_experts, self.cache.num_slots)
+
+    def _warmup(self) -> int:
+        """Peak activation bytes of one forward at the largest batch (max_batch × max_tokens), routed by the
+        router, with the slots allocated so far."""
+        b, s = self.cfg.max_batch, self.cfg.max_tokens
+        ids = torch.zeros(b, s, dtype=torch.long, device=self.device)
+        mask = torch.ones_like(ids)
+        start = self.loaded.decoder_start_ids(b, self.device)
+        mode, self.context.mode = self.context.mode, "exact"  # the router routes it: no hash table is needed
+        try:
+            self.begin_batch(mask)
+            with torch.inference_mode(), PeakMemory(self.device) as peak:
+                self.loaded.model(input_ids=ids, attention_mask=mask, decoder_input_ids=start)
+        finally:
+            self.context.mode = mode
+        self.reset_stats()
+        return peak.bytes
 
     def _replace_layers(self, layers) -> None:
         """Every sparse MLP becomes a SiDA layer that knows the MoE layer after it (to prefetch for). After the
@@ -123,7 +166,6 @@ class OffloadEngine:
                 expert_capacity,
             )
             adapter.replace_moe(model, la, module.to(self.device))
-        # the original sparse MLPs, and with them the model's own expert weights, are freed with `layers`
 
     def set_decoder_guess(self, guess) -> None:
         """Use `guess` (a DecoderGuess) to prefetch and score each decoder step's experts."""
@@ -206,9 +248,17 @@ class OffloadEngine:
         out = {
             "mode": self.cfg.mode,
             "budget_experts": self.num_slots,
+            "budget": {"source": self.budget.source, "reason": self.budget.reason},
             "total_experts": self.total_experts,
             "expert_bytes": self.expert_bytes,
+            "device_memory_bytes": {**self.memory.by_kind, "total": self.memory.total},
         }
+        if self.cache is not None:
+            store = self.cache.store
+            out["host_memory_bytes"] = {
+                "experts": store.host_bytes,
+                "pinned": store.pinned_bytes + self.cache.transfer.staging_bytes,
+            }
         if self.cache is None:
             out.update(
                 expert_loads=0,
@@ -260,6 +310,7 @@ def _check(cfg: OffloadConfig) -> None:
     if cfg.mode not in MODES:
         raise ValueError(f"unknown mode {cfg.mode!r}; expected one of {', '.join(MODES)}")
     make_policy(cfg.policy)
+    explicit_budget(cfg.budget, cfg.budget_experts, cfg.budget_bytes, 1, 1)  # its errors, before any work
     if cfg.tier not in ("ram", "disk"):
         raise ValueError(f"unknown expert tier {cfg.tier!r}; expected ram or disk")
     if cfg.prefetch_k < 1:

@@ -33,6 +33,10 @@ class HashTable:
             return None
         return experts[:, start : start + length], self.alphas[layer][:, start : start + length]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the table (to mark them used by another CUDA stream)."""
+        return [*self.experts.values(), *self.alphas.values()]
+
     def select_sequences(self, keep: list[int]) -> HashTable:
         """The table of the batch's sequences `keep` (the others were dropped: their deadline passed)."""
         return HashTable({k: v[keep] for k, v in self.experts.items()}, {k: v[keep] for k, v in self.alphas.items()})

@@ -1,4 +1,11 @@
-"""Loading a MoE model from a local Hugging Face folder — never from the hub — and fingerprinting it."""
+"""Loading a MoE model from a local Hugging Face folder — never from the hub — and fingerprinting it.
+
+Two ways: the whole model as Hugging Face loads it (`experts="device"`: resident serving, trace
+collection), or under offload (`experts="host"`): the model is built on the meta device, every dense
+tensor is read from the checkpoint onto the device, and the experts stay in the checkpoint, to be read
+into the host store by the offload engine. Then no expert tensor ever reaches the device except through
+the engine's slots, and no expert is held twice in host memory.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +17,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoTokenizer, SwitchTransformersForConditionalGeneration
+from transformers import AutoConfig, AutoTokenizer, SwitchTransformersForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
 from sida.offload.adapters import MoEAdapter, adapter_for
+from sida.offload.checkpoint import Checkpoint, CheckpointError
+from sida.offload.expert_store import CheckpointExperts, ExpertLayout
+
+FAMILIES = {"switch_transformers": SwitchTransformersForConditionalGeneration}
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -32,6 +43,7 @@ class LoadedModel:
     config: object
     path: Path
     fingerprint: str
+    experts: CheckpointExperts | None = None  # set when the experts were left in the checkpoint (experts="host")
 
     @property
     def name(self) -> str:
@@ -104,30 +116,86 @@ def check_model_dir(model_dir: str | Path) -> dict:
     return config
 
 
-def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a local Hugging Face folder (safetensors only, never the hub); one-line ModelLoadError otherwise."""
+def load_model(
+    model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu", experts: str = "device"
+) -> LoadedModel:
+    """Load a local Hugging Face folder (safetensors only, never the hub); one-line ModelLoadError otherwise.
+
+    experts: "device" loads every weight onto `device`; "host" loads only the dense weights there and leaves
+    the experts in the checkpoint (`LoadedModel.experts`), their modules on the meta device."""
+    if experts not in ("device", "host"):
+        raise ValueError(f"experts must be 'device' or 'host', got {experts!r}")
     hf_logging.disable_progress_bar()  # one-line errors and clean stderr; sida reports its own progress
 
     model_dir = Path(model_dir)
     config = check_model_dir(model_dir)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    families = {"switch_transformers": SwitchTransformersForConditionalGeneration}
+    source = None
     try:
-        model, info = families[config["model_type"]].from_pretrained(
-            model_dir, dtype=dtype, local_files_only=True, output_loading_info=True
-        )
+        if experts == "host":
+            model, source = _load_dense(model_dir, config["model_type"], dtype, torch.device(device))
+        else:
+            model = _load_whole(model_dir, config["model_type"], dtype).to(device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load weights from {model_dir}: {first}") from None
-    # from_pretrained silently random-initialises missing tensors: a truncated checkpoint must fail instead.
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("lm_head.weight")]
-    if missing:
-        raise ModelLoadError(f"{model_dir}: weights missing for {len(missing)} tensors, e.g. {missing[0]}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ModelLoadError(f"cannot load the tokenizer from {model_dir}: {e}") from None
-    model.eval().to(device)
-    return LoadedModel(
-        model, tokenizer, adapter_for(config["model_type"]), model.config, model_dir, fingerprint(model_dir)
+    model.eval()
+    fp = fingerprint(model_dir)
+    return LoadedModel(model, tokenizer, adapter_for(config["model_type"]), model.config, model_dir, fp, source)
+
+
+def _load_whole(model_dir: Path, model_type: str, dtype: torch.dtype) -> nn.Module:
+    """The whole model, by Hugging Face's loader."""
+    model, info = FAMILIES[model_type].from_pretrained(
+        model_dir, dtype=dtype, local_files_only=True, output_loading_info=True
     )
+    # from_pretrained silently random-initialises missing tensors: a truncated checkpoint must fail instead.
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("lm_head.weight")]
+    if missing:
+        raise ModelLoadError(f"{model_dir}: weights missing for {len(missing)} tensors, e.g. {missing[0]}")
+    return model
+
+
+def _load_dense(
+    model_dir: Path, model_type: str, dtype: torch.dtype, device: torch.device
+) -> tuple[nn.Module, CheckpointExperts]:
+    """The model with its dense weights on `device` and its experts on meta, and the experts' checkpoint."""
+    cls = FAMILIES[model_type]
+    with torch.device("meta"):
+        model = cls(AutoConfig.from_pretrained(model_dir, local_files_only=True)).to(dtype)
+    adapter = adapter_for(model_type)
+    layers = adapter.moe_layers(model)
+    layout = ExpertLayout.of(layers[0].experts[0])
+    module_names = {id(m): n for n, m in model.named_modules()}
+    expert_names = {
+        (la.index, e): tuple(f"{module_names[id(m)]}.{p}" for p in layout.names)
+        for la in layers
+        for e, m in enumerate(la.experts)
+    }
+    try:
+        checkpoint = Checkpoint(model_dir)
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
+    in_experts = {n for names in expert_names.values() for n in names}
+    wanted = set(model.state_dict())
+    absent = sorted(in_experts - set(checkpoint.tensors))
+    if absent:
+        raise ModelLoadError(f"{model_dir}: weights missing for {len(absent)} expert tensors, e.g. {absent[0]}")
+    dense = {}
+    for name, info in checkpoint.tensors.items():
+        if name in in_experts or name not in wanted:
+            continue
+        cast = dtype if info.dtype.is_floating_point else None
+        dense[name] = checkpoint.read(name, cast).to(device)
+    model.load_state_dict(dense, strict=False, assign=True)
+    model.tie_weights()  # the embeddings (and a tied lm_head) share the one tensor the checkpoint stores
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in in_experts]
+    if left:
+        raise ModelLoadError(f"{model_dir}: weights missing for {len(left)} tensors, e.g. {left[0]}")
+    return model, CheckpointExperts(checkpoint, layout, expert_names)

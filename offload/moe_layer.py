@@ -99,18 +99,23 @@ class SiDAMoELayer(nn.Module):
         waves = self.cache.waves(keys)
         for i, wave in enumerate(waves):
             params = self.cache.acquire(wave)
-            later = [k for w in waves[i + 1 :] for k in w]  # this layer's experts of the waves still to come
-            if i == 0:  # copies for the next layer overlap this layer's compute, never evicting its experts
-                self.cache.prefetch(upcoming, protect=set(keys))
-            for j, key in enumerate(wave):
-                tokens = torch.nonzero(flat_expert == key[1]).squeeze(1)  # ascending token order, as HF
-                y = self.expert_forward(params[key], flat[tokens])  # [n, d_model]
-                out.index_add_(0, tokens, (y * flat_alpha[tokens]).to(out.dtype))
-                # The expert is done: its slot may take what comes next (this layer's later waves first, then
-                # the next layer's predicted experts) while the rest of the wave computes.
-                self.cache.release([key])
-                if later or upcoming:
-                    self.cache.prefetch(later + upcoming, protect=set(wave[j + 1 :]))
+            held = list(wave)  # released whatever happens, so a failed batch leaves no expert pinned
+            try:
+                later = [k for w in waves[i + 1 :] for k in w]  # this layer's experts of the waves still to come
+                if i == 0:  # copies for the next layer overlap this layer's compute, never evicting its experts
+                    self.cache.prefetch(upcoming, protect=set(keys))
+                for j, key in enumerate(wave):
+                    tokens = torch.nonzero(flat_expert == key[1]).squeeze(1)  # ascending token order, as HF
+                    y = self.expert_forward(params[key], flat[tokens])  # [n, d_model]
+                    out.index_add_(0, tokens, (y * flat_alpha[tokens]).to(out.dtype))
+                    # The expert is done: its slot may take what comes next (this layer's later waves first,
+                    # then the next layer's predicted experts) while the rest of the wave computes.
+                    held.remove(key)
+                    self.cache.release([key])
+                    if later or upcoming:
+                        self.cache.prefetch(later + upcoming, protect=set(wave[j + 1 :]))
+            finally:
+                self.cache.release(held)
         return out.view(batch, seq, d_model)
 
     def _route(self, hidden_states: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,14 +22,32 @@ class Transfer:
         self._stream = torch.cuda.Stream(device) if self.cuda else None
         self._bounce = torch.empty(expert_numel, dtype=dtype, pin_memory=True) if self.cuda else None
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor):
-        """Start dst ← src; returns a handle for `wait` (None when the copy is already complete)."""
+    @property
+    def staging_bytes(self) -> int:
+        """Pinned host bytes of the bounce buffer (the pinned allocator reserves a power of two)."""
+        if self._bounce is None:
+            return 0
+        return 1 << (self._bounce.numel() * self._bounce.element_size() - 1).bit_length()
+
+    def reads_done(self):
+        """An event after the compute kernels queued so far (the last reads of a slot being released); None on
+        CPU, where compute has already run."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
+        """Start dst ← src once the event `after` (the last reads of dst, from `reads_done`) has passed; returns a
+        handle for `wait` (None when the copy is already complete)."""
         if not self.cuda:
             dst.copy_(src)
             return None
         # the slot may still be read by compute already queued (the expert it held was evicted, not finished):
-        # the copy waits for that work, and for nothing issued after this point
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        # the copy waits for those kernels, not for everything the compute stream has queued
+        if after is not None:
+            self._stream.wait_event(after)
         with torch.cuda.stream(self._stream):
             if not src.is_pinned():
                 # the bounce buffer is reused: the previous staged copy must have left it

@@ -26,23 +26,27 @@ def build_runner(settings: Settings, hash_source: str = "auto") -> Runner:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
-    offload = settings.offload_config()
-    loaded = load_model(settings.model_dir, settings.dtype, str(device))
+    offload = settings.offload_config(device.type)
+    predictor = None
+    if hash_source == "auto" and offload.mode != "resident":
+        predictor = settings.predictor or find_predictor(settings.model_dir)
+    if offload.mode == "predicted" and predictor is None and hash_source != "oracle":
+        raise ValueError(
+            f"predicted mode needs hash tables: {settings.model_dir} ships no predictor (--predictor, --hash)"
+        )
+    if offload.mode == "exact" and predictor is None and not settings.mode_is_explicit and hash_source == "auto":
+        log.warning("%s ships no predictor: serving in resident mode", settings.model_dir)
+        offload = dataclasses.replace(offload, mode="resident")
+    experts = "device" if offload.mode == "resident" else "host"  # offloaded: experts never reach the device whole
+    loaded = load_model(settings.model_dir, settings.dtype, str(device), experts)
     k = rank_depth(offload.prefetch_k)
     hash_fn = decoder_guess = None
     if hash_source == "oracle":
         hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=k)
-    elif hash_source == "auto" and offload.mode != "resident":
-        path = settings.predictor or find_predictor(loaded.path)
-        if path is not None:
-            pred, _meta = load_predictor(path, loaded.fingerprint)
-            hash_fn = PredictorHash(pred.to(device), k=k)
-            decoder_guess = DecoderGuess.load(predictor_folder(path), loaded.fingerprint)
-    if offload.mode == "predicted" and hash_fn is None:
-        raise ValueError(f"predicted mode needs hash tables: {loaded.path} ships no predictor (--predictor, --hash)")
-    if offload.mode == "exact" and hash_fn is None and not settings.mode_is_explicit and hash_source == "auto":
-        log.warning("%s ships no predictor: serving in resident mode", loaded.path)
-        offload = dataclasses.replace(offload, mode="resident")
+    elif predictor is not None:
+        pred, _meta = load_predictor(predictor, loaded.fingerprint)
+        hash_fn = PredictorHash(pred.to(device), k=k)
+        decoder_guess = DecoderGuess.load(predictor_folder(predictor), loaded.fingerprint)
     engine = OffloadEngine(loaded, offload, device)
     if decoder_guess is not None and engine.cache is not None:
         engine.set_decoder_guess(decoder_guess)

@@ -36,8 +36,10 @@ class Settings(BaseSettings):
     batch_size: int = 32  # examples per forward in `sida eval`
     # offload (offload/engine.py)
     mode: Literal["resident", "exact", "predicted"] = "exact"
-    budget_experts: int | None = None  # device slots for all MoE layers together; None = half of all experts
+    budget_experts: int | None = None  # device slots for all MoE layers together; wins over `budget`
     budget_bytes: int | None = None
+    budget: Literal["auto", "half"] | None = None  # None: auto on CUDA, half of all experts on CPU
+    device_memory_limit: int | None = None  # bytes sida may place on the device; None: what the device has
     policy: Literal["fifo", "lru", "lfu"] = "lru"
     tier: Literal["ram", "disk"] = "ram"
     prefetch_k: int = 1
@@ -100,7 +102,7 @@ class Settings(BaseSettings):
             raise ValueError("must be between 0 and 1")
         return v
 
-    @field_validator("budget_bytes")
+    @field_validator("budget_bytes", "device_memory_limit")
     @classmethod
     def _bytes(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
@@ -113,10 +115,20 @@ class Settings(BaseSettings):
             raise ValueError("set budget_experts or budget_bytes, not both")
         return self
 
-    def offload_config(self) -> OffloadConfig:
-        """The offload engine's part of the settings."""
+    def offload_config(self, device_type: str = "cpu") -> OffloadConfig:
+        """The offload engine's part of the settings, for a device of `device_type`."""
         return OffloadConfig(
-            self.mode, self.budget_experts, self.budget_bytes, self.policy, self.tier, self.prefetch_k, self.expert_dir
+            mode=self.mode,
+            budget_experts=self.budget_experts,
+            budget_bytes=self.budget_bytes,
+            budget=self.budget or ("auto" if device_type == "cuda" else "half"),
+            policy=self.policy,
+            tier=self.tier,
+            prefetch_k=self.prefetch_k,
+            expert_dir=self.expert_dir,
+            device_memory_limit=self.device_memory_limit,
+            max_batch=self.max_batch_size,
+            max_tokens=self.max_input_tokens,
         )
 
     @property

@@ -38,7 +38,9 @@ def demo_loaded(demo_dir):
     return load_model(demo_dir)
 
 
-def make_tiny_switch(out: Path, num_experts: int = 4, seed: int = 0, expert_capacity: int = 256) -> Path:
+def make_tiny_switch(
+    out: Path, num_experts: int = 4, seed: int = 0, expert_capacity: int = 256, d_ff: int = 64
+) -> Path:
     """A randomly initialised 2+2-block Switch model (one MoE block per stack) with a real tokenizer."""
     from sida.server.demo_model.recipe import DemoRecipe, make_config, new_model
     from sida.server.demo_model.tokenizer import save_tokenizer, train_tokenizer
@@ -47,7 +49,7 @@ def make_tiny_switch(out: Path, num_experts: int = 4, seed: int = 0, expert_capa
     tok = train_tokenizer(TINY_TEXTS, vocab_size=300)
     recipe = DemoRecipe(
         d_model=32,
-        d_ff=64,
+        d_ff=d_ff,
         num_heads=2,
         d_kv=16,
         num_layers=2,

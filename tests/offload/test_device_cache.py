@@ -117,3 +117,50 @@ def test_disk_tier_serves_the_same_weights(tmp_path):
     mtime = path.stat().st_mtime_ns
     make_cache(2, tier="disk", path=path)  # written once, then only mapped
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_ram_arena_in_chunks_of_whole_experts(monkeypatch):
+    from sida.offload import expert_store
+
+    store, modules = make_store()
+    layout = store.layout
+    monkeypatch.setattr(expert_store, "ARENA_CHUNK_BYTES", 3 * layout.nbytes)
+    chunked = ExpertStore.from_experts(modules.items())
+    assert len(chunked._chunks) == 3  # 8 experts, 3 a chunk
+    assert chunked.host_bytes == 8 * layout.nbytes and chunked.pinned_bytes == 0
+    for key, module in modules.items():
+        torch.testing.assert_close(layout.views(chunked.host(key))["weight"], module.weight)
+
+
+def test_disk_tier_file_written_by_streaming_is_valid_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "experts.safetensors"
+    store, modules = make_store(tier="disk", path=path)
+    on_disk = load_file(path)
+    assert len(on_disk) == len(modules)
+    for (layer, e), module in modules.items():
+        torch.testing.assert_close(store.layout.views(on_disk[f"layer{layer}.expert{e}"])["bias"], module.bias)
+    assert store.host_bytes == store.layout.nbytes  # one staging buffer, however many experts
+
+
+def test_damaged_expert_file_is_refused_with_its_path(tmp_path):
+    from sida.offload.checkpoint import CheckpointError
+
+    path = tmp_path / "experts.safetensors"
+    make_store(tier="disk", path=path)
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="experts.safetensors is truncated.*delete it"):
+        make_store(tier="disk", path=path)
+
+
+def test_a_failed_read_leaves_the_slot_usable_and_nothing_pinned():
+    cache, modules = make_cache(2)
+    real = cache.store.host
+    cache.store.host = lambda key: (_ for _ in ()).throw(OSError("disk gone")) if key == (1, 1) else real(key)
+    with pytest.raises(OSError):
+        cache.acquire([(0, 0), (1, 1)])
+    assert cache.pinned_keys == []
+    cache.store.host = real
+    views = cache.acquire([(0, 1), (1, 1)])  # both slots still usable
+    torch.testing.assert_close(views[(1, 1)]["weight"], modules[(1, 1)].weight)
