@@ -9,7 +9,7 @@ MODEL ?= models/sida-switch-demo
 # CPU machines: this exact pin resolves to a CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-gpu bench-http lint clean
+.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-memory bench-gpu test-gpu bench-http soak lint clean
 
 install: $(STAMP)
 
@@ -65,12 +65,22 @@ bench: $(STAMP)
 	$(PY) bench/offload_bench.py --preset cpu --out bench/results/cpu.json
 	$(PY) bench/report.py bench/results/cpu.json --doc docs/benchmarks.md --plots docs/img
 
+# Peak host memory of `sida eval`, all-resident against offloaded (ram tier, disk tier fresh and again), on a
+# switch-base-8 shape with random weights written once under runs/ (about 3 minutes on 2 cores).
+bench-memory: $(STAMP)
+	$(PY) bench/memory_bench.py --experts 8 --budget-experts 24 --out bench/results/memory.json
+
+# On a GPU box: the CUDA tests (marked `gpu`), after the device, torch and CUDA versions.
+test-gpu: $(STAMP)
+	$(PY) -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+	$(PY) -m pytest -q -m gpu -rs
+
 # On a GPU box: the full matrix, one model × dtype × batch size per invocation (each under 10 minutes is the
 # aim; not yet run on a GPU), appended to bench/results/gpu.json.
 bench-gpu: $(STAMP)
 	rm -f bench/results/gpu.json
 	$(PY) bench/offload_bench.py --preset gpu --models demo --out bench/results/gpu.json --append
-	for m in switch-base-64 switch-base-128 switch-base-256; do for d in float32 bfloat16; do for b in 32 1; do \
+	for m in switch-base-64 switch-base-128 switch-base-256; do for d in float16 bfloat16; do for b in 32 1; do \
 		$(PY) bench/offload_bench.py --preset gpu --models $$m --dtypes $$d --batch-sizes $$b \
 			--out bench/results/gpu.json --append || exit 1; done; done; done
 	$(PY) bench/report.py bench/results/gpu.json --doc docs/benchmarks.md --plots docs/img
@@ -78,6 +88,12 @@ bench-gpu: $(STAMP)
 # HTTP throughput against `sida eval` on the same sentences (issue: serving daemon).
 bench-http: $(STAMP)
 	$(PY) bench/http_vs_eval.py --data $(DATA)/sst2/dev.tsv
+
+# Soak: SOAK_S seconds of mixed classify / completion / streaming traffic against `sida serve` on $(MODEL), on
+# loopback; fails on any failed call or on server memory (RSS; CUDA memory) that keeps growing.
+SOAK_S ?= 120
+soak: $(STAMP)
+	$(PY) bench/soak.py --model $(MODEL) --duration $(SOAK_S)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server predictor offload tests bench

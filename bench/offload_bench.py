@@ -71,8 +71,9 @@ PRESETS = {
         ("demo", "switch-base-64", "switch-base-128", "switch-base-256"),
         ("sst2", "mrpc", "multirc"),
         (1, 32),
-        ("float32", "bfloat16"),
+        ("float16", "bfloat16"),
         {"demo": None, "switch-base-64": 512, "switch-base-128": 512, "switch-base-256": 512},
+        budgets=(0.1, 0.2, 0.25, 0.5, 1.0),  # at 20% the experts exceed the budget five times over
         predictor_traces=4000,
         predictor_epochs=6,
     ),

@@ -292,13 +292,15 @@ class OffloadEngine:
     def _hit_rates(self) -> dict:
         """{"hash_hit_rate": {"top1": …}, "decoder_hash_hit_rate": …} over the layers of each stack that were scored."""
         stats, out = self.routing_stats, {}
+        # one C-level copy each: the inference thread may add a layer's first key while /info reads
+        lookups_by_layer, hits_by_key = dict(stats.hash_lookups), dict(stats.hash_hits)
         for stack, key in (("encoder", "hash_hit_rate"), ("decoder", "decoder_hash_hit_rate")):
             layers = {la for la, s in self.layer_stack.items() if s == stack}
-            lookups = sum(n for la, n in stats.hash_lookups.items() if la in layers)
+            lookups = sum(n for la, n in lookups_by_layer.items() if la in layers)
             if not lookups:
                 continue
             hits: dict[int, int] = {}
-            for (la, k), n in stats.hash_hits.items():
+            for (la, k), n in hits_by_key.items():
                 if la in layers:
                     hits[k] = hits.get(k, 0) + n
             out[key] = {f"top{k}": round(hits[k] / lookups, 6) for k in sorted(hits)}

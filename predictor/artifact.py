@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sida.offload.hash_table import HashTable
@@ -48,14 +49,30 @@ def load_predictor(path: str | Path, fingerprint: str) -> tuple[HashPredictor, d
     meta_path, weights = folder / "predictor.json", folder / "predictor.safetensors"
     if not meta_path.is_file() or not weights.is_file():
         raise PredictorError(f"{folder}: expected predictor.json and predictor.safetensors")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PredictorError(f"{meta_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), dict):
+        raise PredictorError(f"{meta_path} has no 'arch' object")
     if meta.get("model_fingerprint") != fingerprint:
         raise PredictorError(
-            f"{folder}: predictor was trained for model {meta.get('model_fingerprint')}, "
+            f"{meta_path}: predictor was trained for model {meta.get('model_fingerprint')}, "
             f"this model's fingerprint is {fingerprint}"
         )
-    pred = HashPredictor(PredictorArch.from_dict(meta["arch"]))
-    pred.load_state_dict(load_file(str(weights)))
+    try:
+        pred = HashPredictor(PredictorArch.from_dict(meta["arch"]))
+    except (TypeError, KeyError, ValueError) as e:
+        raise PredictorError(f"{meta_path}: 'arch' is not a predictor architecture ({e})") from None
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise PredictorError(f"{weights} is not a readable safetensors file ({e})") from None
+    try:
+        pred.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise PredictorError(f"{weights} does not match the architecture in {meta_path.name}: {first}") from None
     return pred.eval(), meta
 
 

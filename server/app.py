@@ -18,12 +18,13 @@ from importlib.metadata import version
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from sida.offload.device import resolve_device
 from sida.server.composition import build_runner
 from sida.server.errors import add_exception_handlers
 from sida.server.metrics import Metrics
-from sida.server.middleware import Guard
+from sida.server.middleware import BODY_TIMEOUT_S, Guard
 from sida.server.pipeline import Pipeline
 from sida.server.routes import router
 from sida.server.settings import Settings
@@ -40,27 +41,34 @@ async def lifespan(app: FastAPI, setup: Setup, teardown: Callable[[], None] | No
     then stop."""
     state: State = app.state.sida
     state.runner, state.pipeline, state.metrics, state.info = await asyncio.to_thread(setup)
+    state.pipeline.on_failure = state.fail  # a worker that stops turns the server unready (it then exits)
     state.pipeline.start()
-    state.ready = True
+    state.ready = not state.draining and state.failure is None
     log.info("sida ready: %s", json.dumps(state.info))
     try:
         yield
     finally:
-        state.draining = True
-        state.ready = False
+        state.begin_drain()
         await asyncio.to_thread(state.pipeline.stop)  # everything accepted is answered first
         if teardown is not None:
             teardown()
 
 
-def build_app(opts: ServeOptions, setup: Setup, teardown: Callable[[], None] | None = None) -> FastAPI:
-    """The app; `setup()` → (runner, pipeline, metrics, info) runs in the lifespan (nothing heavy at import)."""
+def build_app(
+    opts: ServeOptions,
+    setup: Setup,
+    teardown: Callable[[], None] | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+) -> FastAPI:
+    """The app; `setup()` → (runner, pipeline, metrics, info) runs in the lifespan (nothing heavy at import).
+    A request body not in within `body_timeout_s` is answered 408."""
     app = FastAPI(title="sida", lifespan=partial(lifespan, setup=setup, teardown=teardown))
     state = State(opts)
     app.state.sida = state
     add_exception_handlers(app)
-    app.add_middleware(Guard, state=state)
     app.include_router(router)
+    endpoints = frozenset(r.path for r in (*app.routes, *router.routes) if isinstance(r, Route))
+    app.add_middleware(Guard, state=state, endpoints=endpoints, body_timeout_s=body_timeout_s)
     return app
 
 
@@ -98,10 +106,15 @@ def serving_setup(settings: Settings, name: str, hash_source: str) -> tuple[Any,
     return runner, pipeline, metrics, info
 
 
-def app_from_settings(settings: Settings, hash_source: str = "auto") -> FastAPI:
-    """The app `sida serve` runs; tests build it the same way."""
+def app_from_settings(settings: Settings, hash_source: str = "auto", preload: bool = False) -> FastAPI:
+    """The app `sida serve` runs; tests build it the same way. `preload` runs the setup now, so that a model,
+    predictor or expert_dir that cannot be used raises here, to the caller, rather than in the lifespan."""
     name = settings.served_model_name or settings.model_dir.name
     opts = ServeOptions(
         name, settings.max_input_tokens, settings.request_timeout_s, settings.max_body_bytes, settings.api_key
     )
-    return build_app(opts, partial(serving_setup, settings, name, hash_source))
+    setup = partial(serving_setup, settings, name, hash_source)
+    if preload:
+        built = setup()
+        return build_app(opts, lambda: built, body_timeout_s=settings.body_timeout_s)
+    return build_app(opts, setup, body_timeout_s=settings.body_timeout_s)

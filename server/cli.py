@@ -8,12 +8,15 @@ import json
 import logging
 import signal
 import sys
+import tempfile
+import time
 from importlib.metadata import version
 
 import uvicorn
 import yaml
 
 from sida.offload.datasets import TASKS
+from sida.offload.device import peak_rss_bytes
 from sida.offload.model_loader import ModelLoadError, load_model
 from sida.offload.runner import Runner
 from sida.predictor import cli as predictor_cli
@@ -21,6 +24,12 @@ from sida.predictor.evaluation import evaluate, write_predictions
 from sida.server.app import app_from_settings
 from sida.server.composition import build_runner
 from sida.server.settings import Settings, SettingsError, load_settings
+from sida.server.state import State
+
+log = logging.getLogger("sida")
+
+DRAIN_MARGIN_S = 5.0  # a drain waits for the accepted requests' deadlines (request_timeout_s), and this much more
+EXIT_WORKER_FAILED = 1  # `sida serve` after a worker thread stopped: a supervisor should restart it
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -36,6 +45,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=["resident", "exact", "predicted"])
     g.add_argument("--budget-experts", type=int, help="device slots for all MoE layers together")
     g.add_argument("--budget-bytes", type=int, help="the same budget in bytes")
+    g.add_argument(
+        "--budget",
+        choices=["auto", "half"],
+        help="without --budget-experts/--budget-bytes: auto (what the device has free after the dense weights and "
+        "the activations of the largest batch; the default on CUDA) or half of all experts (the default on CPU)",
+    )
+    g.add_argument("--device-memory-limit", type=int, help="bytes sida may place on the device (default: all it has)")
     g.add_argument("--policy", choices=["fifo", "lru", "lfu"])
     g.add_argument("--tier", choices=["ram", "disk"])
     g.add_argument("--prefetch-k", type=int)
@@ -62,6 +78,8 @@ def _add_serve(sub) -> None:
     g.add_argument("--max-batch-wait-ms", type=float)
     g.add_argument("--max-queue", type=int)
     g.add_argument("--request-timeout-s", type=float)
+    g.add_argument("--max-body-bytes", type=int)
+    g.add_argument("--body-timeout-s", type=float)
     g.add_argument("--api-key")
     g.add_argument("--shadow-sample-rate", type=float)
     g.add_argument("--predictor-threads", type=int, help="torch threads of the predictor worker (default 1 on CPU)")
@@ -123,6 +141,20 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **{k: getattr(args, k, None) for k in Settings.model_fields})
 
 
+def check_expert_dir(settings: Settings) -> None:
+    """Tier 'disk' writes its expert file into `expert_dir`: a folder that cannot take a file is refused before
+    the model loads, naming the setting."""
+    folder = settings.expert_dir
+    if settings.tier != "disk" or folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SettingsError(f"expert_dir: {folder} is not a writable folder ({e.strerror})") from None
+
+
 def cmd_classify(args, settings: Settings) -> None:
     runner = build_runner(settings, args.hash)
     for text, c in zip(args.text, runner.classify(args.text, args.task)):
@@ -147,6 +179,7 @@ def cmd_eval(args, settings: Settings) -> None:
     result = evaluate(runner, args.task, args.data, args.limit, settings.batch_size)
     summary = {"model": str(settings.model_dir), "fingerprint": runner.loaded.fingerprint, **result.summary()}
     summary.update(runner.engine.summary())
+    summary["peak_rss_bytes"] = peak_rss_bytes()  # loading and evaluating, before any fidelity run below
     if settings.mode == "predicted":  # fidelity: the same data through the untouched model
         plain = Runner(load_model(settings.model_dir, settings.dtype, str(runner.device)), str(runner.device))
         base = evaluate(plain, args.task, args.data, args.limit, settings.batch_size)
@@ -163,11 +196,19 @@ def cmd_eval(args, settings: Settings) -> None:
 
 
 class GracefulServer(uvicorn.Server):
-    """SIGTERM/SIGINT: stop accepting, answer everything accepted (the lifespan drains the pipeline), exit 0.
+    """SIGTERM/SIGINT: readiness and new `/v1/` calls answer 503 at once while every accepted request is answered
+    (the listener stays open, so that a load balancer sees the 503), then uvicorn's shutdown and the lifespan's
+    drain; exit 0. A second signal skips the wait. A failed worker also ends the serving loop.
 
-    Plain uvicorn re-raises the signal after its shutdown, so the process ends with -15; a daemon under
-    systemd or Kubernetes should report a clean stop instead.
+    Plain uvicorn closes its listener at once and re-raises the signal after its shutdown, so the process ends
+    with -15; a daemon under systemd or Kubernetes should report a clean stop instead.
     """
+
+    def __init__(self, config: uvicorn.Config, state: State, drain_timeout_s: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_deadline: float | None = None
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -178,14 +219,46 @@ class GracefulServer(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.drain_deadline is not None:
+            return super().handle_exit(sig, frame)
+        self.drain_deadline = time.monotonic() + self.drain_timeout_s
+        self.state.begin_drain()
+        pending = self.state.pipeline.unanswered if self.state.pipeline is not None else 0
+        log.info("draining: answering %d accepted requests, then exiting", pending)
+
+    async def on_tick(self, counter: int) -> bool:
+        """Whether the serving loop ends now: a signal's drain is done (or out of time), or a worker failed."""
+        if await super().on_tick(counter) or self.state.failure is not None:
+            return True
+        if self.drain_deadline is None:
+            return False
+        if self.state.drained:
+            return True
+        if time.monotonic() > self.drain_deadline:
+            log.warning("drain timeout (%.0f s) passed with requests unanswered", self.drain_timeout_s)
+            return True
+        return False
+
 
 def cmd_serve(args, settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = app_from_settings(settings, args.hash)
+    # The model loads before the port is bound (as uvicorn binds after the lifespan's start-up anyway), so that a
+    # bad model folder, predictor or expert_dir ends in `main` as one line and status 2.
+    app = app_from_settings(settings, args.hash, preload=True)
+    state: State = app.state.sida
+    drain_timeout_s = settings.request_timeout_s + DRAIN_MARGIN_S
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=drain_timeout_s,
     )
-    GracefulServer(config).run()
+    GracefulServer(config, state, drain_timeout_s).run()
+    if state.failure is not None:
+        print(f"sida: error: {state.failure}; exiting for a restart", file=sys.stderr)
+        sys.exit(EXIT_WORKER_FAILED)
 
 
 def cmd_config(args, settings: Settings) -> None:
@@ -202,7 +275,7 @@ def cmd_build_demo(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`sida …`: one command; a bad setting, model folder, file or value ends with one line and exit status 2
-    (PredictorError is a ValueError)."""
+    (PredictorError is a ValueError; an OSError names its file)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "build-demo":
@@ -210,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "predictor":
             return predictor_cli.run(args)
         settings = _settings(args)
+        if args.command != "config":
+            check_expert_dir(settings)
         commands = {
             "classify": cmd_classify,
             "complete": cmd_complete,
@@ -218,8 +293,11 @@ def main(argv: list[str] | None = None) -> None:
             "serve": cmd_serve,
         }
         commands[args.command](args, settings)
-    except (SettingsError, ModelLoadError, FileNotFoundError, ValueError) as e:
+    except SettingsError as e:  # already phrased for the user: one line per bad field
         print(f"sida: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (ModelLoadError, OSError, ValueError) as e:
+        print("sida: error:", " ".join(str(e).split()), file=sys.stderr)  # one line, whatever a library wrote
         sys.exit(2)
 
 

@@ -22,7 +22,7 @@ class Metrics:
     def __init__(self, engine=None, model: str = "", mode: str = "", version: str = ""):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = PCounter(
+        self.requests = PCounter(  # endpoint: a route's path, or "unmatched" for every path no route serves
             "sida_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
         )
         self.request_duration = Histogram(
@@ -44,7 +44,11 @@ class Metrics:
             "sida_hash_build_seconds", "Predictor time per batch", buckets=LATENCY_BUCKETS, registry=r
         )
         self.hash_queue_depth = Gauge("sida_hash_queue_depth", "Hashed batches waiting for inference", registry=r)
-        self.batch_errors = PCounter("sida_batch_errors", "Batches that failed in the inference worker", registry=r)
+        by_stage = PCounter(
+            "sida_batch_errors", "Batches that failed, by worker stage (predict or infer)", ["stage"], registry=r
+        )
+        self.batch_errors_by_stage = {stage: by_stage.labels(stage) for stage in ("predict", "infer")}
+        self.batch_errors = self.batch_errors_by_stage["infer"]  # the inference worker's
         Info("sida_build", "Build information", registry=r).info({"version": version, "model": model, "mode": mode})
         if engine is not None:
             r.register(_EngineCollector(engine))
@@ -64,13 +68,14 @@ class _EngineCollector:
         e = self.engine
         stats = e.routing_stats
         lookups = CounterMetricFamily("sida_hash_lookups", "Real tokens whose hash entry was checked", labels=["layer"])
-        for layer, n in sorted(stats.hash_lookups.items()):
+        # dict(): one C-level copy of a counter the inference thread may add a key to while this iterates
+        for layer, n in sorted(dict(stats.hash_lookups).items()):
             lookups.add_metric([str(layer)], n)
         yield lookups
         hits = CounterMetricFamily(
             "sida_hash_hits", "Real tokens whose router choice was among the top-k predictions", labels=["layer", "k"]
         )
-        for (layer, k), n in sorted(stats.hash_hits.items()):
+        for (layer, k), n in sorted(dict(stats.hash_hits).items()):
             hits.add_metric([str(layer), str(k)], n)
         yield hits
         cache_hits = CounterMetricFamily("sida_expert_cache_hits", "Expert lookups found resident", labels=["layer"])
@@ -78,7 +83,16 @@ class _EngineCollector:
             "sida_expert_cache_misses", "Expert lookups loaded on demand", labels=["layer"]
         )
         resident = GaugeMetricFamily("sida_resident_experts", "Experts resident on the device", labels=["layer"])
-        memory = GaugeMetricFamily("sida_device_memory_bytes", "Device memory", labels=["kind"])
+        memory = GaugeMetricFamily(
+            "sida_device_memory_bytes",
+            "Device memory: placed by the engine (dense, experts) and, on CUDA, torch's allocated and reserved",
+            labels=["kind"],
+        )
+        host = GaugeMetricFamily("sida_host_memory_bytes", "Host memory of the expert store", labels=["kind"])
+        if e.cache is not None:
+            host.add_metric(["experts"], e.cache.store.host_bytes)
+            host.add_metric(["pinned"], e.cache.store.pinned_bytes + e.cache.transfer.staging_bytes)
+        yield host
         budget = GaugeMetricFamily("sida_expert_budget_bytes", "Device bytes reserved for experts")
         budget.add_metric([], e.num_slots * e.expert_bytes)
         cache = e.cache.stats if e.cache is not None else None
@@ -90,7 +104,8 @@ class _EngineCollector:
                 resident.add_metric([str(layer)], per_layer[layer])
             else:  # resident mode: every expert stays on the device
                 resident.add_metric([str(layer)], e.num_experts)
-        memory.add_metric(["experts"], e.num_slots * e.expert_bytes)
+        for kind, nbytes in sorted(e.memory.by_kind.items()):  # what the engine placed: dense, experts
+            memory.add_metric([kind], nbytes)
         if e.device.type == "cuda":
             memory.add_metric(["allocated"], torch.cuda.memory_allocated(e.device))
             memory.add_metric(["reserved"], torch.cuda.memory_reserved(e.device))

@@ -6,30 +6,46 @@ rest of a classify call.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sida.server.errors import APIError, envelope
+from sida.server.errors import APIError, envelope, invalid
 from sida.server.state import State
+
+UNMATCHED = "unmatched"  # the endpoint label of every path no route serves: one series, not one per path
+CLIENT_LEFT = 499  # the status counted when the client disconnects before its body is in (nginx's)
+BODY_TIMEOUT_S = 30.0
+CLOSE = {"Connection": "close"}  # a body refused before its end leaves the rest unread: the connection cannot be reused
 
 
 class Guard:
-    """Body size (413), API key on `/v1/` (401), readiness for `/v1/` POSTs (503), then
-    `sida_requests_total` and `sida_request_duration_seconds` for every `/v1/` request."""
+    """Body size by `content-length` (413), API key on `/v1/` (401), readiness for `/v1/` POSTs (503), then a
+    POST's whole body, read before any handler runs: over `max_body_bytes` (413, chunked bodies too) or not in
+    within `body_timeout_s` of the request's start (408: a client that never finishes its body is cut off).
+    After the response, `sida_requests_total` and `sida_request_duration_seconds` by endpoint (one of the app's
+    route paths, `endpoints`, else UNMATCHED) and status."""
 
-    def __init__(self, app: ASGIApp, state: State):
+    def __init__(
+        self,
+        app: ASGIApp,
+        state: State,
+        endpoints: frozenset[str] = frozenset(),
+        body_timeout_s: float = BODY_TIMEOUT_S,
+    ):
         self.inner = app
         self.state = state
         self.opts = state.opts
+        self.endpoints = endpoints
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.inner(scope, receive, send)
         t0 = time.perf_counter()
-        path = scope["path"]
         status = 500
 
         async def send_status(message: Message) -> None:
@@ -39,25 +55,33 @@ class Guard:
             await send(message)
 
         try:
-            err = self.refuse(scope, path)
+            err = self.refuse(scope)
+            if err is None and scope["method"] == "POST":
+                body, err = await self.read_body(receive)
+                if err is None:
+                    if body is None:
+                        status = CLIENT_LEFT
+                        return
+                    receive = replay(body, receive)
             if err is not None:
                 await envelope(err)(scope, receive, send_status)
             else:
                 await self.inner(scope, receive, send_status)
         finally:
             metrics = self.state.metrics
-            if metrics is not None and path.startswith("/v1/"):
-                metrics.requests.labels(path, str(status)).inc()
-                metrics.request_duration.labels(path).observe(time.perf_counter() - t0)
+            if metrics is not None:
+                endpoint = scope["path"] if scope["path"] in self.endpoints else UNMATCHED
+                metrics.requests.labels(endpoint, str(status)).inc()
+                metrics.request_duration.labels(endpoint).observe(time.perf_counter() - t0)
 
-    def refuse(self, scope: Scope, path: str) -> APIError | None:
-        """The error to answer instead of calling the app, or None to let the request through."""
-        opts = self.opts
+    def refuse(self, scope: Scope) -> APIError | None:
+        """The error to answer instead of reading the body and calling the app, or None to go on."""
+        opts, path = self.opts, scope["path"]
         headers = Headers(scope=scope)
         if scope["method"] == "POST":
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > opts.max_body_bytes:
-                return APIError(413, f"request body over {opts.max_body_bytes} bytes", "invalid_request_error")
+                return too_large(opts.max_body_bytes)
         if path.startswith("/v1/") and opts.api_key is not None:
             auth = headers.get("authorization", "")
             token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
@@ -66,3 +90,45 @@ class Guard:
         if path.startswith("/v1/") and scope["method"] == "POST" and not self.state.ready:
             return APIError(503, "server is starting or draining", "service_unavailable", headers={"Retry-After": "1"})
         return None
+
+    async def read_body(self, receive: Receive) -> tuple[bytes | None, APIError | None]:
+        """(the whole body, None), or (None, the error to answer), or (None, None) when the client left."""
+        limit = self.opts.max_body_bytes
+        deadline = time.monotonic() + self.body_timeout_s
+        chunks, size, more = [], 0, True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                err = invalid(
+                    f"request body not received within {self.body_timeout_s} s", code="body_timeout", status=408
+                )
+                err.headers = CLOSE
+                return None, err
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None, too_large(limit)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks), None
+
+
+def too_large(limit: int) -> APIError:
+    """413 for a body over `limit` bytes."""
+    err = invalid(f"request body over {limit} bytes", code="body_too_large", status=413)
+    err.headers = CLOSE
+    return err
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app the body already read, then passes on what the client sends next (its
+    disconnect, which a streaming response listens for)."""
+    first: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_again() -> Message:
+        return first.pop() if first else await receive()
+
+    return receive_again

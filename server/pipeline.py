@@ -3,19 +3,37 @@ i+1) and the single inference worker's thread (owns the model and the expert cac
 
    submit_many() ──▶ intake queue ──▶ PredictorWorker.step: Batcher → pad → HashTable ──▶ hash queue (depth 1)
                                                           ──▶ InferenceWorker.step: run → futures
+
+A batch's error stays in the worker (workers.py). A worker thread that ends anyway (an error outside any batch, a
+BaseException) fails the pipeline: every accepted request still waiting is answered 503 at once, later calls are
+refused, the other worker returns, and `on_failure` tells the server, which turns unready and exits non-zero.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 
 from sida.server.batcher import Batcher
+from sida.server.errors import APIError
 from sida.server.request import QueueFull, Request
 from sida.server.workers import InferenceWorker, PredictorWorker, set_thread_count
 
+log = logging.getLogger("sida")
+
 _STOP = object()
+_POLL_S = 0.1  # how often a worker blocked on the hash queue looks whether the pipeline has failed
+
+
+class PipelineFailed(APIError):
+    """A worker thread stopped: the request cannot be answered by this process (503; a restart is due)."""
+
+    def __init__(self, reason: str):
+        super().__init__(503, reason, "service_unavailable", code="worker_failed", headers={"Retry-After": "1"})
 
 
 class Pipeline:
@@ -41,18 +59,27 @@ class Pipeline:
         self._intake: queue.Queue = queue.Queue()
         self._hashed: queue.Queue = queue.Queue(maxsize=hash_depth)
         self._pending = 0  # accepted and not yet started
+        self._open: set[Request] = set()  # accepted and not yet answered
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._inference_threads, self._predictor_threads = threads
+        self.failure: str | None = None  # why a worker thread stopped, once one has
+        self.on_failure: Callable[[str], None] | None = None  # called with `failure`, from the dying thread
 
     # ------------------------------------------------------------------ intake (event-loop side)
 
     def submit_many(self, reqs: list[Request]) -> None:
-        """Accept all of a call's requests or none of them (QueueFull)."""
+        """Accept all of a call's requests or none of them (QueueFull; PipelineFailed once a worker has stopped).
+        Called on the requests' event loop."""
         with self._lock:
+            if self.failure is not None:
+                raise PipelineFailed(self.failure)
             if self._pending + len(reqs) > self.max_queue:
                 raise QueueFull
             self._pending += len(reqs)
+            self._open.update(reqs)
+        for r in reqs:
+            r.future.add_done_callback(partial(self._answered, r))
         self.metrics.queue_depth.set(self._pending)
         for r in reqs:
             self._intake.put(r)
@@ -62,18 +89,27 @@ class Pipeline:
         """Accepted requests not yet started."""
         return self._pending
 
+    @property
+    def unanswered(self) -> int:
+        """Accepted requests not yet answered (started or not)."""
+        return len(self._open)
+
     def start(self) -> None:
         """Start both worker threads."""
-        for target, name in ((self._predictor_loop, "sida-predictor"), (self._inference_loop, "sida-inference")):
-            t = threading.Thread(target=target, name=name, daemon=True)
+        for target, name in ((self._predictor_loop, "predictor"), (self._inference_loop, "inference")):
+            t = threading.Thread(target=self._guard, args=(target, name), name=f"sida-{name}", daemon=True)
             t.start()
             self._threads.append(t)
 
     def stop(self) -> None:
-        """Finish everything accepted, then stop both workers."""
+        """Finish everything accepted, then stop both workers (at once if one has failed)."""
         self._intake.put(_STOP)
         for t in self._threads:
             t.join()
+
+    def _answered(self, req: Request, _future) -> None:
+        with self._lock:
+            self._open.discard(req)
 
     def _left_queue(self, req: Request) -> None:
         with self._lock:
@@ -82,10 +118,29 @@ class Pipeline:
 
     # ------------------------------------------------------------------ worker threads
 
+    def _guard(self, loop: Callable[[], None], name: str) -> None:
+        """Run a worker's loop; if it ends by an exception, fail the pipeline rather than leave requests waiting."""
+        try:
+            loop()
+        except BaseException as e:  # noqa: BLE001 — any end of a worker but a return is a failure
+            self._fail(f"the {name} worker stopped: {type(e).__name__}: {e}", e)
+
+    def _fail(self, reason: str, error: BaseException) -> None:
+        """Answer every accepted request 503 now, refuse new ones, wake the other worker so that it returns."""
+        log.critical("%s; the process must be restarted", reason, exc_info=error)
+        with self._lock:
+            self.failure = reason
+            stranded = list(self._open)
+        for r in stranded:
+            r.resolve(error=PipelineFailed(reason))
+        self._intake.put(_STOP)
+        if self.on_failure is not None:
+            self.on_failure(reason)
+
     def _predictor_loop(self) -> None:
         set_thread_count(self._predictor_threads)
         stopping = False
-        while True:
+        while self.failure is None:
             # A hashed batch already waits for the inference worker: a batch cut now could not start any sooner,
             # so keep collecting (it grows fuller) and look again for room every few milliseconds.
             room = self._hashed.maxsize - self._hashed.qsize()
@@ -93,6 +148,8 @@ class Pipeline:
             if room < 1 and timeout is not None:
                 timeout = max(timeout, 0.002)
             arrived = self._take_arrived(timeout if not stopping else 0)
+            if self.failure is not None:  # woken by the other worker's failure: its requests are answered
+                return
             if _STOP in arrived:
                 stopping = True
                 arrived = [r for r in arrived if r is not _STOP]
@@ -100,11 +157,21 @@ class Pipeline:
                 self.predictor.step(arrived, time.monotonic(), room=0)
                 continue
             for batch in self.predictor.step(arrived, time.monotonic(), None if stopping else room, stopping):
-                self._hashed.put(batch)
-                self.metrics.hash_queue_depth.set(self._hashed.qsize())
+                self._hand_over(batch)
             if stopping and len(self.predictor.batcher) == 0 and self._intake.empty():
-                self._hashed.put(_STOP)
+                self._hand_over(_STOP)
                 return
+
+    def _hand_over(self, item) -> None:
+        """Put `item` on the hash queue, waiting for room; dropped once the pipeline has failed (its requests
+        were answered then)."""
+        while self.failure is None:
+            try:
+                self._hashed.put(item, timeout=_POLL_S)
+            except queue.Full:
+                continue
+            self.metrics.hash_queue_depth.set(self._hashed.qsize())
+            return
 
     def _take_arrived(self, timeout: float | None) -> list:
         """Everything in the intake now, waiting up to `timeout` seconds (None: forever) for the first item."""
@@ -120,8 +187,11 @@ class Pipeline:
 
     def _inference_loop(self) -> None:
         set_thread_count(self._inference_threads)
-        while True:
-            batch = self._hashed.get()
+        while self.failure is None:
+            try:
+                batch = self._hashed.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
             self.metrics.hash_queue_depth.set(self._hashed.qsize())
             if batch is _STOP:
                 return

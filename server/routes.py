@@ -46,7 +46,7 @@ def _sse_content(model: type[BaseModel]) -> dict:
     return {"text/event-stream": {"schema": schema}}
 
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 500, 503, 504)}
 _AUTH_ERRORS = {401: {"model": ErrorResponse}}
 _STREAMED = {200: {"content": _sse_content(CompletionChunk)}}  # the streamed form, beside the JSON one
 
@@ -66,8 +66,23 @@ def check_model(opts: ServeOptions, name: str) -> None:
         )
 
 
+def check_count(state: State, n: int, param: str) -> None:
+    """400 when a call has more inputs than the whole queue holds: it could never be accepted, and a 429 would
+    have the client retry it forever. A pipeline without a `max_queue` takes any number."""
+    bound = getattr(state.pipeline, "max_queue", None)
+    if bound is not None and n > bound:
+        raise APIError(
+            400,
+            f"{param} has {n} items; a call takes at most {bound} (max_queue)",
+            "invalid_request_error",
+            param,
+            "too_many_inputs",
+        )
+
+
 def tokenize(state: State, texts: list[str], param: str) -> list[list[int]]:
     """Token ids of each text; 400 naming `param[i]` if one is over the input limit."""
+    check_count(state, len(texts), param)
     limit = state.opts.max_input_tokens
     ids = state.runner.tokenize(texts)
     for i, x in enumerate(ids):
@@ -192,8 +207,11 @@ async def live() -> HealthStatus:
 
 @router.get("/health/ready", response_model=HealthStatus, responses={503: {"model": ErrorResponse}})
 async def ready(http: HTTPRequest) -> HealthStatus | Response:
-    """The model is loaded and the pipeline runs (503 while starting or draining)."""
+    """The model is loaded and the pipeline runs (503 while starting, draining, or after a worker failed)."""
     state: State = http.app.state.sida
+    if state.failure is not None:
+        body = error_body(f"server failed: {state.failure}", "service_unavailable", code="worker_failed")
+        return JSONResponse(body, 503)
     if not state.ready:
         status = "draining" if state.draining else "starting"
         return JSONResponse(error_body(f"server is {status}", "service_unavailable"), 503)

@@ -5,9 +5,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from sida.offload.datasets import get_task
+
+INT64 = 2**63  # seeds are torch's 64-bit integers
+
+
+def _unicode(texts) -> bool:
+    """Every text is valid Unicode: a JSON escape can spell a lone surrogate, which no tokenizer takes."""
+    try:
+        for t in texts:
+            t.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class CompletionRequest(BaseModel):
@@ -18,10 +30,10 @@ class CompletionRequest(BaseModel):
     model: str
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=1, le=512)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per prompt
 
@@ -31,6 +43,8 @@ class CompletionRequest(BaseModel):
         prompts = [v] if isinstance(v, str) else v
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+        if not _unicode(prompts):
+            raise ValueError("prompt must be valid Unicode (no lone surrogate escapes)")
         return v
 
     @field_validator("stop")
@@ -59,8 +73,8 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
+    task: str = "sst2"  # before `input`, whose check reads it
     input: str | list[str] | list[list[str]]
-    task: str = "sst2"
 
     @field_validator("task")
     @classmethod
@@ -68,30 +82,38 @@ class ClassifyRequest(BaseModel):
         get_task(v)  # ValueError names the known tasks
         return v
 
-    @model_validator(mode="after")
-    def _inputs_fit_the_task(self) -> ClassifyRequest:
-        fields = get_task(self.task).fields
-        items = self.inputs
+    @field_validator("input")
+    @classmethod
+    def _inputs_fit_the_task(cls, v, info: ValidationInfo):
+        task = info.data.get("task")
+        if task is None:  # the task was refused: that is the error reported
+            return v
+        fields = get_task(task).fields
+        items = _split(v, len(fields))
         if not items:
             raise ValueError("input must not be empty")
         for texts in items:
             if len(texts) != len(fields) or any(not t.strip() for t in texts):
-                raise ValueError(
-                    f"each input of task {self.task} is {len(fields)} non-empty text(s) ({', '.join(fields)})"
-                )
-        return self
+                raise ValueError(f"each input of task {task} is {len(fields)} non-empty text(s) ({', '.join(fields)})")
+            if not _unicode(texts):
+                raise ValueError("input must be valid Unicode (no lone surrogate escapes)")
+        return v
 
     @property
     def inputs(self) -> list[tuple[str, ...]]:
         """The texts of each input, in the task's field order."""
-        v = self.input
-        if isinstance(v, str):
-            return [(v,)]
-        if all(isinstance(x, list) for x in v):
-            return [tuple(x) for x in v]
-        if len(get_task(self.task).fields) > 1:  # a flat list is one input of a multi-text task
-            return [tuple(v)]
-        return [(x,) for x in v]
+        return _split(self.input, len(get_task(self.task).fields))
+
+
+def _split(v: str | list[str] | list[list[str]], n_fields: int) -> list[tuple[str, ...]]:
+    """`input` as one tuple of texts per input."""
+    if isinstance(v, str):
+        return [(v,)]
+    if all(isinstance(x, list) for x in v):
+        return [tuple(x) for x in v]
+    if n_fields > 1:  # a flat list is one input of a multi-text task
+        return [tuple(v)]
+    return [(x,) for x in v]
 
 
 # ---------------------------------------------------------------------------------------------- responses

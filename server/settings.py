@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     max_queue: int = 256
     request_timeout_s: float = 60.0
     max_body_bytes: int = 1_000_000
+    body_timeout_s: float = 30.0  # a request body not received within this is answered 408
     api_key: str | None = None
     shadow_sample_rate: float = 0.1  # predicted mode: share of batches also routed by the router, for hit rates
     predictor_threads: int | None = None  # torch threads of the serving predictor worker; None: 1 on CPU
@@ -86,6 +87,13 @@ class Settings(BaseSettings):
     def _positive(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("body_timeout_s")
+    @classmethod
+    def _above_zero(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
         return v
 
     @field_validator("request_timeout_s", "max_batch_wait_ms")

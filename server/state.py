@@ -22,13 +22,33 @@ class ServeOptions:
 
 
 class State:
-    """`app.state.sida`: the options, then the runner, pipeline and metrics once setup has run (None before)."""
+    """`app.state.sida`: the options, then the runner, pipeline and metrics once setup has run (None before).
+
+    `ready` is true between the end of setup and the start of a drain, unless a worker has failed. The flags
+    are plain attributes: a signal handler and a dying worker thread set them, the handlers read them.
+    """
 
     def __init__(self, opts: ServeOptions):
         self.opts = opts
         self.ready = False
         self.draining = False
+        self.failure: str | None = None  # why a worker stopped: the process exits, non-zero, for a restart
         self.runner: Any = None
         self.pipeline: Pipeline | None = None
         self.metrics: Metrics | None = None
         self.info: dict = {}
+
+    def begin_drain(self) -> None:
+        """Stop taking requests (readiness and new `/v1/` calls answer 503); those accepted are still answered."""
+        self.draining = True
+        self.ready = False
+
+    def fail(self, reason: str) -> None:
+        """A worker stopped: readiness answers 503 with `reason` until the process has exited."""
+        self.failure = reason
+        self.ready = False
+
+    @property
+    def drained(self) -> bool:
+        """Every request the pipeline accepted has been answered."""
+        return self.pipeline is None or self.pipeline.unanswered == 0

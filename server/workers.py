@@ -3,8 +3,10 @@
 - `PredictorWorker.step(arrived, now, room)`: batches accepted requests (the `Batcher` policy), drops the
   expired, pads each batch and builds its hash table ahead of inference (batch i+1 while batch i runs).
 - `InferenceWorker.step(batch, now)`: the only caller of the model: runs a hashed batch (classification or
-  completion) and answers its requests; a failing batch fails only its own requests.
+  completion) and answers its requests.
 
+An exception while a worker prepares or runs a batch fails only that batch's requests; it is logged with its
+traceback and counted in `sida_batch_errors_total{stage}` (`predict` or `infer`), and the worker goes on.
 Threads and queues are the pipeline's (`server/pipeline.py`); nothing here blocks or sleeps.
 """
 
@@ -43,16 +45,25 @@ class HashedBatch:
         return HashedBatch([self.requests[i] for i in rows], enc, table, self.hash_seconds, self.table_event)
 
 
-def drop_expired(requests: list[Request], now: float, on_leave: Callable[[Request], None]) -> list[Request]:
-    """The requests whose deadline has not passed; the others get DeadlineExceeded and leave the queue."""
-    live = []
+def drop_expired(requests: list[Request], now: float) -> tuple[list[Request], list[Request]]:
+    """(live, expired): the requests whose deadline has not passed, and the others, answered DeadlineExceeded."""
+    live, expired = [], []
     for r in requests:
         if now > r.deadline:
-            on_leave(r)
+            expired.append(r)
             r.resolve(error=DeadlineExceeded("the request's deadline passed before it was started"))
         else:
             live.append(r)
-    return live
+    return live, expired
+
+
+def fail_batch(requests: list[Request], error: Exception, stage: str, metrics) -> None:
+    """Answer every request of a batch that failed in `stage` with `error`; log it with its traceback and count
+    it. Requests already answered (expired) keep their answer."""
+    log.error("%s: a batch of %d requests failed", stage, len(requests), exc_info=error)
+    metrics.batch_errors_by_stage[stage].inc()
+    for r in requests:
+        r.resolve(error=error)
 
 
 def set_thread_count(n: int | None) -> None:
@@ -87,22 +98,31 @@ class PredictorWorker:
             requests = self.batcher.pop_ready(now, flush=flush)
             if requests is None:
                 break
-            live = drop_expired(requests, now, self.on_leave)
-            if live:
+            live, expired = drop_expired(requests, now)
+            for r in expired:
+                self.on_leave(r)
+            if not live:
+                continue
+            try:
                 out.append(self.hash(live))
+            except Exception as e:  # noqa: BLE001 — one failing batch must not stop the worker
+                for r in live:
+                    self.on_leave(r)
+                fail_batch(live, e, "predict", self.metrics)
         return out
 
     def hash(self, requests: list[Request]) -> HashedBatch:
         """Pad the requests' ids and build the batch's hash table."""
-        enc = self.runner.pad([r.ids for r in requests])
         t0 = time.perf_counter()
         event = None
         if self._stream is not None:  # never queues behind the kernels of the batch being computed
-            with torch.cuda.stream(self._stream):
+            with torch.cuda.stream(self._stream):  # the ids are copied on the stream that reads them
+                enc = self.runner.pad([r.ids for r in requests])
                 table = self.runner.hash_table(enc)
                 event = torch.cuda.Event()
                 event.record(self._stream)
         else:
+            enc = self.runner.pad([r.ids for r in requests])
             table = self.runner.hash_table(enc)
         seconds = time.perf_counter() - t0
         if table is not None:
@@ -121,31 +141,37 @@ class InferenceWorker:
         self.batches = 0  # batches run so far (sampling for shadow routing counts them)
 
     def step(self, batch: HashedBatch, now: float) -> None:
-        """Drop the batch's expired requests, run the rest as one batch, answer each (an error fails this batch's
-        requests only, is counted and logged)."""
-        if batch.table_event is not None:  # the table is read below: its kernels must have run first
-            torch.cuda.current_stream(self.runner.device).wait_event(batch.table_event)
-        live = drop_expired(batch.requests, now, self.on_leave)
-        if not live:
+        """Drop the batch's expired requests, run the rest as one batch, answer each. Every request of the batch
+        leaves the queue here, whatever happens next; an error fails this batch's requests only."""
+        for r in batch.requests:
+            self.on_leave(r)
+        try:
+            live, results = self.start_and_run(batch, now)
+        except Exception as e:  # noqa: BLE001 — one failing batch must not stop the worker
+            fail_batch(batch.requests, e, "infer", self.metrics)
             return
-        if len(live) != len(batch.requests):
+        resolve_all(live, results)
+
+    def start_and_run(self, batch: HashedBatch, now: float) -> tuple[list[Request], list]:
+        """(the requests run, their results): the batch without its expired requests, run on the model."""
+        if batch.table_event is not None:  # the batch is read below: the predictor stream's kernels run first
+            compute = torch.cuda.current_stream(self.runner.device)
+            compute.wait_event(batch.table_event)
+            # made on the predictor stream, read on this one: their memory is not reused before these reads end
+            for t in [*batch.enc.values(), *(batch.table.tensors() if batch.table is not None else [])]:
+                t.record_stream(compute)
+        live, expired = drop_expired(batch.requests, now)
+        if not live:
+            return [], []
+        if expired:
             kept = {id(r) for r in live}
             batch = batch.keep([i for i, r in enumerate(batch.requests) if id(r) in kept])
         for r in live:
             r.started = now
-            self.on_leave(r)
             self.metrics.queue_wait_seconds.observe(now - r.arrival)
         self.metrics.observe_batch(len(live), int(batch.enc["attention_mask"].sum()))
         self.batches += 1
-        try:
-            results = self.run(batch, shadow=self.shadow_due())
-        except Exception as e:  # noqa: BLE001 — one failing batch must not stop the server
-            log.exception("batch of %d requests failed", len(live))
-            self.metrics.batch_errors.inc()
-            for r in live:
-                r.resolve(error=e)
-            return
-        resolve_all(live, results)
+        return live, self.run(batch, shadow=self.shadow_due())
 
     def shadow_due(self) -> bool:
         """Whether this batch also runs the router beside the table: every 1/rate-th batch, evenly spread."""

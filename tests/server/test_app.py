@@ -164,10 +164,12 @@ def test_api_key(demo_dir):
         assert c.get("/health/live").status_code == 200  # health needs no key
 
 
-def test_queue_full_and_deadline(demo_dir):
+def test_a_call_over_the_queue_bound_and_a_deadline(demo_dir):
+    """A call with more inputs than the queue holds could never be accepted: 400, not a 429 a client would retry
+    (a burst's 429s are in test_overload.py)."""
     with make_client(max_queue=1) as c:
         r = c.post("/v1/classify", json={"model": MODEL, "input": ["a", "b"]})
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_inputs"
         assert c.post("/v1/classify", json={"model": MODEL, "input": "a"}).status_code == 200
     with make_client(request_timeout_s=0.0) as c:
         r = c.post("/v1/classify", json={"model": MODEL, "input": "a"})
