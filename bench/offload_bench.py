@@ -23,8 +23,10 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -61,11 +63,34 @@ class Preset:
     budgets: tuple[float, ...] = BUDGETS
     predictor_traces: int = 2000  # SST-2 train sentences traced to train a random-weight model's predictor
     predictor_epochs: int = 4
+    tier: str = "ram"  # where sida's methods keep the experts: "ram", or "disk" (read with O_DIRECT)
+    methods: tuple[str, ...] | None = None  # None: every method
 
 
 PRESETS = {
     # ≤ 15 minutes on 2 CPU cores (the development and CI machines)
-    "cpu": Preset(("demo", "switch-base-8"), ("sst2",), (32,), ("float32",), {"demo": None, "switch-base-8": 256}),
+    "cpu": Preset(
+        ("demo", "switch-base-8"),
+        ("sst2",),
+        (32,),
+        ("float32",),
+        {"demo": None, "switch-base-8": 256},
+        predictor_traces=6000,
+        predictor_epochs=16,
+    ),
+    # experts on disk, a budget of them in RAM: every miss is a disk read, the page cache out of the way
+    "cpu-disk": Preset(
+        ("demo", "switch-base-8"),
+        ("sst2",),
+        (1, 8, 32),
+        ("float32",),
+        {"demo": 128, "switch-base-8": 64},
+        budgets=(0.10, 0.25, 0.50),
+        predictor_traces=6000,
+        predictor_epochs=16,
+        tier="disk",
+        methods=("resident", "accelerate", "lru", "exact", "predicted"),
+    ),
     # a GPU box: run it in chunks (--models/--batch-sizes/--dtypes) of under 10 minutes each
     "gpu": Preset(
         ("demo", "switch-base-64", "switch-base-128", "switch-base-256"),
@@ -93,6 +118,8 @@ class Workload:
     predictor: object | None  # HashPredictor
     predictor_info: dict
     decoder_guess: object | None  # DecoderGuess: decoder layers' per-step guesses
+    tier: str = "ram"
+    expert_dir: Path | None = None  # tier disk: where the cells' shared expert file is written (once)
 
     @property
     def examples(self) -> int:
@@ -130,7 +157,11 @@ def load_workload(
         batches.append(runner.encode([examples[i].prompt for i in idx]))
         labels.append([examples[i].label for i in idx])
     has_labels = all(e.label is not None for e in examples)
-    return Workload(name, loaded, task, batches, labels if has_labels else None, pred.to(device), info, guess)
+    expert_dir = (
+        Path(tempfile.mkdtemp(prefix="sida-bench-experts-", dir=REPO / "runs")) if preset.tier == "disk" else None
+    )
+    labels = labels if has_labels else None
+    return Workload(name, loaded, task, batches, labels, pred.to(device), info, guess, preset.tier, expert_dir)
 
 
 def random_switch(num_experts: int, dtype: str) -> LoadedModel:
@@ -151,13 +182,24 @@ def predictor_inputs(limit: int) -> list[str]:
     return [e.prompt for e in get_task("sst2").read(DATA / "sst2" / "train.tsv", limit)]
 
 
+PREDICTOR_CACHE = REPO / "runs" / "bench-predictors"  # trained once per model, dtype and recipe
+
+
 def quick_predictor(loaded: LoadedModel, preset: Preset, log):
-    """Train a predictor on this model's own router traces (SST-2 train), so its hit rates are real; the decoder
-    table from the first decoder step of a quarter of those sentences."""
+    """Train a predictor on this model's own router traces (SST-2 train), so its hit rates are real, early-stopped
+    when its validation top-1 stops rising; the decoder table from the first decoder step of a quarter of those
+    sentences. Kept under runs/ and reused by later runs (and presets) with the same recipe."""
+    from sida.predictor.artifact import load_predictor, save_predictor
     from sida.predictor.decoder import DecoderGuess, PrevTokenTable, decoder_routes
     from sida.predictor.traces import classification_batches, collect_traces
     from sida.predictor.train import TrainConfig, train
 
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    folder = PREDICTOR_CACHE / f"{loaded.name}-{dtype}-{preset.predictor_traces}x{preset.predictor_epochs}"
+    if (folder / "predictor.json").is_file() and (folder / DecoderGuess.FILE).is_file():
+        pred, meta = load_predictor(folder, loaded.fingerprint)
+        info = {k: meta[k] for k in ("source", "val", "seconds", "epochs")}
+        return pred, DecoderGuess.load(folder, loaded.fingerprint), {**info, "cached": str(folder.relative_to(REPO))}
     t0 = time.perf_counter()
     texts = predictor_inputs(preset.predictor_traces)
     table = PrevTokenTable(loaded.config.vocab_size, loaded.adapter.num_experts(loaded.model))
@@ -166,13 +208,19 @@ def quick_predictor(loaded: LoadedModel, preset: Preset, log):
     emb = loaded.adapter.embeddings(loaded.model).weight.detach().float()
     cfg = TrainConfig(max_epochs=preset.predictor_epochs, patience=2)
     pred, report = train(traces, emb, loaded.adapter.num_experts(loaded.model), cfg, log=log)
+    epochs = len(report["history"])
     info = {
-        "source": f"trained here on {len(texts)} SST-2 train sentences, {cfg.max_epochs} epochs",
+        "source": f"trained here on {len(texts)} SST-2 train sentences, {epochs} epochs (validation top-1 stopped "
+        f"rising, or the cap of {cfg.max_epochs})",
         "val": report["val"],
         "seconds": round(time.perf_counter() - t0, 1),
+        "epochs": epochs,
     }
+    guess = DecoderGuess.from_table(table)
+    save_predictor(pred, folder, loaded.fingerprint, info)
+    guess.save(folder, loaded.fingerprint, {})
     log(json.dumps({"predictor": loaded.name, **info["val"]}))
-    return pred, DecoderGuess.from_table(table), info
+    return pred, guess, info
 
 
 # ------------------------------------------------------------------------------------------ one cell
@@ -185,7 +233,7 @@ def budget_experts(total: int, fraction: float) -> int:
 class AccelerateOffload:
     """Expert modules offloaded by accelerate's `dispatch_model`; counts the loads its hooks make."""
 
-    def __init__(self, loaded: LoadedModel, fraction: float, device: torch.device, folder: Path):
+    def __init__(self, loaded: LoadedModel, fraction: float, device: torch.device, folder: Path, uncached=False):
         from accelerate import dispatch_model
 
         layers = loaded.adapter.moe_layers(loaded.model)
@@ -206,21 +254,44 @@ class AccelerateOffload:
         kwargs = {"offload_dir": str(folder)} if offload_to == "disk" else {}
         self.model = dispatch_model(loaded.model, device_map=device_map, main_device=str(device), **kwargs)
         self.loads = 0
+        self.stall_seconds = 0.0
         self.peak_bytes = self.resident * self.expert_bytes
         for name in self.offloaded:
             expert = self.model.get_submodule(name)
             expert.register_forward_pre_hook(self._on_load)
             expert.wi.register_forward_pre_hook(self._held)  # runs while accelerate has the expert loaded
+            if offload_to == "disk" and uncached:  # its files leave the page cache: the next call reads the disk
+                files = sorted(folder.glob(f"{name}.*.dat"))
+                expert.register_forward_hook(lambda *_, files=files: _drop_from_page_cache(files))
 
     def _on_load(self, *_):
         self.loads += 1
+        self._t0 = time.perf_counter()
 
     def _held(self, *_):
+        # accelerate's own pre-hook has just loaded the expert: the time since `_on_load` is the forward's wait
+        self.stall_seconds += time.perf_counter() - self._t0
         held = sum(p.numel() * p.element_size() for m in self.all_experts for p in m.parameters() if not p.is_meta)
         self.peak_bytes = max(self.peak_bytes, held)
 
     def reset(self) -> None:
         self.loads = 0
+        self.stall_seconds = 0.0
+
+
+def _drop_from_page_cache(files: list[Path]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def device_read_bytes() -> int:
+    """Bytes this process has read from block devices (not from the page cache), per /proc/self/io."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
 
 
 def run_cell(work: Workload, method: str, fraction: float, k: int | None, device: torch.device, resident_preds=None):
@@ -235,13 +306,19 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
     folder = None
     if method == "accelerate":
         folder = tempfile.TemporaryDirectory(prefix="sida-bench-offload-")
-        acc = AccelerateOffload(loaded, fraction, device, Path(folder.name))
+        acc = AccelerateOffload(loaded, fraction, device, Path(folder.name), uncached=work.tier == "disk")
         runner = Runner(loaded, str(device), 10**6)
     else:
         from sida.predictor.artifact import PredictorHash
 
         mode = "exact" if method == "lru" else method
-        cfg = OffloadConfig(mode=mode, budget_experts=budget_experts(total, fraction), prefetch_k=k or 1)
+        cfg = OffloadConfig(
+            mode=mode,
+            budget_experts=budget_experts(total, fraction),
+            prefetch_k=k or 1,
+            tier="ram" if method == "resident" else work.tier,
+            expert_dir=work.expert_dir,
+        )
         engine = OffloadEngine(loaded, cfg, device)
         if method in ("exact", "predicted"):
             table = PredictorHash(work.predictor, k=rank_depth(k or 1))
@@ -272,11 +349,13 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, preds = [], []
+    read0 = device_read_bytes()
     for batch in work.batches:
         t0 = time.perf_counter()
         preds.append(classify(batch))
         times.append(time.perf_counter() - t0)
     row = _row(work, method, fraction, k, engine, acc, times, preds, hash_time[0], device, resident_preds, total)
+    row["bytes_read"] = device_read_bytes() - read0
     # this cell's model copy, its hooks and its expert store must go before the next cell makes its own
     runner = engine = acc = loaded = model = hash_fn = None
     gc.collect()
@@ -292,6 +371,7 @@ def _row(work, method, fraction, k, engine, acc, times, preds, hash_seconds, dev
     ms = sorted(t * 1e3 for t in times)
     row = {
         "method": method,
+        "tier": "ram" if method == "resident" else work.tier,
         "model": work.name,
         "task": work.task.name,
         "dtype": str(work.loaded.model.dtype).removeprefix("torch."),
@@ -320,6 +400,8 @@ def _row(work, method, fraction, k, engine, acc, times, preds, hash_seconds, dev
             expert_uses=s.get("expert_lookups"),
             hit_rate=s["cache_hit_rate"],
             stall_seconds=s["stall_seconds"],
+            stall_share=round(s["stall_seconds"] / seconds, 4),
+            prefetch_precision=s.get("prefetch_precision"),
             hash_hit_rate=s.get("hash_hit_rate"),
             decoder_hash_hit_rate=s.get("decoder_hash_hit_rate"),
         )
@@ -335,7 +417,9 @@ def _row(work, method, fraction, k, engine, acc, times, preds, hash_seconds, dev
             prefetch_loads=0,
             expert_uses=None,
             hit_rate=None,
-            stall_seconds=None,
+            stall_seconds=round(acc.stall_seconds, 6),
+            stall_share=round(acc.stall_seconds / seconds, 4),
+            prefetch_precision=None,
             hash_hit_rate=None,
             decoder_hash_hit_rate=None,
             offloaded_experts=len(acc.offloaded),
@@ -409,8 +493,6 @@ def header(args, device: torch.device) -> dict:
 
 
 def _cpu_name() -> str:
-    import os
-
     try:
         with open("/proc/cpuinfo") as f:
             name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
@@ -427,7 +509,8 @@ def run(args, log=print) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = args.models or preset.models
-    methods = [m for m in METHODS if not args.methods or m[0] in args.methods]
+    methods = [m for m in METHODS if (not args.methods or m[0] in args.methods)]
+    methods = [m for m in methods if preset.methods is None or m[0] in preset.methods]
     budgets = args.budgets or preset.budgets
     result = {"header": header(args, device), "rows": [], "predictors": {}}
     if device.type == "cuda":
@@ -448,6 +531,8 @@ def run(args, log=print) -> dict:
                                 resident_preds = preds
                             result["rows"].append(row)
                             log(json.dumps({**_brief(row), "cell_seconds": round(time.perf_counter() - t0, 1)}))
+                    if work.expert_dir is not None:
+                        shutil.rmtree(work.expert_dir, ignore_errors=True)
                     del work
     return result
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,14 +125,36 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 class SafetensorsWriter:
     """Writes a safetensors file whose tensors are all declared up front and then written in that order, one at
-    a time; the file appears under its name only once complete."""
+    a time; the file appears under its name only once complete and on disk (unique temporary name, fsync,
+    atomic rename).
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict):
+    With `align`, every tensor's data starts at a file offset that is a multiple of `align` (the header is
+    padded, and unused `__pad_N` byte tensors fill the gaps, so the file stays valid safetensors), which lets
+    a reader use O_DIRECT. The metadata may be replaced at `close` by a value of the same serialised length
+    (checksums known only once the data is written)."""
+
+    def __init__(
+        self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict, align: int = 8
+    ):
         self.path = path
-        self._order = [name for name, _, _ in entries]
+        self._layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for name, dtype, shape in entries:
+            self._layout.append((name, dtype, shape))
+            pad = -math.prod(shape) * _itemsize(dtype) % align
+            if pad:
+                self._layout.append((f"__pad_{len(self._layout)}", torch.uint8, (pad,)))
+        self._align = align
+        self._raw = self._header(metadata)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        self._file = self._tmp.open("wb")
+        self._file.write(struct.pack("<Q", len(self._raw)) + self._raw)
+        self._next = 0
+
+    def _header(self, metadata: dict, length: int | None = None) -> bytes:
         header: dict = {"__metadata__": metadata}
         offset = 0
-        for name, dtype, shape in entries:
+        for name, dtype, shape in self._layout:
             nbytes = math.prod(shape) * _itemsize(dtype)
             header[name] = {
                 "dtype": DTYPE_NAMES[dtype],
@@ -140,24 +163,32 @@ class SafetensorsWriter:
             }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the format recommends
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = path.with_name(path.name + ".tmp")
-        self._file = self._tmp.open("wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
+        if length is None:  # data starts aligned: 8 + header is a multiple of `align` (and of 8)
+            length = len(raw) + (-(8 + len(raw)) % max(8, self._align))
+        if len(raw) > length:
+            raise ValueError("the final metadata is longer than the metadata the file was started with")
+        return raw + b" " * (length - len(raw))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next declared tensor."""
-        if self._order[self._next] != name:
-            raise ValueError(f"expected tensor {self._order[self._next]}, got {name}")
+        expected, _, _ = self._layout[self._next]
+        if expected != name:
+            raise ValueError(f"expected tensor {expected}, got {name}")
         self._file.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
         self._next += 1
+        if self._next < len(self._layout) and self._layout[self._next][0].startswith("__pad_"):
+            _, _, (pad,) = self._layout[self._next]
+            self._file.write(bytes(pad))
+            self._next += 1
 
-    def close(self) -> None:
-        """Flush to disk and move the file under its name (a crash before leaves no half file there)."""
-        if self._next != len(self._order):
-            raise ValueError(f"{len(self._order) - self._next} declared tensors were not written")
+    def close(self, metadata: dict | None = None) -> None:
+        """Flush to disk and move the file under its name (a crash before leaves no half file there); `metadata`
+        replaces the metadata given at the start."""
+        if self._next != len(self._layout):
+            raise ValueError(f"{len(self._layout) - self._next} declared tensors were not written")
+        if metadata is not None:
+            self._file.seek(8)
+            self._file.write(self._header(metadata, len(self._raw)))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -143,3 +143,11 @@ def _reset_peak_rss() -> int:
     except OSError:
         pass  # not allowed: the peak since start is used, which can only overstate the headroom
     return _status("VmRSS")
+
+
+def aligned_empty(nbytes: int, align: int = 4096, pin: bool = False) -> torch.Tensor:
+    """An uninitialised host buffer of `nbytes` (uint8) whose address is a multiple of `align` (O_DIRECT reads
+    need it); pinned if asked."""
+    raw = torch.empty(nbytes + align, dtype=torch.uint8, pin_memory=pin)
+    offset = -raw.data_ptr() % align
+    return raw[offset : offset + nbytes]

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sida.offload.device import DeviceMemory
-from sida.offload.expert_store import ExpertKey, ExpertStore
+from sida.offload.device import DeviceMemory, aligned_empty
+from sida.offload.expert_layout import ExpertKey
+from sida.offload.expert_store import ExpertStore
 from sida.offload.policies import EvictionPolicy
 from sida.offload.transfer import Transfer
 
@@ -31,11 +32,21 @@ class CacheStats:
     prefetch_loads: int = 0
     evictions: int = 0
     bytes_moved: int = 0
-    stall_seconds: float = 0.0  # host time spent waiting for on-demand or late prefetched copies
+    stall_seconds: float = 0.0  # host time spent waiting for on-demand or late prefetched loads
     waves: int = 0  # extra passes a layer needed because its experts did not fit the budget at once
     peak_resident: int = 0
     hits_by_layer: Counter = field(default_factory=Counter)
     misses_by_layer: Counter = field(default_factory=Counter)
+    stall_by_layer: Counter = field(default_factory=Counter)  # layer → seconds its lookups waited
+    # bytes of prefetched experts by layer: used by a layer before eviction, or evicted (or failed) unused
+    prefetch_used_bytes: Counter = field(default_factory=Counter)
+    prefetch_unused_bytes: Counter = field(default_factory=Counter)
+
+    @property
+    def prefetch_precision(self) -> float | None:
+        """Of the prefetched bytes whose fate is known, the share a layer used."""
+        used, unused = sum(self.prefetch_used_bytes.values()), sum(self.prefetch_unused_bytes.values())
+        return used / (used + unused) if used + unused else None
 
     @property
     def loads(self) -> int:
@@ -68,7 +79,9 @@ class DeviceExpertCache:
         self.memory = memory or DeviceMemory(device)
         self.num_slots = 0
         self._slots: list[torch.Tensor] = []
+        self._raw: list[torch.Tensor | None] = []  # CPU: each slot's aligned bytes, which disk reads fill directly
         self._views: list[dict[str, torch.Tensor]] = []
+        self._unused: set[int] = set()  # slots holding a prefetched expert no layer has used yet
         self._free: list[int] = []  # popped from the end: lowest slot first
         self._slot_of: dict[ExpertKey, int] = {}
         self._pins: Counter = Counter()
@@ -84,8 +97,14 @@ class DeviceExpertCache:
         layout = self.store.layout
         self.memory.place("experts", n * layout.nbytes)
         first = self.num_slots
+        read_bytes = getattr(self.store, "read_bytes", layout.nbytes)
         for _ in range(n):
-            slot = torch.empty(layout.numel, dtype=layout.dtype, device=self.device)
+            if self.device.type == "cpu":
+                raw = aligned_empty(read_bytes)
+                slot = raw[: layout.nbytes].view(layout.dtype)
+            else:
+                raw, slot = None, torch.empty(layout.numel, dtype=layout.dtype, device=self.device)
+            self._raw.append(raw)
             self._slots.append(slot)
             self._views.append(layout.views(slot))
         self._free[:0] = range(first + n - 1, first - 1, -1)
@@ -128,51 +147,70 @@ class DeviceExpertCache:
             slot = self._take_slot(protect=wanted)
             if slot is None:
                 break
-            self._load(key, slot)
+            self._load(key, slot, prefetch=True)
             self.stats.prefetch_loads += 1
             started += 1
         return started
 
     def acquire(self, keys: list[ExpertKey]) -> dict[ExpertKey, dict[str, torch.Tensor]]:
-        """Pin `keys` (loading misses now) and return their parameter views, ready for compute."""
+        """Pin `keys` and return their parameter views, ready for compute. Every miss starts loading before the
+        first is waited for, so on the disk tier they are read in parallel."""
         if len(set(keys)) > self.num_slots:
             raise ValueError(f"{len(set(keys))} experts cannot be pinned at once with {self.num_slots} slots")
         out: dict[ExpertKey, dict[str, torch.Tensor]] = {}
         pinned: list[ExpertKey] = []
         try:
+            missed = self._start_misses(keys)
             for key in keys:
-                out[key] = self._acquire_one(key, keys)
+                out[key] = self._acquire_one(key, key in missed)
                 pinned.append(key)
         except BaseException:
             self.release(pinned)  # all or nothing: a failed load leaves none of `keys` pinned
             raise
         return out
 
-    def _acquire_one(self, key: ExpertKey, keys: list[ExpertKey]) -> dict[str, torch.Tensor]:
-        """Pin one expert of `keys`, loading it now if it is not resident."""
-        self.stats.lookups += 1
-        if key in self._slot_of:
-            self.stats.hits += 1
-            self.stats.hits_by_layer[key[0]] += 1
-            self.policy.on_access(key)
-        else:
-            self.stats.misses_by_layer[key[0]] += 1
+    def _start_misses(self, keys: list[ExpertKey]) -> set[ExpertKey]:
+        """Start loading every key that is not resident (the layer waits for these: on-demand loads)."""
+        missed = [k for k in dict.fromkeys(keys) if k not in self._slot_of]
+        t0 = time.perf_counter()
+        for key in missed:
             slot = self._take_slot(protect=set(keys))
             if slot is None:
                 raise RuntimeError("no evictable slot: too many experts pinned")
-            t0 = time.perf_counter()
             self._load(key, slot)
-            self.transfer.wait(self._pending.pop(slot, None), block=True)
-            self.stats.stall_seconds += time.perf_counter() - t0
             self.stats.on_demand_loads += 1
-            self.policy.on_access(key)
-        self._pins[key] += 1
+        if missed:  # copies that complete as they start (RAM on CPU) are all stall
+            self._stall(missed[0][0], time.perf_counter() - t0)
+        return set(missed)
+
+    def _acquire_one(self, key: ExpertKey, missed: bool) -> dict[str, torch.Tensor]:
+        """Pin one expert, waiting for its load if it is still in flight."""
+        layer = key[0]
+        self.stats.lookups += 1
+        if missed:
+            self.stats.misses_by_layer[layer] += 1
+        else:
+            self.stats.hits += 1
+            self.stats.hits_by_layer[layer] += 1
+        self.policy.on_access(key)
         slot = self._slot_of[key]
+        if slot in self._unused:
+            self._unused.discard(slot)
+            self.stats.prefetch_used_bytes[layer] += self.store.expert_bytes
         handle = self._pending.pop(slot, None)
-        if handle is not None:  # prefetched: on CUDA the compute stream waits on the copy's event
-            late = not handle.query()  # still in flight: the host waits too, and that is a stall
-            self.stats.stall_seconds += self.transfer.wait(handle, block=late)
+        if handle is not None:  # still loading: compute waits for it; where the host has to wait, a stall
+            late = missed or not self.transfer.done(handle)
+            try:
+                self._stall(layer, self.transfer.wait(handle, block=late))
+            except BaseException:
+                self._drop(key)  # the read failed: the slot is free again and the expert not resident
+                raise
+        self._pins[key] += 1
         return self._views[slot]
+
+    def _stall(self, layer: int, seconds: float) -> None:
+        self.stats.stall_seconds += seconds
+        self.stats.stall_by_layer[layer] += seconds
 
     def release(self, keys: Iterable[ExpertKey]) -> None:
         """Unpin `keys` (once per acquire); unpinned experts stay resident until evicted."""
@@ -200,21 +238,43 @@ class DeviceExpertCache:
         victim = self.policy.victim(candidates)
         slot = self._slot_of.pop(victim)
         self.policy.on_remove(victim)
-        self._pending.pop(slot, None)
+        self._settle(slot)
+        if slot in self._unused:
+            self._unused.discard(slot)
+            self.stats.prefetch_unused_bytes[victim[0]] += self.store.expert_bytes
         self.stats.evictions += 1
         return slot
 
-    def _load(self, key: ExpertKey, slot: int) -> None:
+    def _settle(self, slot: int) -> None:
+        """Let a load still writing into `slot` finish before the slot is reused (its outcome no longer matters)."""
+        handle = self._pending.pop(slot, None)
+        if handle is not None:
+            try:
+                self.transfer.wait(handle, block=True)
+            except Exception:  # noqa: BLE001 — the expert it was loading is being evicted anyway
+                pass
+
+    def _drop(self, key: ExpertKey) -> None:
+        """Forget `key` after its load failed: its slot goes back to the free list."""
+        slot = self._slot_of.pop(key)
+        self.policy.on_remove(key)
+        self._unused.discard(slot)
+        self._free.append(slot)
+
+    def _load(self, key: ExpertKey, slot: int, prefetch: bool = False) -> None:
+        """Start loading `key` into `slot`; its handle waits in `_pending` for the first acquire."""
         try:
             after = self._last_read.get(slot)
-            handle = self.transfer.copy(self._slots[slot], self.store.host(key), after)  # None: already done (CPU)
+            handle = self.transfer.load(self.store, key, self._slots[slot], self._raw[slot], after)
         except BaseException:
-            self._free.append(slot)  # the read failed: the slot stays usable, empty
+            self._free.append(slot)  # the load could not start: the slot stays usable, empty
             raise
         self._last_read.pop(slot, None)
         self._slot_of[key] = slot
         self.policy.on_insert(key)
         self.stats.bytes_moved += self.store.expert_bytes
         self.stats.peak_resident = max(self.stats.peak_resident, len(self._slot_of))
+        if prefetch:
+            self._unused.add(slot)
         if handle is not None:
             self._pending[slot] = handle

@@ -20,7 +20,9 @@ import torch
 from sida.offload.budget import AUTO_RESERVE, BudgetDecision, auto_budget, explicit_budget
 from sida.offload.device import DeviceMemory, PeakMemory, tensor_bytes
 from sida.offload.device_cache import CacheStats, DeviceExpertCache
-from sida.offload.expert_store import ExpertStore, ModuleExperts
+from sida.offload.expert_file import IO_MODES
+from sida.offload.expert_layout import ModuleExperts
+from sida.offload.expert_store import ExpertStore
 from sida.offload.hash_table import HashTable, rank_depth
 from sida.offload.model_loader import LoadedModel
 from sida.offload.moe_layer import RoutingContext, RoutingStats, SiDAMoELayer
@@ -44,6 +46,7 @@ class OffloadConfig:
     tier: str = "ram"
     prefetch_k: int = 1  # predicted candidates per token made resident ahead of their layer (exact mode)
     expert_dir: Path | None = None  # where tier 'disk' keeps its expert file
+    disk_io: str = "direct"  # tier 'disk' reads: "direct" (O_DIRECT) or "dontneed" (page cache, dropped after)
     device_memory_limit: int | None = None  # bytes the engine may place on the device (None: what it has)
     max_batch: int = 32  # the largest batch (sequences × tokens) budget "auto" keeps activation room for
     max_tokens: int = 512
@@ -86,7 +89,7 @@ class OffloadEngine:
         decision = explicit_budget(
             cfg.budget, cfg.budget_experts, cfg.budget_bytes, store.expert_bytes, self.total_experts
         )
-        transfer = Transfer(device, store.layout.numel, store.layout.dtype)
+        transfer = Transfer(device, store.layout.numel, store.layout.dtype, getattr(store, "read_bytes", None))
         slots = decision.slots if decision is not None else 1
         self.cache = DeviceExpertCache(store, slots, make_policy(cfg.policy), device, transfer, self.memory)
         self._replace_layers(layers)
@@ -109,7 +112,7 @@ class OffloadEngine:
         source = loaded.experts
         if source is None:
             source = ModuleExperts(((la.index, e), module) for la in layers for e, module in enumerate(la.experts))
-        return ExpertStore.build(source, cfg.tier, pin, disk_path)
+        return ExpertStore.build(source, cfg.tier, pin, disk_path, loaded.fingerprint, cfg.disk_io)
 
     def _auto_budget(self) -> BudgetDecision:
         """Budget "auto": every expert for the ram tier on CPU (the host holds them all already); else what the
@@ -283,7 +286,13 @@ class OffloadEngine:
             evictions=s.evictions,
             waves=s.waves,
             stall_seconds=round(s.stall_seconds, 6),
+            prefetch_used_bytes=sum(s.prefetch_used_bytes.values()),
+            prefetch_unused_bytes=sum(s.prefetch_unused_bytes.values()),
+            prefetch_precision=round(s.prefetch_precision, 6) if s.prefetch_precision is not None else None,
+            stall_seconds_by_layer={la: round(v, 6) for la, v in sorted(dict(s.stall_by_layer).items())},
         )
+        if self.cfg.tier == "disk":
+            out["disk_io"] = self.cache.store.file.io
         out.update(self._hit_rates())
         if self.cfg.mode == "predicted":
             out["router_fallbacks"] = self.routing_stats.router_fallbacks
@@ -313,6 +322,8 @@ def _check(cfg: OffloadConfig) -> None:
         raise ValueError(f"unknown mode {cfg.mode!r}; expected one of {', '.join(MODES)}")
     make_policy(cfg.policy)
     explicit_budget(cfg.budget, cfg.budget_experts, cfg.budget_bytes, 1, 1)  # its errors, before any work
+    if cfg.disk_io not in IO_MODES:
+        raise ValueError(f"unknown disk io {cfg.disk_io!r}; expected one of {', '.join(IO_MODES)}")
     if cfg.tier not in ("ram", "disk"):
         raise ValueError(f"unknown expert tier {cfg.tier!r}; expected ram or disk")
     if cfg.prefetch_k < 1:

@@ -1,115 +1,24 @@
-"""The host copy of every expert: one flat buffer per (layer, expert), in RAM or in a file on disk.
+"""The host copy of every expert, one packed buffer per (layer, expert): in RAM, or in a file on disk.
 
-An expert's parameters are packed into one contiguous buffer so that a load is a single copy into a
-cache slot. Experts come from an `ExpertSource`: the checkpoint on disk (so they never pass through the
-model or the device) or the modules of a model already loaded. Tier `ram` packs them into one arena of a
-few large buffers, pinned when CUDA is present (copies can then be asynchronous, and one allocation per
-chunk avoids the pinned allocator rounding every expert up to a power of two); tier `disk` streams them
-into one safetensors file per model, written once, and reads an expert from it when a slot needs it.
+Tier `ram` packs the experts into one arena of a few large buffers, pinned when CUDA is present (copies can
+then be asynchronous, and one allocation per chunk avoids the pinned allocator rounding every expert up to a
+power of two). Tier `disk` keeps them in the expert file (`expert_file.py`) and reads one when a slot needs
+it, so the host holds no expert of its own.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
 
-from sida.offload.checkpoint import Checkpoint, CheckpointError, SafetensorsWriter, TensorInfo, read_header, read_into
-
-ExpertKey = tuple[int, int]  # (MoE layer index, expert index)
+from sida.offload.device import aligned_empty
+from sida.offload.expert_file import ExpertFile, open_expert_file
+from sida.offload.expert_layout import ExpertKey, ExpertLayout, ExpertSource, ModuleExperts
 
 ARENA_CHUNK_BYTES = 256 << 20  # the ram tier's arena is cut into buffers of about this size
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Names and shapes of one expert's parameters, in packing order; the same for every expert of a model."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtype: torch.dtype
-
-    @classmethod
-    def of(cls, expert: nn.Module) -> ExpertLayout:
-        """The layout of `expert`'s parameters, in `named_parameters` order."""
-        params = list(expert.named_parameters())
-        return cls(tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params), params[0][1].dtype)
-
-    @property
-    def numel(self) -> int:
-        """Elements in one packed expert."""
-        return sum(math.prod(s) for s in self.shapes)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of one packed expert: the size of a cache slot."""
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-    def pack(self, expert: nn.Module, out: torch.Tensor) -> None:
-        """Copy `expert`'s parameters into the flat buffer `out` [numel], in layout order."""
-        params = dict(expert.named_parameters())
-        offset = 0
-        for name, shape in zip(self.names, self.shapes):
-            n = math.prod(shape)
-            out[offset : offset + n].copy_(params[name].detach().reshape(-1))
-            offset += n
-
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Parameter views into a packed buffer (a host buffer or a device slot)."""
-        out, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes):
-            n = math.prod(shape)
-            out[name] = flat[offset : offset + n].view(shape)
-            offset += n
-        return out
-
-
-class ExpertSource(Protocol):
-    """Where the experts' weights come from when a store is built."""
-
-    layout: ExpertLayout
-    keys: list[ExpertKey]
-
-    def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
-        """Fill the host buffer `out` [layout.numel] with expert `key`'s packed parameters."""
-        ...
-
-
-class ModuleExperts:
-    """The experts of a model already loaded: packed from its modules."""
-
-    def __init__(self, experts: Iterable[tuple[ExpertKey, nn.Module]]):
-        self._modules = dict(experts)
-        if not self._modules:
-            raise ValueError("no experts to store")
-        self.keys = sorted(self._modules)
-        self.layout = ExpertLayout.of(self._modules[self.keys[0]])
-
-    def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
-        self.layout.pack(self._modules[key], out)
-
-
-class CheckpointExperts:
-    """The experts of a checkpoint on disk, read tensor by tensor without loading the model's copy."""
-
-    def __init__(self, checkpoint: Checkpoint, layout: ExpertLayout, names: dict[ExpertKey, tuple[str, ...]]):
-        self.checkpoint = checkpoint
-        self.layout = layout
-        self.keys = sorted(names)
-        self._names = names  # key → the checkpoint's tensor name of each parameter, in layout order
-
-    def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
-        offset = 0
-        for name, shape in zip(self._names[key], self.layout.shapes):
-            n = math.prod(shape)
-            self.checkpoint.read_flat(name, out[offset : offset + n])
-            offset += n
 
 
 class ExpertStore:
@@ -146,23 +55,22 @@ class ExpertStore:
 
     @classmethod
     def build(
-        cls, source: ExpertSource, tier: str = "ram", pin: bool = False, disk_path: Path | None = None
+        cls,
+        source: ExpertSource,
+        tier: str = "ram",
+        pin: bool = False,
+        disk_path: Path | None = None,
+        fingerprint: str = "",
+        disk_io: str = "direct",
     ) -> ExpertStore:
-        """Every expert of `source` in the host tier. With tier 'disk', `disk_path` is written once and reused."""
+        """Every expert of `source` in the host tier. Tier 'disk': the file at `disk_path` is written once (and
+        rewritten if it is not this model's, by `fingerprint`) and read with `disk_io` ("direct" or "dontneed")."""
         if tier == "ram":
             return RamExperts(source, pin)
         if tier == "disk":
             if disk_path is None:
                 raise ValueError("tier 'disk' needs a path for the expert file")
-            if not disk_path.is_file():
-                try:
-                    write_expert_file(disk_path, source)
-                except OSError as e:
-                    raise CheckpointError(
-                        f"cannot write the expert file {disk_path}: {e.strerror or e} "
-                        "(set expert_dir to a writable folder)"
-                    ) from None
-            return DiskExperts(disk_path, source.layout, source.keys)
+            return DiskExperts(open_expert_file(disk_path, source, fingerprint, disk_io), source.keys)
         raise ValueError(f"unknown expert tier {tier!r}; expected ram or disk")
 
     @classmethod
@@ -172,9 +80,10 @@ class ExpertStore:
         tier: str = "ram",
         pin: bool = False,
         disk_path: Path | None = None,
+        disk_io: str = "direct",
     ) -> ExpertStore:
         """A store of the experts of modules already loaded."""
-        return cls.build(ModuleExperts(experts), tier, pin, disk_path)
+        return cls.build(ModuleExperts(experts), tier, pin, disk_path, disk_io=disk_io)
 
 
 class RamExperts(ExpertStore):
@@ -211,56 +120,29 @@ class RamExperts(ExpertStore):
 
 
 class DiskExperts(ExpertStore):
-    """Every expert in one safetensors file; `host(key)` reads one into a staging buffer, so the host holds one
-    expert however many the file has."""
+    """Every expert in the expert file; a load reads one (`read_into`) into the slot or a staging buffer, so the
+    host holds no expert of its own however many the file has."""
 
     tier = "disk"
 
-    def __init__(self, path: Path, layout: ExpertLayout, keys: list[ExpertKey]):
-        super().__init__(layout, keys)
-        self.path = path
-        try:
-            tensors, _meta = read_header(path)
-        except CheckpointError as e:
-            raise CheckpointError(f"expert file {e} (delete it to rewrite it)") from None
-        self._info: dict[ExpertKey, TensorInfo] = {}
-        for key in keys:
-            info = tensors.get(_name(key))
-            if info is None or info.dtype != layout.dtype or info.shape != (layout.numel,):
-                raise CheckpointError(
-                    f"{path} does not hold expert {key} as {layout.dtype} [{layout.numel}] (delete it to rewrite it)"
-                )
-            self._info[key] = info
-        self._staging = torch.empty(layout.numel, dtype=layout.dtype)
+    def __init__(self, file: ExpertFile, keys: list[ExpertKey]):
+        super().__init__(file.layout, keys)
+        self.file = file
+        self.path = file.path
+        self.read_bytes = file.read_bytes  # one read: the expert rounded up to the alignment O_DIRECT needs
+        self._staging: torch.Tensor | None = None
 
     @property
     def host_bytes(self) -> int:
-        return self._staging.numel() * self._staging.element_size()
+        return 0 if self._staging is None else self._staging.numel()
+
+    def read_into(self, key: ExpertKey, buf: torch.Tensor) -> None:
+        """Read expert `key` into `buf` (uint8, `read_bytes` long, aligned: see `device.aligned_empty`)."""
+        self.file.read_into(key, buf)
 
     def host(self, key: ExpertKey) -> torch.Tensor:
-        read_into(self._info[key], self._staging)
-        return self._staging
-
-
-def _name(key: ExpertKey) -> str:
-    """The tensor name of an expert in the disk tier's file."""
-    return f"layer{key[0]}.expert{key[1]}"
-
-
-def write_expert_file(path: Path, source: ExpertSource) -> None:
-    """Pack every expert of `source` into one safetensors file at `path`, one expert in memory at a time."""
-    layout = source.layout
-    if layout.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"tier 'disk' stores floating-point experts, not {layout.dtype}")
-    entries = [(_name(key), layout.dtype, (layout.numel,)) for key in source.keys]
-    meta = {"layout": json.dumps({"names": layout.names, "shapes": layout.shapes})}
-    writer = SafetensorsWriter(path, entries, meta)
-    buf = torch.empty(layout.numel, dtype=layout.dtype)
-    try:
-        for key in source.keys:
-            source.read_into(key, buf)
-            writer.write(_name(key), buf)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+        """Expert `key` read into this store's own staging buffer [numel] (valid until the next call)."""
+        if self._staging is None:
+            self._staging = aligned_empty(self.read_bytes)
+        self.file.read_into(key, self._staging)
+        return self._staging[: self.layout.nbytes].view(self.layout.dtype)

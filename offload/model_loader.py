@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from sida.offload.adapters import MoEAdapter, adapter_for
 from sida.offload.checkpoint import Checkpoint, CheckpointError
-from sida.offload.expert_store import CheckpointExperts, ExpertLayout
+from sida.offload.expert_layout import CheckpointExperts, ExpertLayout
 
 FAMILIES = {"switch_transformers": SwitchTransformersForConditionalGeneration}
 
@@ -55,35 +56,66 @@ class LoadedModel:
         return self.adapter.decoder_start_ids(self.model, rows, device)
 
 
-FINGERPRINT_WHOLE = 256 << 20  # weight files up to this size are hashed whole
-FINGERPRINT_SAMPLE = 1 << 20  # larger ones: this many bytes at each of FINGERPRINT_SAMPLES evenly spaced offsets
-FINGERPRINT_SAMPLES = 64
+FINGERPRINT_WHOLE = 256 << 20  # weight files up to this size are hashed into the fingerprint directly
+FINGERPRINT_CACHE = Path.home() / ".cache" / "sida" / "fingerprints.json"  # path, size, mtime → file digest
 
 
-def fingerprint(model_dir: str | Path) -> str:
-    """sha256 over config.json's content and, per weight file, its name, size and bytes: all of them up to
-    FINGERPRINT_WHOLE, else FINGERPRINT_SAMPLES evenly spaced samples of FINGERPRINT_SAMPLE bytes, first to last.
+def fingerprint(model_dir: str | Path, cache: Path | None = FINGERPRINT_CACHE) -> str:
+    """sha256 over config.json's content and, per weight file, its name, size and every byte: small files
+    directly, larger ones (over FINGERPRINT_WHOLE) through their own sha256.
 
-    Artifacts built for a model (predictor, traces) store it and are refused by a different model. Small files
-    are read whole, since an edit of a few experts changes only bytes in the middle of a file; sampling keeps
-    multi-GB checkpoints cheap and still catches retrained weights of the same shapes.
+    Artifacts built for a model (predictor, traces, the disk tier's expert file) store it and are refused by a
+    different model; a fine-tune that changes a few experts changes it. A large file is read once: its digest
+    is kept in `cache`, keyed by the file's path, size and modification time.
     """
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     config = json.loads((model_dir / "config.json").read_text())
     h.update(json.dumps(config, sort_keys=True).encode())
     for f in sorted(model_dir.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            if size <= FINGERPRINT_WHOLE:
-                h.update(fh.read())
-                continue
-            last = size - FINGERPRINT_SAMPLE
-            for i in range(FINGERPRINT_SAMPLES):
-                fh.seek(last * i // (FINGERPRINT_SAMPLES - 1))
-                h.update(fh.read(FINGERPRINT_SAMPLE))
+        stat = f.stat()
+        h.update(f"{f.name}:{stat.st_size}".encode())
+        if stat.st_size <= FINGERPRINT_WHOLE:
+            h.update(f.read_bytes())
+            continue
+        known = _read_cache(cache)
+        key = f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in known:
+            known[key] = _file_digest(f)
+            _write_cache(cache, known)
+        h.update(known[key].encode())
     return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb", buffering=0) as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_cache(cache: Path | None) -> dict:
+    if cache is None:
+        return {}
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_cache(cache: Path | None, known: dict) -> None:
+    """Best effort: a cache that cannot be written only costs a rehash next time."""
+    if cache is None:
+        return
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(cache)
+    except OSError:
+        pass
 
 
 def check_model_dir(model_dir: str | Path) -> dict:

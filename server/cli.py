@@ -56,6 +56,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tier", choices=["ram", "disk"])
     g.add_argument("--prefetch-k", type=int)
     g.add_argument("--expert-dir", help="tier disk: folder for the expert file")
+    g.add_argument(
+        "--disk-io",
+        choices=["direct", "dontneed"],
+        help="tier disk: O_DIRECT reads (default), or reads through the page cache dropped after each read",
+    )
     g.add_argument("--predictor", help="predictor folder (default: the one shipped with the model)")
     g.add_argument(
         "--hash",

@@ -65,8 +65,13 @@ class _EngineCollector:
         self.engine = engine
 
     def collect(self):
-        e = self.engine
-        stats = e.routing_stats
+        yield from self._hash_series()
+        yield from self._cache_series()
+        yield from self._memory_series()
+        yield from self._movement_series()
+
+    def _hash_series(self):
+        stats = self.engine.routing_stats
         lookups = CounterMetricFamily("sida_hash_lookups", "Real tokens whose hash entry was checked", labels=["layer"])
         # dict(): one C-level copy of a counter the inference thread may add a key to while this iterates
         for layer, n in sorted(dict(stats.hash_lookups).items()):
@@ -78,23 +83,14 @@ class _EngineCollector:
         for (layer, k), n in sorted(dict(stats.hash_hits).items()):
             hits.add_metric([str(layer), str(k)], n)
         yield hits
+
+    def _cache_series(self):
+        e = self.engine
         cache_hits = CounterMetricFamily("sida_expert_cache_hits", "Expert lookups found resident", labels=["layer"])
         cache_misses = CounterMetricFamily(
             "sida_expert_cache_misses", "Expert lookups loaded on demand", labels=["layer"]
         )
         resident = GaugeMetricFamily("sida_resident_experts", "Experts resident on the device", labels=["layer"])
-        memory = GaugeMetricFamily(
-            "sida_device_memory_bytes",
-            "Device memory: placed by the engine (dense, experts) and, on CUDA, torch's allocated and reserved",
-            labels=["kind"],
-        )
-        host = GaugeMetricFamily("sida_host_memory_bytes", "Host memory of the expert store", labels=["kind"])
-        if e.cache is not None:
-            host.add_metric(["experts"], e.cache.store.host_bytes)
-            host.add_metric(["pinned"], e.cache.store.pinned_bytes + e.cache.transfer.staging_bytes)
-        yield host
-        budget = GaugeMetricFamily("sida_expert_budget_bytes", "Device bytes reserved for experts")
-        budget.add_metric([], e.num_slots * e.expert_bytes)
         cache = e.cache.stats if e.cache is not None else None
         per_layer = Counter(k[0] for k in e.cache.resident_keys) if e.cache is not None else None
         for layer in range(e.num_layers):
@@ -104,12 +100,40 @@ class _EngineCollector:
                 resident.add_metric([str(layer)], per_layer[layer])
             else:  # resident mode: every expert stays on the device
                 resident.add_metric([str(layer)], e.num_experts)
+        yield from (cache_hits, cache_misses, resident)
+
+    def _memory_series(self):
+        e = self.engine
+        memory = GaugeMetricFamily(
+            "sida_device_memory_bytes",
+            "Device memory: placed by the engine (dense, experts) and, on CUDA, torch's allocated and reserved",
+            labels=["kind"],
+        )
         for kind, nbytes in sorted(e.memory.by_kind.items()):  # what the engine placed: dense, experts
             memory.add_metric([kind], nbytes)
         if e.device.type == "cuda":
             memory.add_metric(["allocated"], torch.cuda.memory_allocated(e.device))
             memory.add_metric(["reserved"], torch.cuda.memory_reserved(e.device))
-        yield from (cache_hits, cache_misses, resident, memory, budget)
+        host = GaugeMetricFamily("sida_host_memory_bytes", "Host memory of the expert store", labels=["kind"])
+        if e.cache is not None:
+            host.add_metric(["experts"], e.cache.store.host_bytes)
+            host.add_metric(["pinned"], e.cache.store.pinned_bytes + e.cache.transfer.staging_bytes)
+        budget = GaugeMetricFamily("sida_expert_budget_bytes", "Device bytes reserved for experts")
+        budget.add_metric([], e.num_slots * e.expert_bytes)
+        slots = GaugeMetricFamily("sida_expert_slots", "Device slots for experts: the budget, in experts")
+        slots.add_metric([], e.num_slots)
+        yield from (memory, host, budget, slots)
+
+    def _movement_series(self):
+        cache = self.engine.cache.stats if self.engine.cache is not None else None
+        prefetch = CounterMetricFamily(
+            "sida_expert_prefetch_bytes",
+            "Bytes of prefetched experts by outcome: used by a layer, or evicted (or failed) unused",
+            labels=["outcome"],
+        )
+        prefetch.add_metric(["used"], sum(dict(cache.prefetch_used_bytes).values()) if cache else 0)
+        prefetch.add_metric(["unused"], sum(dict(cache.prefetch_unused_bytes).values()) if cache else 0)
+        yield prefetch
         counters = {
             "sida_expert_loads": ("Experts copied to the device", cache.loads if cache else 0),
             "sida_expert_evictions": ("Experts evicted from the device", cache.evictions if cache else 0),

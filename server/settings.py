@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     tier: Literal["ram", "disk"] = "ram"
     prefetch_k: int = 1
     expert_dir: Path | None = None  # tier 'disk': where the per-model expert file is written once
+    disk_io: Literal["direct", "dontneed"] = "direct"  # tier 'disk': O_DIRECT, or page cache dropped after reads
     predictor: Path | None = None  # default: the predictor shipped in the model folder
     # serving (server/app.py, server/pipeline.py)
     served_model_name: str | None = None  # default: the model folder's name
@@ -134,6 +135,7 @@ class Settings(BaseSettings):
             tier=self.tier,
             prefetch_k=self.prefetch_k,
             expert_dir=self.expert_dir,
+            disk_io=self.disk_io,
             device_memory_limit=self.device_memory_limit,
             max_batch=self.max_batch_size,
             max_tokens=self.max_input_tokens,

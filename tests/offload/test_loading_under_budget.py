@@ -21,6 +21,16 @@ def probs(runner):
     return [c.probs for c in runner.classify(TEXTS)]
 
 
+def same(got, expected):
+    """The same answers: equal labels' probabilities up to float noise (a BLAS call may split its sums
+    differently when the machine is busy)."""
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.keys() == e.keys()
+        assert all(abs(g[k] - e[k]) <= 1e-5 for k in g), (g, e)
+    return True
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_weights_as_hugging_face_loads_them_and_experts_left_on_meta(tiny8_dir, dtype):
     whole = dict(load_model(tiny8_dir, dtype).model.named_parameters())
@@ -45,7 +55,7 @@ def test_offloaded_from_the_checkpoint_equals_resident(tiny8_dir, tmp_path, tier
     loaded = load_model(tiny8_dir, experts="host")
     cfg = OffloadConfig(mode="exact", budget_experts=3, tier=tier, expert_dir=tmp_path)
     engine = OffloadEngine(loaded, cfg, CPU)
-    assert probs(Runner(loaded, engine=engine)) == expected
+    assert same(probs(Runner(loaded, engine=engine)), expected)
     # no expert tensor is left in the module tree: the SiDA layers hold routers only
     assert not [n for n, _ in loaded.model.named_parameters() if ".experts." in n]
     assert sum(isinstance(m, SiDAMoELayer) for m in loaded.model.modules()) == engine.num_layers
@@ -84,7 +94,7 @@ def test_a_model_whose_experts_exceed_the_device_limit_starts_and_serves_under_i
 
     runner = build_runner(load_settings(**base, mode="exact", budget_experts=4), hash_source="none")
     expected = probs(Runner(load_model(wide_dir)))
-    assert probs(runner) == expected
+    assert same(probs(runner), expected)
     memory = runner.engine.memory
     assert memory.by_kind == {"dense": dense, "experts": 4 * expert}
     assert memory.total <= limit
@@ -117,7 +127,7 @@ def test_auto_budget_fills_what_the_declared_limit_leaves(wide_dir, tmp_path):
     assert engine.budget.source == "auto" and "activations" in engine.budget.reason
     assert 1 <= engine.num_slots <= 32
     assert engine.memory.total <= limit
-    assert probs(runner) == probs(Runner(load_model(wide_dir)))
+    assert same(probs(runner), probs(Runner(load_model(wide_dir))))
     summary = engine.summary()
     assert summary["budget"]["source"] == "auto"
     assert summary["device_memory_bytes"]["experts"] == engine.num_slots * expert
@@ -147,5 +157,5 @@ def test_a_failed_batch_leaves_no_expert_pinned(tiny8_dir):
         probs(runner)
     assert engine.cache.pinned_keys == []
     layer.expert_forward = forward
-    assert probs(runner) == expected  # the whole budget is usable again: a full-budget wave fits
+    assert same(probs(runner), expected)  # the whole budget is usable again: a full-budget wave fits
     assert engine.cache.num_slots == 16 and engine.cache.pinned_keys == []

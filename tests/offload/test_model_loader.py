@@ -41,34 +41,34 @@ def test_fingerprint_tracks_retrained_weights_of_the_same_size(tiny_dir, tmp_pat
     assert fingerprint(d) != fingerprint(tiny_dir)
 
 
-def test_fingerprint_tracks_a_change_in_the_middle_of_a_weight_file(tiny_dir, tmp_path, monkeypatch):
-    """Splitting decoder experts changes only middle tensors; the demo model's predictor must see it."""
+def test_fingerprint_of_large_files_covers_every_byte_and_is_cached(tiny_dir, tmp_path, monkeypatch):
+    """A fine-tune that changes one middle tensor of a large file changes the fingerprint; the file's digest
+    is computed once and then read from the cache (keyed by path, size and mtime)."""
     from safetensors.torch import load_file, save_file
 
     from sida.offload import model_loader
 
-    monkeypatch.setattr(model_loader, "FINGERPRINT_SAMPLE", 1024)  # ends-only sampling would miss the change
+    cache = tmp_path / "fingerprints.json"
     d = copy(tiny_dir, tmp_path / "m")
+    small = fingerprint(d, cache)
+    monkeypatch.setattr(model_loader, "FINGERPRINT_WHOLE", 0)  # every file counts as large
+    large = fingerprint(d, cache)
+    assert large != small and len(json.loads(cache.read_text())) == 1
+    reads = []
+    monkeypatch.setattr(model_loader, "_file_digest", lambda path: reads.append(path) or "x")
+    assert fingerprint(d, cache) == large and not reads  # from the cache
     tensors = load_file(d / "model.safetensors")
     name = sorted(tensors)[len(tensors) // 2]
     tensors[name] = tensors[name] + 1
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-    assert fingerprint(d) != fingerprint(tiny_dir)
-
-
-def test_fingerprint_samples_large_files(tiny_dir, tmp_path, monkeypatch):
-    from sida.offload import model_loader
-
-    d = copy(tiny_dir, tmp_path / "m")
-    before = fingerprint(d)
+    monkeypatch.undo()
     monkeypatch.setattr(model_loader, "FINGERPRINT_WHOLE", 0)
-    monkeypatch.setattr(model_loader, "FINGERPRINT_SAMPLE", 64)
-    sampled = fingerprint(d)
-    assert sampled != before and sampled == fingerprint(tiny_dir)
-    data = bytearray((d / "model.safetensors").read_bytes())
-    data[(len(data) - 64) * 5 // 63 + 1] ^= 0xFF  # inside the 6th sample
-    (d / "model.safetensors").write_bytes(bytes(data))
-    assert fingerprint(d) != sampled
+    assert fingerprint(d, cache) != large
+
+
+def test_the_demo_models_fingerprint_is_the_one_its_predictor_was_trained_for(demo_dir):
+    predictor = json.loads((demo_dir / "predictor" / "predictor.json").read_text())
+    assert fingerprint(demo_dir) == predictor["model_fingerprint"]
 
 
 def test_missing_folder(tmp_path):
