@@ -33,7 +33,7 @@ demo: $(STAMP)
 		"the city council voted on tuesday to" \
 		"this recipe is easy to make and"
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(PY) -m pytest -q
 
 # The edit loop: everything but the whole-dataset evaluations (marked `slow`); `make test` runs them all.
@@ -59,11 +59,14 @@ demo-predictor: $(STAMP)
 		--checkpoint runs/demo-predictor.ckpt
 	$(SIDA) predictor decoder --model $(MODEL) --data $(DATA) --out $(MODEL)/predictor
 
-# SiDA against resident / accelerate / lru on the same batches (CPU preset, about 10 minutes on 2 cores):
-# bench/results/cpu.json, then the tables and plots in docs/benchmarks.md.
+# SiDA against resident / accelerate / lru on the same batches: the CPU preset (experts in RAM) and the disk preset
+# (experts read from disk with O_DIRECT, batch sizes 1/8/32): bench/results/cpu.json and cpu-disk.json, then the
+# tables and plots in docs/benchmarks.md. The switch-base-8 predictor is trained on the first run and kept in runs/.
 bench: $(STAMP)
 	$(PY) bench/offload_bench.py --preset cpu --out bench/results/cpu.json
 	$(PY) bench/report.py bench/results/cpu.json --doc docs/benchmarks.md --plots docs/img
+	$(PY) bench/offload_bench.py --preset cpu-disk --out bench/results/cpu-disk.json
+	$(PY) bench/report.py bench/results/cpu-disk.json --doc docs/benchmarks.md --plots docs/img
 
 # Peak host memory of `sida eval`, all-resident against offloaded (ram tier, disk tier fresh and again), on a
 # switch-base-8 shape with random weights written once under runs/ (about 3 minutes on 2 cores).
@@ -95,9 +98,33 @@ SOAK_S ?= 120
 soak: $(STAMP)
 	$(PY) bench/soak.py --model $(MODEL) --duration $(SOAK_S)
 
+# Load test: `sida serve` on $(MODEL) on loopback, then locust headless for LOADTEST_TIME with LOADTEST_USERS users
+# (classify SST-2 / MRPC, completions, streamed completions on texts from $(DATA)); CSV files and report.html in
+# runs/loadtest/. Fails on the error ratio or a p95 over its limit (loadtest/README.md; remote servers there too).
+LOADTEST_TIME ?= 60s
+LOADTEST_USERS ?= 8
+.PHONY: loadtest
+loadtest: $(STAMP)
+	$(PY) loadtest/run.py --model $(MODEL) --data $(DATA) --run-time $(LOADTEST_TIME) --users $(LOADTEST_USERS) \
+		--out runs/loadtest
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server predictor offload tests bench
-	$(VENV)/bin/ruff format --check server predictor offload tests bench
+	$(VENV)/bin/ruff check server predictor offload tests bench docker loadtest
+	$(VENV)/bin/ruff format --check server predictor offload tests bench docker loadtest
+	$(VENV)/bin/hadolint Dockerfile
+
+# Prometheus and promtool for tests/ops/test_prometheus.py (Debian's package, installed where missing). Without
+# root or apt this prints a line and goes on: that test is then skipped, with the reason.
+.PHONY: prometheus dashboard
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus >/dev/null; } || echo "prometheus not installed (needs root and apt): its tests will be skipped"
+
+# docs/img/dashboard.png: the Grafana dashboard's panels drawn from their PromQL, after a minute of mixed traffic
+# against `sida serve` on $(MODEL) with Prometheus scraping it (both on loopback).
+dashboard: $(STAMP) prometheus
+	$(PY) docker/render_dashboard.py --model $(MODEL) --out docs/img/dashboard.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -9,13 +9,14 @@ call it just before) and handed to the engine with the batch.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from sida.offload.datasets import Task, get_task
+from sida.offload.datasets import TASKS, Task, get_task
 from sida.offload.hash_table import HashTable
 from sida.offload.model_loader import LoadedModel
 
@@ -31,6 +32,38 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen. Penalties follow OpenAI (`presence_penalty`, `frequency_penalty`: subtracted
+    from the logits of tokens already generated, once / per occurrence) and vLLM (`repetition_penalty`: the logit
+    of a token in the prompt or generated so far is divided by it if positive, multiplied if negative; 1 = off).
+    `temperature` 0 is greedy. `logprobs` k: record the sampled token's and the k likeliest tokens' log-probs."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Nothing for `_Sampler` to do: generate's own argmax chooses."""
+        penalties = (self.presence_penalty, self.frequency_penalty, self.repetition_penalty - 1)
+        return self.temperature == 0 and not any(penalties) and self.logprobs is None
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Per generated token: its text (the pieces concatenate to the completion's text), the model's log-prob of
+    it, the top alternatives' log-probs by text (the sampled token's among them) and its offset in the text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+@dataclass(frozen=True)
 class Completion:
     """Generated text of one prompt, token counts and why it ended."""
 
@@ -38,6 +71,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (eos) | "length"
+    logprobs: TokenLogprobs | None = None
 
 
 class Runner:
@@ -144,51 +178,183 @@ class Runner:
         seed: int | None = None,
         stops: list[str] | None = None,
         on_text=None,
+        sampling: Sampling | None = None,
     ) -> list[Completion]:
-        """Continue raw prompts (see `complete_ids`)."""
+        """Continue raw prompts, every row sampled with `seed` (see `complete_ids`); `sampling`, when given, wins
+        over `temperature` and `top_p`."""
         enc = self.encode(prompts)
         table = self.hash_table(enc)
-        return self.complete_ids(enc, max_new_tokens, temperature, top_p, seed, stops, on_text, table)
+        sampling = sampling or Sampling(temperature, top_p)
+        return self.complete_ids(enc, max_new_tokens, sampling, [seed] * len(prompts), stops, on_text, table)
 
     @torch.inference_mode()
     def complete_ids(
         self,
         enc: Encoded,
         max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        sampling: Sampling | None = None,
+        seeds: list[int | None] | None = None,
         stops: list[str] | None = None,
         on_text: Callable[[int, str], None] | None = None,
         hash_table: HashTable | None = None,
         shadow: bool = False,
     ) -> list[Completion]:
-        """Generate for a padded batch. `on_text(row, delta)` is called as text appears (streaming);
-        generation of a row ends at eos, at a stop string (not included), or after max_new_tokens."""
+        """Generate for a padded batch. Row r samples from its own generator, seeded with `seeds[r]` (random where
+        None), so that its tokens do not depend on the other rows. `on_text(row, delta)` is called as text appears
+        (streaming); generation of a row ends at eos, at a stop string (not included), or after max_new_tokens."""
         rows = enc["input_ids"].shape[0]
+        sampling = sampling or Sampling()
         self.begin_batch(enc, self.loaded.decoder_start_ids(rows, self.device), hash_table, shadow)
         watch = _TextWatch(self, rows, stops or [], on_text, max_new_tokens)
-        sample = temperature > 0
-        if seed is not None:
-            torch.manual_seed(seed)
+        sampler = None
+        if not sampling.plain_greedy:
+            sampler = _Sampler(sampling, enc, seeds or [None] * rows, self.unpenalized_ids)
         out = self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=top_p if sample else None,
+            do_sample=False,  # greedy, or the one token `_Sampler` left
+            temperature=None,
+            top_p=None,
             top_k=None,
+            logits_processor=LogitsProcessorList([sampler] if sampler else []),
             stopping_criteria=StoppingCriteriaList([watch]),
         )  # [batch, 1 + generated], starts with the decoder start token
         eos = self.model.config.eos_token_id
+        steps = sampler.recorded() if sampler is not None and sampling.logprobs is not None else None
         results = []
         for r, (row, mask) in enumerate(zip(out[:, 1:].tolist(), enc["attention_mask"])):
             finished = eos in row  # after eos, generate pads the row
             tokens = row[: row.index(eos)] if finished else row
             text = watch.texts[r] if watch.stopped[r] else self.tokenizer.decode(tokens, skip_special_tokens=True)
             reason = "stop" if finished or watch.stopped[r] else "length"
-            results.append(Completion(text, int(mask.sum()), len(tokens), reason))
+            logprobs = self.token_logprobs(tokens, text, [s[r] for s in steps]) if steps is not None else None
+            results.append(Completion(text, int(mask.sum()), len(tokens), reason, logprobs))
         return results
+
+    # ------------------------------------------------------------------ token texts and log-probs
+
+    @property
+    def unpenalized_ids(self) -> set[int]:
+        """Token ids a repetition penalty leaves alone: eos and padding, which every prompt carries."""
+        return {self.model.config.eos_token_id, self.model.config.pad_token_id}
+
+    def token_logprobs(self, tokens: list[int], text: str, steps: list[tuple]) -> TokenLogprobs:
+        """The log-probs of a row's `tokens`, from what `_Sampler` recorded at each step ((logprob, top ids, top
+        logprobs) of this row), cut to the tokens that begin before the end of `text` (a stop string cuts it)."""
+        pieces, offsets, prev = [], [], ""
+        for i in range(len(tokens)):
+            if len(prev) >= len(text):
+                break
+            cur = self.tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)
+            pieces.append(cur[len(prev) :])
+            offsets.append(len(prev))
+            prev = cur
+        top = []
+        for i, (_, ids, lps) in enumerate(steps[: len(pieces)]):
+            alternatives = {self.piece(tokens[max(0, i - 3) : i], t): lp for t, lp in zip(ids, lps)}
+            top.append({**alternatives, pieces[i]: steps[i][0]})
+        return TokenLogprobs(pieces, [s[0] for s in steps[: len(pieces)]], top, offsets)
+
+    def piece(self, context: list[int], token: int) -> str:
+        """The text `token` adds after `context` (a special token: its own name)."""
+        if token in self.tokenizer.all_special_ids:
+            return self.tokenizer.convert_ids_to_tokens(token)
+        before = self.tokenizer.decode(context, skip_special_tokens=True)
+        return self.tokenizer.decode([*context, token], skip_special_tokens=True)[len(before) :]
+
+    def prompt_pieces(self, prompt: str) -> list[tuple[str, int]]:
+        """(text, offset) of each of the prompt's tokens, special tokens left out; a token's text runs from the
+        end of the one before, so that the pieces cover the prompt (the tokenizer may normalize what it reads)."""
+        enc = self.tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
+        pieces, end = [], 0
+        for (_, stop), special in zip(enc["offset_mapping"], enc["special_tokens_mask"]):
+            if not special:
+                pieces.append((prompt[end:stop], end))
+                end = stop
+        return pieces
+
+    # ------------------------------------------------------------------ tasks
+
+    @property
+    def tasks(self) -> list[str]:
+        """The classification tasks this model serves: those its config names (`sida_labels`), or else every known
+        task whose label words are single tokens of its tokenizer."""
+        named = getattr(self.model.config, "sida_labels", None)
+        if named:
+            return sorted(t for t in named if t in TASKS)
+        served = []
+        for name, task in sorted(TASKS.items()):
+            try:
+                self.label_ids(task)
+            except ValueError:
+                continue
+            served.append(name)
+        return served
+
+
+class _Sampler(LogitsProcessor):
+    """Chooses each row's next token — penalties, then greedy or temperature and top-p, drawn from the row's own
+    generator — and leaves `generate` only that token (every other score -inf). With `logprobs` it records the
+    model's own log-probs (before penalties and temperature) of the chosen and the top-k tokens at each step."""
+
+    def __init__(self, s: Sampling, enc: Encoded, seeds: list[int | None], unpenalized: set[int]):
+        self.s = s
+        device = enc["input_ids"].device
+        self.generators = []
+        if s.temperature > 0:
+            seeds = [x if x is not None else secrets.randbits(63) for x in seeds]
+            self.generators = [torch.Generator(device).manual_seed(x % 2**64) for x in seeds]
+        self.unpenalized = sorted(unpenalized)
+        self.prompt_ids = enc["input_ids"]  # [batch, seq]: padding is one of the unpenalized ids
+        self.steps: list[tuple[torch.Tensor, ...]] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """input_ids [batch, 1 + generated] (decoder start first), scores [batch, vocab] → scores with one finite."""
+        raw = scores.float()
+        x = self.penalize(input_ids[:, 1:], raw)
+        if self.s.temperature == 0:
+            chosen = x.argmax(-1)  # [batch]
+        else:
+            probs = _top_p((x / self.s.temperature).softmax(-1), self.s.top_p)
+            noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in self.generators])
+            noise.clamp_min_(1e-20)  # a draw of exactly 0 would make 0/0 (NaN) of a token top-p removed
+            chosen = (probs / noise).argmax(-1)  # an exponential race: row r draws token t with probability p[r, t]
+        if self.s.logprobs is not None:
+            lp = raw.log_softmax(-1)
+            top = lp.topk(self.s.logprobs, -1)
+            self.steps.append((lp.gather(1, chosen[:, None])[:, 0], top.indices, top.values))
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
+
+    def penalize(self, generated: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The logits x [batch, vocab] with vLLM's repetition penalty, then OpenAI's frequency and presence
+        penalties, given the tokens generated so far [batch, steps]."""
+        s = self.s
+        if s.repetition_penalty != 1.0:
+            seen = torch.zeros_like(x, dtype=torch.bool)
+            seen.scatter_(1, self.prompt_ids, True).scatter_(1, generated, True)
+            seen[:, self.unpenalized] = False
+            x = torch.where(seen, torch.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
+        if s.frequency_penalty or s.presence_penalty:
+            counts = torch.zeros_like(x).scatter_add_(1, generated, torch.ones_like(generated, dtype=x.dtype))
+            x = x - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).to(x.dtype)
+        return x
+
+    def recorded(self) -> list[list[tuple[float, list[int], list[float]]]]:
+        """Per step, per row: (the chosen token's log-prob, the top-k token ids, their log-probs), on the host."""
+        steps = []
+        for chosen, ids, lps in self.steps:
+            chosen, ids, lps = chosen.tolist(), ids.tolist(), lps.tolist()
+            steps.append(list(zip(chosen, ids, lps)))
+        return steps
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [batch, vocab] with all but the smallest set of likeliest tokens whose mass reaches `top_p` zeroed."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(-1, descending=True)
+    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_p)
 
 
 class _TextWatch(StoppingCriteria):

@@ -7,6 +7,7 @@ hand `Request`s to the pipeline and await their futures. Errors are raised as `A
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -17,13 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from sida.offload.datasets import get_task
-from sida.server.errors import APIError
+from sida.offload.runner import Sampling
+from sida.server.errors import APIError, invalid
 from sida.server.request import DeadlineExceeded, QueueFull, Request
 from sida.server.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -36,6 +39,7 @@ from sida.server.schemas import (
 from sida.server.state import ServeOptions, State
 from sida.server.streaming import CompletionStream
 
+log = logging.getLogger("sida")
 router = APIRouter()
 
 
@@ -66,14 +70,14 @@ def check_model(opts: ServeOptions, name: str) -> None:
         )
 
 
-def check_count(state: State, n: int, param: str) -> None:
+def check_count(state: State, n: int, param: str, what: str = "inputs") -> None:
     """400 when a call has more inputs than the whole queue holds: it could never be accepted, and a 429 would
     have the client retry it forever. A pipeline without a `max_queue` takes any number."""
     bound = getattr(state.pipeline, "max_queue", None)
     if bound is not None and n > bound:
         raise APIError(
             400,
-            f"{param} has {n} items; a call takes at most {bound} (max_queue)",
+            f"{param}: the call has {n} {what}; a call takes at most {bound} (max_queue)",
             "invalid_request_error",
             param,
             "too_many_inputs",
@@ -97,15 +101,24 @@ def tokenize(state: State, texts: list[str], param: str) -> list[list[int]]:
     return ids
 
 
-def new_requests(opts: ServeOptions, kind: str, ids, key: tuple, params: dict, on_text=None) -> tuple[list, float]:
-    """One `Request` per input, sharing a deadline `request_timeout_s` from now; `on_text[i]` streams input i."""
+def new_requests(
+    opts: ServeOptions, kind: str, ids, key: tuple, params: list[dict], on_text=None
+) -> tuple[list, float]:
+    """One `Request` per input, with `params[i]`, sharing a deadline `request_timeout_s` from now; `on_text[i]`
+    streams input i."""
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + opts.request_timeout_s
     reqs = [
-        Request(kind, x, key, params, deadline, loop, loop.create_future(), on_text[i] if on_text else None)
+        Request(kind, x, key, params[i], deadline, loop, loop.create_future(), on_text[i] if on_text else None)
         for i, x in enumerate(ids)
     ]
     return reqs, deadline
+
+
+def served_tasks(state: State) -> list[str] | None:
+    """The classification tasks of the served model; None before setup, or for a runner that does not say (it
+    takes every known task)."""
+    return getattr(state.runner, "tasks", None)
 
 
 def submit(state: State, reqs: list[Request]) -> None:
@@ -144,8 +157,15 @@ async def classify(body: ClassifyRequest, http: HTTPRequest) -> Response:
     state: State = http.app.state.sida
     check_model(state.opts, body.model)
     task = get_task(body.task)
+    tasks = served_tasks(state)
+    if tasks is not None and task.name not in tasks:
+        raise invalid(
+            f"task: {state.opts.model_name} does not serve task {task.name!r}; it serves {tasks}",
+            "task",
+            "invalid_value",
+        )
     ids = tokenize(state, [task.prompt(*texts) for texts in body.inputs], "input")
-    reqs, deadline = new_requests(state.opts, "classify", ids, ("classify", task.name), {"task": task})
+    reqs, deadline = new_requests(state.opts, "classify", ids, ("classify", task.name), [{"task": task}] * len(ids))
     submit(state, reqs)
     results = await wait(state.opts, reqs, deadline)
     prompt_tokens = sum(len(x) for x in ids)
@@ -161,39 +181,83 @@ async def classify(body: ClassifyRequest, http: HTTPRequest) -> Response:
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, **_STREAMED})
 async def completions(body: CompletionRequest, http: HTTPRequest) -> CompletionResponse | Response:
-    """Continue each prompt; with `stream`, as server-sent `CompletionChunk` events."""
+    """Continue each prompt `n` times; with `stream`, as server-sent `CompletionChunk` events."""
     state: State = http.app.state.sida
-    opts = state.opts
+    opts, n = state.opts, body.n
     check_model(opts, body.model)
+    if body.stream and body.logprobs is not None:
+        raise invalid("logprobs: not available with stream; ask without stream", "logprobs", "invalid_value")
     ids = tokenize(state, body.prompts, "prompt")
-    params = {
-        "max_tokens": body.max_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "seed": body.seed,
-        "stops": body.stops,
-    }
-    key = ("complete", body.max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stops))
+    check_count(state, len(ids) * n, "n", "choices (prompts × n)")  # every choice is one request
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.user is not None:
+        log.debug("%s: user %r", cid, body.user)
+    sampling = Sampling(
+        body.temperature,
+        body.top_p,
+        body.presence_penalty,
+        body.frequency_penalty,
+        body.repetition_penalty,
+        body.logprobs,
+    )
+    key = ("complete", body.max_tokens, sampling, tuple(body.stops))
+    choice_ids = [x for x in ids for _ in range(n)]  # prompt i's choice j is request i * n + j
+    params = [  # choice j samples with seed + j: the choices differ, and each is reproducible
+        {"max_tokens": body.max_tokens, "sampling": sampling, "stops": body.stops, "seed": choice_seed(body.seed, j)}
+        for _ in ids
+        for j in range(n)
+    ]
     if body.stream:
-        stream = CompletionStream(cid, created, opts.model_name, len(ids), state.metrics)
-        reqs, deadline = new_requests(opts, "complete", ids, key, params, stream.callbacks)
+        echo = [echoed(p) for p in body.prompts for _ in range(n)] if body.echo else None
+        stream = CompletionStream(cid, created, opts.model_name, len(choice_ids), state.metrics, n, echo)
+        reqs, deadline = new_requests(opts, "complete", choice_ids, key, params, stream.callbacks)
         submit(state, reqs)  # 429 before the stream starts
         return stream.response(reqs, deadline)
-    reqs, deadline = new_requests(opts, "complete", ids, key, params)
+    reqs, deadline = new_requests(opts, "complete", choice_ids, key, params)
     submit(state, reqs)
     results = await wait(opts, reqs, deadline)
-    usage = Usage.of(results)
+    usage = Usage.of(results, n)
     state.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
     state.metrics.tokens.labels("completion").inc(usage.completion_tokens)
-    choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+    choices = [completion_choice(state, body, i, body.prompts[i // n], r) for i, r in enumerate(results)]
     return CompletionResponse(id=cid, created=created, model=opts.model_name, choices=choices, usage=usage)
+
+
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """The seed of choice j of a call with `seed` (None: each choice draws its own)."""
+    return None if seed is None else seed + j
+
+
+def echoed(prompt: str) -> str:
+    """What `echo` puts before a choice's text: the prompt, and a space unless it ends in one (the decoded
+    continuation starts a new word without one)."""
+    return prompt if prompt[-1:].isspace() else prompt + " "
+
+
+def completion_choice(state: State, body: CompletionRequest, index: int, prompt: str, r) -> CompletionChoice:
+    """The choice of one result: its text (after the prompt with `echo`) and its log-probs when asked for (an
+    echoed prompt's tokens have null log-probs: the encoder reads the prompt, nothing predicts it)."""
+    head = echoed(prompt) if body.echo else ""
+    text = head + r.text
+    logprobs = None
+    if body.logprobs is not None:
+        lp = r.logprobs
+        pieces = state.runner.prompt_pieces(prompt) if body.echo else []
+        shift = len(head)
+        logprobs = CompletionLogprobs(
+            tokens=[p for p, _ in pieces] + lp.tokens,
+            token_logprobs=[None] * len(pieces) + lp.token_logprobs,
+            top_logprobs=[None] * len(pieces) + lp.top_logprobs,
+            text_offset=[o for _, o in pieces] + [shift + o for o in lp.text_offset],
+        )
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=r.finish_reason)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_AUTH_ERRORS)
 async def models(http: HTTPRequest) -> ModelList:
-    """The one served model."""
-    return ModelList(data=[ModelCard(id=http.app.state.sida.opts.model_name)])
+    """The one served model and the classification tasks it serves."""
+    state: State = http.app.state.sida
+    return ModelList(data=[ModelCard(id=state.opts.model_name, tasks=served_tasks(state) or [])])
 
 
 # ---------------------------------------------------------------------------------------------- operations

@@ -3,9 +3,9 @@ these; workers get plain `Request` dataclasses (server/request.py)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
 
 from sida.offload.datasets import get_task
 
@@ -23,7 +23,8 @@ def _unicode(texts) -> bool:
 
 
 class CompletionRequest(BaseModel):
-    """`POST /v1/completions`: one prompt or a list of them, each continued once (`n` is 1)."""
+    """`POST /v1/completions`: one prompt or a list of them, each continued `n` times. The sampling fields are
+    OpenAI's, and vLLM's `repetition_penalty`; `user` is accepted and only logged."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -32,10 +33,16 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=1, le=512)
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # 1 = off
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stream: bool = False
-    n: int = Field(1, ge=1, le=1)  # one choice per prompt
+    n: int = Field(1, ge=1, le=128)  # choices per prompt: prompt i's choice j has index i * n + j
+    logprobs: Annotated[int, Strict()] | None = Field(None, ge=0, le=5)  # top alternatives per token
+    echo: bool = False
+    user: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -134,9 +141,10 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, results) -> Usage:
-        """The sum over a call's completions (each has `prompt_tokens` and `completion_tokens`)."""
-        prompt = sum(r.prompt_tokens for r in results)
+    def of(cls, results, n: int = 1) -> Usage:
+        """The sum over a call's completions (each has `prompt_tokens` and `completion_tokens`), `n` per prompt
+        in a row: each prompt is counted once."""
+        prompt = sum(r.prompt_tokens for r in results[::n])
         completion = sum(r.completion_tokens for r in results)
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -158,12 +166,23 @@ class ClassifyResponse(BaseModel):
     usage: PromptUsage
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completion log-probs, one entry per token of the choice's text: its text, the model's
+    log-prob of it, the top alternatives by text (the chosen token's among them), its offset in the text. An
+    echoed prompt's tokens have null log-probs: the prompt is the encoder's input, not something it predicts."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
-    """The text generated for one prompt (in a stream: one delta, `finish_reason` set on the last)."""
+    """The text generated for one choice (in a stream: one delta, `finish_reason` set on the last)."""
 
     index: int
     text: str
-    logprobs: None = None  # not computed; the field keeps OpenAI clients' parsers happy
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -189,12 +208,13 @@ class CompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """The one model this server serves."""
+    """The one model this server serves, with the classification tasks `/v1/classify` takes for it."""
 
     id: str
     object: Literal["model"] = "model"
     owned_by: str = "sida"
     created: int = 0
+    tasks: list[str] = []
 
 
 class ModelList(BaseModel):

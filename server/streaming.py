@@ -27,13 +27,25 @@ def sse(body: dict) -> str:
 
 
 class CompletionStream:
-    """One streamed completion call: give `callbacks` to its requests (one per prompt), submit them, then
-    `response(reqs, deadline)`."""
+    """One streamed completion call: give `callbacks` to its requests (one per choice: `per_prompt` choices of
+    each prompt in a row), submit them, then `response(reqs, deadline)`. With `echo` (the prompt of each
+    choice), each choice's first event is its prompt."""
 
-    def __init__(self, cid: str, created: int, model: str, n: int, metrics: Metrics):
+    def __init__(
+        self,
+        cid: str,
+        created: int,
+        model: str,
+        n: int,
+        metrics: Metrics,
+        per_prompt: int = 1,
+        echo: list[str] | None = None,
+    ):
         self.cid, self.created, self.model = cid, created, model
         self.metrics = metrics
+        self.per_prompt = per_prompt
         self.loop = asyncio.get_running_loop()
+        self.echo = echo or []
         self.deltas: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
         self.callbacks = [self._callback(i) for i in range(n)]
 
@@ -46,7 +58,9 @@ class CompletionStream:
         return StreamingResponse(self.events(reqs, deadline, time.perf_counter()), media_type="text/event-stream")
 
     async def events(self, reqs: list[Request], deadline: float, t0: float) -> AsyncIterator[str]:
-        """Deltas as they come, then the finish reasons (or the error), then `[DONE]`."""
+        """The echoed prompts, deltas as they come, then the finish reasons (or the error), then `[DONE]`."""
+        for i, prompt in enumerate(self.echo):
+            yield self.delta(i, prompt)
         done = asyncio.ensure_future(asyncio.gather(*(r.future for r in reqs)))
         first = True
         while True:
@@ -82,7 +96,7 @@ class CompletionStream:
         yield self.chunk(
             [CompletionChoice(index=i, text="", finish_reason=r.finish_reason) for i, r in enumerate(results)]
         )
-        usage = Usage.of(results)
+        usage = Usage.of(results, self.per_prompt)
         self.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
         self.metrics.tokens.labels("completion").inc(usage.completion_tokens)
 

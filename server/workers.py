@@ -179,7 +179,8 @@ class InferenceWorker:
         return rate > 0 and (self.batches * rate) % 1 < rate
 
     def run(self, batch: HashedBatch, shadow: bool) -> list:
-        """Classification or completion of a batch whose requests share one kind and parameters."""
+        """Classification or completion of a batch whose requests share one kind and parameters (each completion
+        has its own seed)."""
         first = batch.requests[0]
         if first.kind == "classify":
             return self.runner.classify_ids(batch.enc, first.params["task"], batch.table, shadow)
@@ -194,9 +195,8 @@ class InferenceWorker:
         return self.runner.complete_ids(
             batch.enc,
             p["max_tokens"],
-            p["temperature"],
-            p["top_p"],
-            p["seed"],
+            p["sampling"],
+            [r.params["seed"] for r in batch.requests],
             p["stops"],
             on_text,
             batch.table,

@@ -94,7 +94,7 @@ CASES = [
     Case("top_p over 1", completion(top_p=1.5), 400, code="invalid_value", param="top_p"),
     Case("seed over 64 bits", completion(seed=2**70), 400, code="invalid_value", param="seed"),
     Case("five stop strings", completion(stop=list("abcde")), 400, code="invalid_value", param="stop"),
-    Case("n 2", completion(n=2), 400, code="invalid_value", param="n"),
+    Case("n 0", completion(n=0), 400, code="invalid_value", param="n"),
     Case("unknown task", classify(task="nope"), 400, code="invalid_value", param="task"),
     Case("unknown model", completion(model="gpt-4"), 404, code="model_not_found", param="model"),
     Case("invalid UTF-8 body", raw(b'{"model": "sida-switch-demo", "prompt": "\xff\xfe"}'), 400,
