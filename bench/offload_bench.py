@@ -50,7 +50,15 @@ DEMO = REPO / "models" / "sida-switch-demo"
 TASK_FILES = {"sst2": "sst2/dev.tsv", "mrpc": "mrpc/dev.tsv", "multirc": "multirc/test.jsonl"}
 BUDGETS = (0.10, 0.25, 0.50, 1.00)
 # (method, prefetch_k): the columns of the matrix
-METHODS = (("resident", None), ("accelerate", None), ("lru", None), ("exact", 1), ("exact", 3), ("predicted", None))
+METHODS = (
+    ("resident", None),
+    ("accelerate", None),
+    ("lru", None),
+    ("layered", None),
+    ("exact", 1),
+    ("exact", 3),
+    ("predicted", None),
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,8 @@ class Preset:
     predictor_traces: int = 2000  # SST-2 train sentences traced to train a random-weight model's predictor
     predictor_epochs: int = 4
     tier: str = "ram"  # where sida's methods keep the experts: "ram", or "disk" (read with O_DIRECT)
-    methods: tuple[str, ...] | None = None  # None: every method
+    methods: tuple[str, ...] = ("resident", "accelerate", "lru", "exact", "predicted")
+    sida_policy: str = "lru"  # the eviction policy of `exact` and `predicted` (`lru` and `layered` are their own)
 
 
 PRESETS = {
@@ -89,7 +98,8 @@ PRESETS = {
         predictor_traces=6000,
         predictor_epochs=16,
         tier="disk",
-        methods=("resident", "accelerate", "lru", "exact", "predicted"),
+        methods=("resident", "accelerate", "lru", "layered", "exact", "predicted"),
+        sida_policy="layered",
     ),
     # a GPU box: run it in chunks (--models/--batch-sizes/--dtypes) of under 10 minutes each
     "gpu": Preset(
@@ -120,6 +130,7 @@ class Workload:
     decoder_guess: object | None  # DecoderGuess: decoder layers' per-step guesses
     tier: str = "ram"
     expert_dir: Path | None = None  # tier disk: where the cells' shared expert file is written (once)
+    sida_policy: str = "lru"
 
     @property
     def examples(self) -> int:
@@ -161,7 +172,9 @@ def load_workload(
         Path(tempfile.mkdtemp(prefix="sida-bench-experts-", dir=REPO / "runs")) if preset.tier == "disk" else None
     )
     labels = labels if has_labels else None
-    return Workload(name, loaded, task, batches, labels, pred.to(device), info, guess, preset.tier, expert_dir)
+    return Workload(
+        name, loaded, task, batches, labels, pred.to(device), info, guess, preset.tier, expert_dir, preset.sida_policy
+    )
 
 
 def random_switch(num_experts: int, dtype: str) -> LoadedModel:
@@ -254,7 +267,6 @@ class AccelerateOffload:
         kwargs = {"offload_dir": str(folder)} if offload_to == "disk" else {}
         self.model = dispatch_model(loaded.model, device_map=device_map, main_device=str(device), **kwargs)
         self.loads = 0
-        self.stall_seconds = 0.0
         self.peak_bytes = self.resident * self.expert_bytes
         for name in self.offloaded:
             expert = self.model.get_submodule(name)
@@ -266,17 +278,13 @@ class AccelerateOffload:
 
     def _on_load(self, *_):
         self.loads += 1
-        self._t0 = time.perf_counter()
 
     def _held(self, *_):
-        # accelerate's own pre-hook has just loaded the expert: the time since `_on_load` is the forward's wait
-        self.stall_seconds += time.perf_counter() - self._t0
         held = sum(p.numel() * p.element_size() for m in self.all_experts for p in m.parameters() if not p.is_meta)
         self.peak_bytes = max(self.peak_bytes, held)
 
     def reset(self) -> None:
         self.loads = 0
-        self.stall_seconds = 0.0
 
 
 def _drop_from_page_cache(files: list[Path]) -> None:
@@ -311,9 +319,11 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
     else:
         from sida.predictor.artifact import PredictorHash
 
-        mode = "exact" if method == "lru" else method
+        mode = "exact" if method in ("lru", "layered") else method
+        policies = {"lru": "lru", "layered": "layered"}  # the baselines' policies; sida's methods use the preset's
         cfg = OffloadConfig(
             mode=mode,
+            policy=policies.get(method, work.sida_policy),
             budget_experts=budget_experts(total, fraction),
             prefetch_k=k or 1,
             tier="ram" if method == "resident" else work.tier,
@@ -372,6 +382,7 @@ def _row(work, method, fraction, k, engine, acc, times, preds, hash_seconds, dev
     row = {
         "method": method,
         "tier": "ram" if method == "resident" else work.tier,
+        "policy": None if engine is None or engine.cache is None else engine.cfg.policy,
         "model": work.name,
         "task": work.task.name,
         "dtype": str(work.loaded.model.dtype).removeprefix("torch."),
@@ -417,8 +428,8 @@ def _row(work, method, fraction, k, engine, acc, times, preds, hash_seconds, dev
             prefetch_loads=0,
             expert_uses=None,
             hit_rate=None,
-            stall_seconds=round(acc.stall_seconds, 6),
-            stall_share=round(acc.stall_seconds / seconds, 4),
+            stall_seconds=None,  # accelerate loads inside its modules' own forward: not separable from compute
+            stall_share=None,
             prefetch_precision=None,
             hash_hit_rate=None,
             decoder_hash_hit_rate=None,
@@ -510,7 +521,7 @@ def run(args, log=print) -> dict:
         torch.set_num_threads(args.threads)
     models = args.models or preset.models
     methods = [m for m in METHODS if (not args.methods or m[0] in args.methods)]
-    methods = [m for m in methods if preset.methods is None or m[0] in preset.methods]
+    methods = [m for m in methods if m[0] in preset.methods]
     budgets = args.budgets or preset.budgets
     result = {"header": header(args, device), "rows": [], "predictors": {}}
     if device.type == "cuda":

@@ -14,6 +14,7 @@ from pathlib import Path
 COLUMNS = (
     ("method", "method"),
     ("prefetch_k", "k"),
+    ("policy", "eviction"),
     ("budget_fraction", "budget"),
     ("seq_per_s", "seq/s"),
     ("tokens_per_s", "tok/s"),
@@ -157,6 +158,14 @@ def disk_goals(rows: list[dict]) -> list[str]:
     if acc and ex3:
         speed = ex3["seq_per_s"] / acc["seq_per_s"]
         out.append(_goal("25% budget: `exact` k3 throughput ≥ 2× `accelerate`'s", speed, speed >= 2))
+    layered = _find(rows, "layered", 0.25)
+    for k in (1, 3):
+        ex = _find(rows, "exact", 0.25, k)
+        if layered and ex and ex.get("policy") == "layered":  # the same eviction: what prediction adds alone
+            out.append(
+                f"- 25% budget: `exact` k{k} over `layered` (same eviction, no predictor): "
+                f"**{ex['seq_per_s'] / layered['seq_per_s']:.3f}×**"
+            )
     differ = [
         f"{label(r)} at {r['budget_fraction']:.0%}"
         for r in rows

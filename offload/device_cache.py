@@ -30,6 +30,7 @@ class CacheStats:
     hits: int = 0  # ... that were already resident (or in flight from a prefetch)
     on_demand_loads: int = 0  # misses: loaded while the layer waited
     prefetch_loads: int = 0
+    prefetch_cancelled: int = 0  # prefetches given up before their read started (the layer did not need them)
     evictions: int = 0
     bytes_moved: int = 0
     stall_seconds: float = 0.0  # host time spent waiting for on-demand or late prefetched loads
@@ -151,6 +152,25 @@ class DeviceExpertCache:
             self.stats.prefetch_loads += 1
             started += 1
         return started
+
+    def cancel_prefetches(self, layer: int, needed: Iterable[ExpertKey]) -> int:
+        """Give up the prefetches of `layer` it turned out not to need whose read has not started (disk tier): the
+        I/O queue moves on to what is needed and their slots are free again. Returns how many were dropped."""
+        needed = set(needed)
+        dropped = 0
+        for key, slot in list(self._slot_of.items()):
+            if key[0] != layer or key in needed or slot not in self._unused:
+                continue
+            handle = self._pending.get(slot)
+            if handle is None or not self.transfer.cancel(handle):
+                continue
+            del self._pending[slot]
+            self._drop(key)
+            self.stats.prefetch_loads -= 1  # never read: neither a load nor bytes moved
+            self.stats.bytes_moved -= self.store.expert_bytes
+            self.stats.prefetch_cancelled += 1
+            dropped += 1
+        return dropped
 
     def acquire(self, keys: list[ExpertKey]) -> dict[ExpertKey, dict[str, torch.Tensor]]:
         """Pin `keys` and return their parameter views, ready for compute. Every miss starts loading before the

@@ -282,6 +282,7 @@ class OffloadEngine:
             cache_hit_rate=round(s.hit_rate, 6) if s.hit_rate is not None else None,
             on_demand_loads=s.on_demand_loads,
             prefetch_loads=s.prefetch_loads,
+            prefetch_cancelled=s.prefetch_cancelled,
             expert_lookups=s.lookups,
             evictions=s.evictions,
             waves=s.waves,

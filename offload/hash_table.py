@@ -43,7 +43,8 @@ class HashTable:
 
     def candidates(self, layer: int, k: int, start: int = 0, length: int | None = None, mask=None) -> list[int]:
         """Distinct experts among the top-k predictions of real tokens (`mask` [batch, seq]) at positions from
-        `start`: what to make resident for this layer."""
+        `start`: what to make resident for this layer, most wanted first (every rank-1 guess before any rank-2
+        one; within a rank, the experts more tokens chose first), so copies start in order of need."""
         experts = self.experts.get(layer)
         if experts is None:
             return []
@@ -53,7 +54,12 @@ class HashTable:
         top = experts[:, start : start + length, :k]  # [batch, length, k]
         if mask is not None:
             top = top[mask[:, start : start + length].bool()]
-        return sorted(set(top.reshape(-1).tolist()))
+        out: dict[int, None] = {}
+        for rank in range(top.shape[-1]):
+            ids, counts = top[..., rank].reshape(-1).unique(return_counts=True)
+            for i in counts.argsort(descending=True, stable=True).tolist():
+                out.setdefault(int(ids[i]), None)
+        return list(out)
 
     @classmethod
     def from_router_logits(cls, logits: dict[int, torch.Tensor], k: int = HIT_RANKS) -> HashTable:

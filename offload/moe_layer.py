@@ -95,6 +95,7 @@ class SiDAMoELayer(nn.Module):
         out = torch.zeros_like(flat)
         needed = torch.unique(flat_expert[flat_expert >= 0]).tolist()
         keys = [(self.index, e) for e in needed]
+        self.cache.cancel_prefetches(self.index, keys)  # guesses this layer turned out not to need
         upcoming = self._next_keys()
         waves = self.cache.waves(keys)
         for i, wave in enumerate(waves):

@@ -97,11 +97,42 @@ class LFUPolicy(EvictionPolicy):
         return self._recency.victim(k for k in candidates if self._count[k] == fewest)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"fifo": FIFOPolicy, "lru": LRUPolicy, "lfu": LFUPolicy}
+class LayeredPolicy(LRUPolicy):
+    """Evicts the expert a forward pass through the layers needs last (Belady's choice when layers run in order):
+    first the experts of layers at or before the one running now, the latest layer first (they are next needed
+    by the next batch); then those of later layers, the farthest first. Ties go to the least recently used.
+    Keys are (layer, expert). An LRU cache over more experts than fit cycles through all of them every batch and
+    keeps none; this keeps the early layers' experts from one batch to the next."""
+
+    name = "layered"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._layer = 0  # the layer of the latest access: where the forward pass is
+
+    def on_access(self, key: Hashable) -> None:
+        super().on_access(key)
+        self._layer = key[0]
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        candidates = list(candidates)
+        if not candidates:
+            raise ValueError("no eviction candidate is known to the policy")
+        rank = {k: (k[0] <= self._layer, k[0]) for k in candidates}
+        worst = max(rank.values())
+        return super().victim(k for k in candidates if rank[k] == worst)
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    "fifo": FIFOPolicy,
+    "lru": LRUPolicy,
+    "lfu": LFUPolicy,
+    "layered": LayeredPolicy,
+}
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    """A new policy by name (fifo, lru, lfu); a clear error for another name."""
+    """A new policy by name (fifo, lru, lfu, layered); a clear error for another name."""
     try:
         return POLICIES[name]()
     except KeyError:

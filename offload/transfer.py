@@ -109,6 +109,10 @@ class Transfer:
             event.record(self._stream)
         return event
 
+    def cancel(self, handle) -> bool:
+        """Cancel a load whose read has not started (disk tier); False if it cannot be cancelled."""
+        return isinstance(handle, Future) and handle.cancel()
+
     def done(self, handle) -> bool:
         """Whether the load has completed (a failed read counts as done: `wait` raises its error)."""
         if handle is None:

@@ -52,7 +52,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "the activations of the largest batch; the default on CUDA) or half of all experts (the default on CPU)",
     )
     g.add_argument("--device-memory-limit", type=int, help="bytes sida may place on the device (default: all it has)")
-    g.add_argument("--policy", choices=["fifo", "lru", "lfu"])
+    g.add_argument("--policy", choices=["fifo", "lru", "lfu", "layered"])
     g.add_argument("--tier", choices=["ram", "disk"])
     g.add_argument("--prefetch-k", type=int)
     g.add_argument("--expert-dir", help="tier disk: folder for the expert file")

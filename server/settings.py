@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     budget_bytes: int | None = None
     budget: Literal["auto", "half"] | None = None  # None: auto on CUDA, half of all experts on CPU
     device_memory_limit: int | None = None  # bytes sida may place on the device; None: what the device has
-    policy: Literal["fifo", "lru", "lfu"] = "lru"
+    policy: Literal["fifo", "lru", "lfu", "layered"] = "lru"
     tier: Literal["ram", "disk"] = "ram"
     prefetch_k: int = 1
     expert_dir: Path | None = None  # tier 'disk': where the per-model expert file is written once

@@ -131,3 +131,26 @@ def test_prefetch_precision_counts_used_and_evicted_unused_bytes(tmp_path):
     assert sum(stats.prefetch_unused_bytes.values()) == size
     assert stats.prefetch_precision == 0.5
     assert json.dumps(dict(stats.stall_by_layer))  # per-layer stall seconds, JSON-ready
+
+
+def test_prefetches_a_layer_did_not_need_are_cancelled_before_their_read(tmp_path):
+    cache, _ = disk_cache(tmp_path, num_slots=4)
+    gate = __import__("threading").Event()
+    real = cache.store.read_into
+    cache.store.read_into = lambda key, buf: (gate.wait(5), real(key, buf))  # hold the I/O threads
+    cache.prefetch([(0, 0), (0, 1), (0, 2), (0, 3)])  # two reads start, two wait in the queue
+    dropped = cache.cancel_prefetches(0, [(0, 0), (0, 1)])
+    gate.set()
+    assert dropped == 2 and not cache.is_resident((0, 2)) and not cache.is_resident((0, 3))
+    assert cache.stats.prefetch_loads == 2 and cache.stats.prefetch_cancelled == 2
+    assert cache.stats.bytes_moved == 2 * cache.store.expert_bytes
+    cache.acquire([(0, 0), (0, 1)])
+
+
+def test_candidates_come_most_wanted_first():
+    from sida.offload.hash_table import HashTable
+
+    experts = torch.tensor([[[5, 1], [5, 2], [3, 1], [5, 7]]])  # [batch 1, seq 4, k 2]
+    table = HashTable({0: experts}, {0: torch.ones(1, 4)})
+    assert table.candidates(0, 1) == [5, 3]  # rank 1 by how many tokens chose it
+    assert table.candidates(0, 2) == [5, 3, 1, 2, 7]  # then rank 2

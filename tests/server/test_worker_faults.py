@@ -76,13 +76,6 @@ class FaultyRunner:
         return [Classification(task.labels[x % 2], {}) for x in enc["input_ids"][:, 0].tolist()]
 
 
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 def request(loop, first: int, deadline: float = 100.0) -> Request:
     key, params = ("classify", "sst2"), {"task": TASK}
     return Request("classify", [first, 7, 7], key, params, deadline, loop, loop.create_future(), arrival=0.0)

@@ -46,13 +46,6 @@ class FakeRunner:
         return [Classification(task.labels[x % 2], {}) for x in enc["input_ids"][:, 0].tolist()]
 
 
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 def request(loop, first: int, arrival: float = 0.0, deadline: float = 100.0, length: int = 3, key=("classify", "sst2")):
     ids = [first] + [7] * (length - 1)
     return Request("classify", ids, key, {"task": TASK}, deadline, loop, loop.create_future(), arrival=arrival)
