@@ -44,7 +44,8 @@ def test_every_method_and_budget_has_a_row_with_the_documented_fields(result):
     cells = {(r["method"], r["prefetch_k"], r["budget_fraction"]) for r in result["rows"]}
     assert ("resident", None, 1.0) in cells
     for method, k in offload_bench.METHODS[1:]:
-        assert {(method, k, 0.25), (method, k, 1.0)} <= cells
+        if method in offload_bench.PRESETS["cpu"].methods:
+            assert {(method, k, 0.25), (method, k, 1.0)} <= cells
     for row in result["rows"]:
         assert set(ROW_FIELDS) <= set(row)
         assert row["model"] == "sida-switch-demo" and row["batch_size"] == 32 and row["examples"] == 64
@@ -96,3 +97,36 @@ def test_predictor_inputs_carry_the_task_prompt_once(data_dir):
     inputs = offload_bench.predictor_inputs(5)
     assert len(inputs) == 5
     assert all(x.startswith("sst2 sentence: ") and x.count("sst2 sentence:") == 1 for x in inputs)
+
+
+@pytest.mark.slow
+def test_disk_preset_reads_experts_from_the_disk_and_answers_as_resident(demo_dir, data_dir):
+    args = argparse.Namespace(
+        preset="cpu-disk",
+        device="cpu",
+        threads=None,
+        models=["demo"],
+        tasks=None,
+        batch_sizes=[8],
+        dtypes=None,
+        budgets=[0.25],
+        methods=["resident", "lru", "layered", "exact"],
+        limit=16,
+    )
+    rows = offload_bench.run(args, log=lambda m: None)["rows"]
+    assert {(r["method"], r["prefetch_k"]) for r in rows} == {
+        ("resident", None),
+        ("lru", None),
+        ("layered", None),
+        ("exact", 1),
+        ("exact", 3),
+    }
+    for row in rows:
+        if row["method"] == "resident":
+            continue
+        assert row["tier"] == "disk" and row["bytes_read"] >= row["on_demand_loads"] * row["expert_bytes"]
+        assert row["agreement_with_resident"] == 1.0
+        assert 0 <= row["stall_share"] < 1
+        assert row["policy"] == ("lru" if row["method"] == "lru" else "layered")
+    assert all(r["prefetch_precision"] is not None for r in rows if r["method"] == "exact")
+
