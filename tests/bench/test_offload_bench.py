@@ -129,4 +129,3 @@ def test_disk_preset_reads_experts_from_the_disk_and_answers_as_resident(demo_di
         assert 0 <= row["stall_share"] < 1
         assert row["policy"] == ("lru" if row["method"] == "lru" else "layered")
     assert all(r["prefetch_precision"] is not None for r in rows if r["method"] == "exact")
-
