@@ -168,9 +168,10 @@ def load_workload(
         batches.append(runner.encode([examples[i].prompt for i in idx]))
         labels.append([examples[i].label for i in idx])
     has_labels = all(e.label is not None for e in examples)
-    expert_dir = (
-        Path(tempfile.mkdtemp(prefix="sida-bench-experts-", dir=REPO / "runs")) if preset.tier == "disk" else None
-    )
+    expert_dir = None
+    if preset.tier == "disk":  # on the project's disk (not /tmp, which may be RAM): reads must hit a disk
+        (REPO / "runs").mkdir(exist_ok=True)
+        expert_dir = Path(tempfile.mkdtemp(prefix="sida-bench-experts-", dir=REPO / "runs"))
     labels = labels if has_labels else None
     return Workload(
         name, loaded, task, batches, labels, pred.to(device), info, guess, preset.tier, expert_dir, preset.sida_policy
