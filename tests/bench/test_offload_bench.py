@@ -22,21 +22,15 @@ ROW_FIELDS = (
 ).split()
 
 
+def bench_args(**given) -> argparse.Namespace:
+    """The bench's command line for the demo model, with `given` options."""
+    defaults = dict(preset="cpu", device="cpu", threads=None, models=["demo"], tasks=None, batch_sizes=None)
+    return argparse.Namespace(**{**defaults, "dtypes": None, "methods": None, **given})
+
+
 @pytest.fixture(scope="module")
 def result(demo_dir, data_dir):
-    args = argparse.Namespace(
-        preset="cpu",
-        device="cpu",
-        threads=None,
-        models=["demo"],
-        tasks=None,
-        batch_sizes=None,
-        dtypes=None,
-        budgets=[0.25, 1.0],
-        methods=None,
-        limit=64,
-    )
-    return offload_bench.run(args, log=lambda m: None)
+    return offload_bench.run(bench_args(budgets=[0.25, 1.0], limit=64), log=lambda m: None)
 
 
 @pytest.mark.slow
@@ -101,17 +95,8 @@ def test_predictor_inputs_carry_the_task_prompt_once(data_dir):
 
 @pytest.mark.slow
 def test_disk_preset_reads_experts_from_the_disk_and_answers_as_resident(demo_dir, data_dir):
-    args = argparse.Namespace(
-        preset="cpu-disk",
-        device="cpu",
-        threads=None,
-        models=["demo"],
-        tasks=None,
-        batch_sizes=[8],
-        dtypes=None,
-        budgets=[0.25],
-        methods=["resident", "lru", "layered", "exact"],
-        limit=16,
+    args = bench_args(
+        preset="cpu-disk", batch_sizes=[8], budgets=[0.25], methods=["resident", "lru", "layered", "exact"], limit=16
     )
     rows = offload_bench.run(args, log=lambda m: None)["rows"]
     assert {(r["method"], r["prefetch_k"]) for r in rows} == {
