@@ -89,6 +89,9 @@ def _add_serve(sub) -> None:
     g.add_argument("--shadow-sample-rate", type=float)
     g.add_argument("--predictor-threads", type=int, help="torch threads of the predictor worker (default 1 on CPU)")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("scale-out (Ray Serve; pip install 'sida[ray]'; docs/scale-out.md)")
+    g.add_argument("--replicas", type=int, help="serve N replicas behind Ray Serve's proxy (default: one process)")
+    g.add_argument("--ray-address", help="with --replicas: the Ray cluster to join (default: RAY_ADDRESS or a new one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +251,15 @@ class GracefulServer(uvicorn.Server):
 
 def cmd_serve(args, settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.replicas is not None:
+        if args.replicas < 1:
+            raise SettingsError(f"--replicas: must be >= 1 (got {args.replicas})")
+        try:
+            from sida.server import ray_serve  # an optional extra: plain `sida serve` never imports Ray
+        except ImportError as e:
+            raise SettingsError(f"--replicas needs Ray Serve: pip install 'sida[ray]' ({e})") from None
+
+        return ray_serve.run(settings, args.replicas, args.hash, args.ray_address)
     # The model loads before the port is bound (as uvicorn binds after the lifespan's start-up anyway), so that a
     # bad model folder, predictor or expert_dir ends in `main` as one line and status 2.
     app = app_from_settings(settings, args.hash, preload=True)
