@@ -36,7 +36,7 @@ demo: $(STAMP)
 test: $(STAMP) prometheus
 	$(PY) -m pytest -q
 
-# The edit loop: everything but the whole-dataset evaluations (marked `slow`); `make test` runs them all.
+# The edit loop: everything but the tests marked `slow` (whole datasets, live servers, Prometheus, Ray, locust).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 

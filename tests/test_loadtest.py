@@ -14,6 +14,8 @@ import pytest
 from loadtest.inputs import mrpc_pairs, read_inputs, sst2_sentences, wikitext_prompts
 from loadtest.thresholds import DEFAULT_P95_MS, DEFAULT_WEIGHTS, KINDS, Entry, parse_kinds, verdict
 
+pytestmark = pytest.mark.slow  # a live daemon and locust
+
 REPO = Path(__file__).resolve().parent.parent
 
 

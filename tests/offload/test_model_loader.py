@@ -130,6 +130,7 @@ def test_no_tokenizer(tiny_dir, tmp_path):
         load_model(d)
 
 
+@pytest.mark.slow  # a real `sida` process
 def test_cli_reports_one_line_not_a_traceback(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "server.cli", "classify", "--model", str(tmp_path / "absent"), "hi"],

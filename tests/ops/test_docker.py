@@ -148,6 +148,7 @@ def test_image_settings_resolve(monkeypatch):
     assert args.command == "serve" and args.host is None and args.port is None  # the environment decides
 
 
+@pytest.mark.slow  # a real `sida` process
 def test_entrypoint_serves_and_healthcheck_passes(demo_dir, tmp_path):
     """ENTRYPOINT + CMD with the image's environment (the model at its repo path, loopback, a free port), then the
     HEALTHCHECK command, exactly as written, against it."""

@@ -21,10 +21,13 @@ sys.path.insert(0, str(REPO / "docker"))
 
 import local_stack  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    local_stack.prometheus_binary() is None,
-    reason="prometheus not installed (Debian's `prometheus` package; `make prometheus` installs it as root)",
-)
+pytestmark = [
+    pytest.mark.slow,  # a live daemon and a live Prometheus
+    pytest.mark.skipif(
+        local_stack.prometheus_binary() is None,
+        reason="prometheus not installed (Debian's `prometheus` package; `make prometheus` installs it as root)",
+    ),
+]
 RATE_INTERVAL = "1m"  # every sample of the test fits in it; $__rate_interval in Grafana
 DASHBOARD = local_stack.dashboard_queries(RATE_INTERVAL)
 ALERTS = local_stack.alert_queries()

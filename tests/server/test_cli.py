@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # a real `sida` process per test
+
 
 def sida(*args, **kw):
     return subprocess.run(
@@ -30,7 +32,6 @@ def test_complete(demo_dir):
     assert row["completion"].strip() and row["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.slow
 def test_eval_json_and_predictions(demo_dir, data_dir, tmp_path):
     out = tmp_path / "pred.jsonl"
     r = sida(
@@ -80,7 +81,6 @@ def test_config_prints_resolved_settings(demo_dir):
     assert r.returncode == 0 and "threads: 2" in r.stdout
 
 
-@pytest.mark.slow
 def test_predictor_eval_reports_encoder_and_decoder_figures_apart(demo_dir, data_dir):
     r = sida(
         "predictor",

@@ -20,6 +20,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import soak  # noqa: E402
 
+pytestmark = pytest.mark.slow  # live `sida serve` processes
+
 MODEL = "sida-switch-demo"
 REQUEST_TIMEOUT_S = 20  # the drain timeout is this and cli.DRAIN_MARGIN_S
 

@@ -14,6 +14,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'sida[ray]')")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'sida[ray]')")
+pytestmark = pytest.mark.slow  # a local Ray cluster
 
 from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E402
 

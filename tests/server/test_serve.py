@@ -9,6 +9,8 @@ import pytest
 
 from sida.server.subprocess_server import start_serve
 
+pytestmark = pytest.mark.slow  # live `sida serve` processes
+
 MODEL = "sida-switch-demo"
 
 

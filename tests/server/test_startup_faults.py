@@ -90,6 +90,7 @@ def test_a_bad_start_is_one_line_and_status_2(bad_models, data_dir, capsys, monk
     assert_one_line_error(capsys.readouterr().err, FAULTS[fault][2])
 
 
+@pytest.mark.slow  # a real `sida` process
 @pytest.mark.parametrize("kind", ["serve", "eval"])
 def test_the_sida_process_exits_2_without_a_traceback(bad_models, data_dir, kind):
     """The same as a user sees it, for one fault: a real `sida` process."""
