@@ -251,15 +251,13 @@ class GracefulServer(uvicorn.Server):
 
 def cmd_serve(args, settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.replicas is not None:
-        if args.replicas < 1:
-            raise SettingsError(f"--replicas: must be >= 1 (got {args.replicas})")
+    if settings.replicas is not None:
         try:
             from sida.server import ray_serve  # an optional extra: plain `sida serve` never imports Ray
         except ImportError as e:
-            raise SettingsError(f"--replicas needs Ray Serve: pip install 'sida[ray]' ({e})") from None
+            raise SettingsError(f"replicas needs Ray Serve: pip install 'sida[ray]' ({e})") from None
 
-        return ray_serve.run(settings, args.replicas, args.hash, args.ray_address)
+        return ray_serve.run(settings, settings.replicas, args.hash, settings.ray_address)
     # The model loads before the port is bound (as uvicorn binds after the lifespan's start-up anyway), so that a
     # bad model folder, predictor or expert_dir ends in `main` as one line and status 2.
     app = app_from_settings(settings, args.hash, preload=True)

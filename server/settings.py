@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     api_key: str | None = None
     shadow_sample_rate: float = 0.1  # predicted mode: share of batches also routed by the router, for hit rates
     predictor_threads: int | None = None  # torch threads of the serving predictor worker; None: 1 on CPU
+    replicas: int | None = None  # `sida serve` as N Ray Serve replicas behind one entry (server/ray_serve.py)
+    ray_address: str | None = None  # with replicas: the Ray cluster to join (None: RAY_ADDRESS, else a new one)
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -83,6 +85,7 @@ class Settings(BaseSettings):
         "max_batch_tokens",
         "max_queue",
         "max_body_bytes",
+        "replicas",
     )
     @classmethod
     def _positive(cls, v: int | None) -> int | None:
