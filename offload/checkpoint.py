@@ -108,15 +108,21 @@ class Checkpoint:
 
 def read_into(info: TensorInfo, out: torch.Tensor) -> None:
     """Read `info`'s bytes straight into the contiguous CPU tensor `out` (same dtype and element count)."""
-    view = memoryview(out.view(-1).view(torch.uint8).numpy())
-    with info.path.open("rb", buffering=0) as f:
-        f.seek(info.offset)
-        done = 0
-        while done < info.nbytes:
-            n = f.readinto(view[done:])
-            if not n:
-                raise CheckpointError(f"{info.path} is truncated: it ends inside a tensor")
-            done += n
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        pread_exactly(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset, info.path)
+    finally:
+        os.close(fd)
+
+
+def pread_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill `view` from the file `fd` (named `path` in errors) at `offset`; an error if the file ends first."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if not n:
+            raise CheckpointError(f"{path} is truncated: it ends inside a tensor")
+        done += n
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -145,6 +145,11 @@ def _reset_peak_rss() -> int:
     return _status("VmRSS")
 
 
+def pinned_reserve(nbytes: int) -> int:
+    """Bytes torch's pinned host allocator reserves for an allocation of `nbytes`: the next power of two."""
+    return 1 << (nbytes - 1).bit_length()
+
+
 def aligned_empty(nbytes: int, align: int = 4096, pin: bool = False) -> torch.Tensor:
     """An uninitialised host buffer of `nbytes` (uint8) whose address is a multiple of `align` (O_DIRECT reads
     need it); pinned if asked."""

@@ -98,10 +98,9 @@ class DeviceExpertCache:
         layout = self.store.layout
         self.memory.place("experts", n * layout.nbytes)
         first = self.num_slots
-        read_bytes = getattr(self.store, "read_bytes", layout.nbytes)
         for _ in range(n):
             if self.device.type == "cpu":
-                raw = aligned_empty(read_bytes)
+                raw = aligned_empty(self.store.read_bytes)
                 slot = raw[: layout.nbytes].view(layout.dtype)
             else:
                 raw, slot = None, torch.empty(layout.numel, dtype=layout.dtype, device=self.device)

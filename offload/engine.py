@@ -89,7 +89,7 @@ class OffloadEngine:
         decision = explicit_budget(
             cfg.budget, cfg.budget_experts, cfg.budget_bytes, store.expert_bytes, self.total_experts
         )
-        transfer = Transfer(device, store.layout.numel, store.layout.dtype, getattr(store, "read_bytes", None))
+        transfer = Transfer(device, store.layout.numel, store.layout.dtype)
         slots = decision.slots if decision is not None else 1
         self.cache = DeviceExpertCache(store, slots, make_policy(cfg.policy), device, transfer, self.memory)
         self._replace_layers(layers)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sida.offload.checkpoint import CheckpointError, SafetensorsWriter, TensorInfo, read_header
+from sida.offload.checkpoint import CheckpointError, SafetensorsWriter, TensorInfo, pread_exactly, read_header
 from sida.offload.expert_layout import ExpertKey, ExpertLayout, ExpertSource
 
 FORMAT = "sida-experts/2"
@@ -45,12 +45,16 @@ def _name(key: ExpertKey) -> str:
     return f"layer{key[0]}.expert{key[1]}"
 
 
+def _layout_json(layout: ExpertLayout) -> str:
+    return json.dumps({"names": layout.names, "shapes": layout.shapes})
+
+
 def _metadata(layout: ExpertLayout, fingerprint: str, checksums: list[int]) -> dict:
     return {
         "format": FORMAT,
         "fingerprint": fingerprint,
         "dtype": str(layout.dtype).removeprefix("torch."),
-        "layout": json.dumps({"names": layout.names, "shapes": layout.shapes}),
+        "layout": _layout_json(layout),
         "crc32": ",".join(f"{c:08x}" for c in checksums),  # fixed width: the header is rewritten at the end
     }
 
@@ -105,7 +109,7 @@ class ExpertFile:
         view = memoryview(buf.numpy())[: self.read_bytes]
         if self._direct_fd is not None:
             try:
-                self._pread(self._direct_fd, view, info.offset)
+                pread_exactly(self._direct_fd, view, info.offset, self.path)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
@@ -113,26 +117,12 @@ class ExpertFile:
                 os.close(self._direct_fd)
                 self._direct_fd, self.io = None, "dontneed"
         if self._direct_fd is None:
-            self._pread(self._fd, view, info.offset)
+            pread_exactly(self._fd, view, info.offset, self.path)
             os.posix_fadvise(self._fd, info.offset, self.read_bytes, os.POSIX_FADV_DONTNEED)
         if key not in self._verified:
             if zlib.crc32(view[: info.nbytes]) != self._crc[key]:
                 raise CheckpointError(f"{self.path}: expert {key} does not match its checksum (delete the file)")
             self._verified.add(key)
-
-    def _pread(self, fd: int, view: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if not n:
-                raise CheckpointError(f"{self.path} is truncated: it ends inside expert data")
-            done += n
-
-    def close(self) -> None:
-        for fd in (self._fd, self._direct_fd):
-            if fd is not None:
-                os.close(fd)
-        self._fd = self._direct_fd = None
 
 
 def _check(
@@ -144,17 +134,18 @@ def _check(
         raise StaleExpertFile(f"{path} is not a {FORMAT} expert file")
     if meta.get("fingerprint") != fingerprint:
         raise StaleExpertFile(f"{path} holds the experts of model {meta.get('fingerprint')}, not {fingerprint}")
-    if meta.get("layout") != json.dumps({"names": layout.names, "shapes": layout.shapes}):
+    if meta.get("layout") != _layout_json(layout):
         raise StaleExpertFile(f"{path} packs experts in another layout")
     crc = meta.get("crc32", "").split(",")
     if len(crc) != len(keys):
         raise StaleExpertFile(f"{path} has {len(crc)} checksums for {len(keys)} experts")
+    size = path.stat().st_size
     info, checksums = {}, {}
     for key, c in zip(keys, crc):
         t = tensors.get(_name(key))
         if t is None or t.dtype != layout.dtype or t.shape != (layout.numel,) or t.offset % ALIGN:
             raise StaleExpertFile(f"{path} does not hold expert {key} as {layout.dtype} [{layout.numel}], aligned")
-        if t.offset + padded(t.nbytes) > path.stat().st_size:
+        if t.offset + padded(t.nbytes) > size:
             raise StaleExpertFile(f"{path} is truncated")
         info[key], checksums[key] = t, int(c, 16)
     return info, checksums

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sida.offload.device import aligned_empty
+from sida.offload.device import aligned_empty, pinned_reserve
 from sida.offload.expert_file import ExpertFile, open_expert_file
 from sida.offload.expert_layout import ExpertKey, ExpertLayout, ExpertSource, ModuleExperts
 
@@ -33,6 +33,12 @@ class ExpertStore:
     @property
     def expert_bytes(self) -> int:
         """Bytes of one expert (all are the same size)."""
+        return self.layout.nbytes
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes one load reads into a slot's buffer: the expert itself (the disk tier rounds it up to what an
+        O_DIRECT read needs)."""
         return self.layout.nbytes
 
     @property
@@ -108,8 +114,7 @@ class RamExperts(ExpertStore):
 
     @property
     def pinned_bytes(self) -> int:
-        # the pinned allocator reserves a power of two per allocation
-        return sum(1 << (c.numel() * c.element_size() - 1).bit_length() for c in self._chunks) if self._pin else 0
+        return sum(pinned_reserve(c.numel() * c.element_size()) for c in self._chunks) if self._pin else 0
 
     @property
     def host_bytes(self) -> int:
@@ -129,8 +134,11 @@ class DiskExperts(ExpertStore):
         super().__init__(file.layout, keys)
         self.file = file
         self.path = file.path
-        self.read_bytes = file.read_bytes  # one read: the expert rounded up to the alignment O_DIRECT needs
         self._staging: torch.Tensor | None = None
+
+    @property
+    def read_bytes(self) -> int:
+        return self.file.read_bytes
 
     @property
     def host_bytes(self) -> int:

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from sida.offload.device import aligned_empty
+from sida.offload.device import aligned_empty, pinned_reserve
 
 IO_THREADS = 2  # concurrent expert reads from disk
 CUDA_STAGING = IO_THREADS + 1  # pinned staging buffers for disk → CUDA loads
@@ -29,7 +29,7 @@ CUDA_STAGING = IO_THREADS + 1  # pinned staging buffers for disk → CUDA loads
 class Transfer:
     """Starts loads into slots and waits for them: side stream and events on CUDA, an I/O pool for disk."""
 
-    def __init__(self, device: torch.device, expert_numel: int, dtype: torch.dtype, read_bytes: int | None = None):
+    def __init__(self, device: torch.device, expert_numel: int, dtype: torch.dtype):
         self.device = device
         self.cuda = device.type == "cuda"
         self.dtype = dtype
@@ -38,10 +38,9 @@ class Transfer:
         self._bounce = torch.empty(expert_numel, dtype=dtype, pin_memory=True) if self.cuda else None
         self._pool: ThreadPoolExecutor | None = None
         self._staging: queue.Queue | None = None
-        if read_bytes is not None:  # the disk tier: its reader threads and, on CUDA, pinned staging
-            self._start_io(read_bytes)
 
     def _start_io(self, read_bytes: int) -> None:
+        """The disk tier's reader threads and, on CUDA, its pinned staging buffers (with the first disk load)."""
         self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sida-io")
         if self.cuda:
             self._staging = queue.Queue()
@@ -54,7 +53,7 @@ class Transfer:
         buffers = [] if self._bounce is None else [self._bounce.numel() * self._bounce.element_size()]
         if self._staging is not None:
             buffers += [b.numel() for b in list(self._staging.queue)]
-        return sum(1 << (n - 1).bit_length() for n in buffers)
+        return sum(pinned_reserve(n) for n in buffers)
 
     def reads_done(self):
         """An event after the compute kernels queued so far (the last reads of a slot being released); None on

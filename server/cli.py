@@ -28,7 +28,6 @@ from sida.server.state import State
 
 log = logging.getLogger("sida")
 
-DRAIN_MARGIN_S = 5.0  # a drain waits for the accepted requests' deadlines (request_timeout_s), and this much more
 EXIT_WORKER_FAILED = 1  # `sida serve` after a worker thread stopped: a supervisor should restart it
 
 
@@ -262,7 +261,7 @@ def cmd_serve(args, settings: Settings) -> None:
     # bad model folder, predictor or expert_dir ends in `main` as one line and status 2.
     app = app_from_settings(settings, args.hash, preload=True)
     state: State = app.state.sida
-    drain_timeout_s = settings.request_timeout_s + DRAIN_MARGIN_S
+    drain_timeout_s = settings.drain_timeout_s
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -47,8 +47,7 @@ class Metrics:
         by_stage = PCounter(
             "sida_batch_errors", "Batches that failed, by worker stage (predict or infer)", ["stage"], registry=r
         )
-        self.batch_errors_by_stage = {stage: by_stage.labels(stage) for stage in ("predict", "infer")}
-        self.batch_errors = self.batch_errors_by_stage["infer"]  # the inference worker's
+        self.batch_errors = {stage: by_stage.labels(stage) for stage in ("predict", "infer")}
         Info("sida_build", "Build information", registry=r).info({"version": version, "model": model, "mode": mode})
         if engine is not None:
             r.register(_EngineCollector(engine))

@@ -26,7 +26,6 @@ log = logging.getLogger("sida")
 APP_NAME = "sida"
 REPLICA_HEADER = "x-sida-replica"  # on every response: which replica answered (Ray's replica id)
 METRICS_PERIOD_S = 5.0  # how often a replica copies its registry into Ray's metrics
-DRAIN_MARGIN_S = 5.0  # a replica's drain waits request_timeout_s for accepted requests, and this much more
 
 
 class ReplicaHeader:
@@ -134,7 +133,7 @@ def deployment(settings: Settings, replicas: int, hash_source: str = "auto"):
         ray_actor_options=actor,
         max_ongoing_requests=settings.max_queue,
         max_queued_requests=settings.max_queue * replicas,
-        graceful_shutdown_timeout_s=settings.request_timeout_s + DRAIN_MARGIN_S,
+        graceful_shutdown_timeout_s=settings.drain_timeout_s,
         health_check_period_s=2.0,
         # a log line per call costs throughput: access lines only at log level debug, as sida's own
         logging_config={"log_level": settings.log_level.upper(), "enable_access_log": settings.log_level == "debug"},

@@ -145,6 +145,11 @@ class Settings(BaseSettings):
         )
 
     @property
+    def drain_timeout_s(self) -> float:
+        """How long a stop waits for accepted requests: their deadline (`request_timeout_s`) and a 5 s margin."""
+        return self.request_timeout_s + 5.0
+
+    @property
     def mode_is_explicit(self) -> bool:
         """True when the mode came from a flag, the environment or a config file (not the default)."""
         return "mode" in self.model_fields_set

@@ -61,7 +61,7 @@ def fail_batch(requests: list[Request], error: Exception, stage: str, metrics) -
     """Answer every request of a batch that failed in `stage` with `error`; log it with its traceback and count
     it. Requests already answered (expired) keep their answer."""
     log.error("%s: a batch of %d requests failed", stage, len(requests), exc_info=error)
-    metrics.batch_errors_by_stage[stage].inc()
+    metrics.batch_errors[stage].inc()
     for r in requests:
         r.resolve(error=error)
 

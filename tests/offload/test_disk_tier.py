@@ -29,7 +29,7 @@ def disk_cache(tmp_path, num_slots=2, io="direct", fingerprint="fp", modules=Non
     store = ExpertStore.build(
         ModuleExperts(modules.items()), "disk", False, tmp_path / "e.safetensors", fingerprint, io
     )
-    transfer = Transfer(CPU, store.layout.numel, store.layout.dtype, store.read_bytes)
+    transfer = Transfer(CPU, store.layout.numel, store.layout.dtype)
     return DeviceExpertCache(store, num_slots, make_policy("lru"), CPU, transfer), modules
 
 

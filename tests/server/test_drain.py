@@ -23,7 +23,7 @@ import soak  # noqa: E402
 pytestmark = pytest.mark.slow  # live `sida serve` processes
 
 MODEL = "sida-switch-demo"
-REQUEST_TIMEOUT_S = 20  # the drain timeout is this and cli.DRAIN_MARGIN_S
+REQUEST_TIMEOUT_S = 20  # the drain timeout is this and a margin (Settings.drain_timeout_s)
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def outcome(loop, req: Request):
 
 
 def errors(metrics: Metrics, stage: str) -> float:
-    return metrics.batch_errors_by_stage[stage]._value.get()
+    return metrics.batch_errors[stage]._value.get()
 
 
 # ---------------------------------------------------------------------------------------------- one batch fails

@@ -144,7 +144,7 @@ def test_inference_failure_fails_only_that_batch_and_is_counted(loop):
     settle(loop)
     assert [outcome(r) for r in bad] == ["RuntimeError", "RuntimeError"]
     assert outcome(good[0]) == "negative"
-    assert metrics.batch_errors._value.get() == 1
+    assert metrics.batch_errors["infer"]._value.get() == 1
     assert len(left.requests) == 3
 
 
