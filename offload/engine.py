@@ -90,6 +90,8 @@ class OffloadEngine:
             cfg.budget, cfg.budget_experts, cfg.budget_bytes, store.expert_bytes, self.total_experts
         )
         transfer = Transfer(device, store.layout.numel, store.layout.dtype)
+        if store.tier == "disk":  # reader threads and pinned staging at start-up, not on the first request
+            transfer.start_io(store.read_bytes)
         slots = decision.slots if decision is not None else 1
         self.cache = DeviceExpertCache(store, slots, make_policy(cfg.policy), device, transfer, self.memory)
         self._replace_layers(layers)

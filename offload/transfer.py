@@ -39,8 +39,9 @@ class Transfer:
         self._pool: ThreadPoolExecutor | None = None
         self._staging: queue.Queue | None = None
 
-    def _start_io(self, read_bytes: int) -> None:
-        """The disk tier's reader threads and, on CUDA, its pinned staging buffers (with the first disk load)."""
+    def start_io(self, read_bytes: int) -> None:
+        """The disk tier's reader threads and, on CUDA, its pinned staging buffers: started by the engine at
+        start-up, else by the first disk load."""
         self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sida-io")
         if self.cuda:
             self._staging = queue.Queue()
@@ -70,7 +71,7 @@ class Transfer:
         directly. Returns a handle for `done`/`wait`, or None when the load is already complete."""
         if store.tier == "disk":
             if self._pool is None:
-                self._start_io(store.read_bytes)
+                self.start_io(store.read_bytes)
             return self._pool.submit(self._from_disk, store, key, dst, raw, after)
         return self.copy(dst, store.host(key), after)
 
