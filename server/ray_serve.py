@@ -1,7 +1,8 @@
 """`sida serve --replicas N`: the same app as a Ray Serve deployment of N replicas behind Ray's HTTP proxy.
 
 Each replica rebuilds the typed `Settings` from the fields the driver resolved and runs `app_from_settings`, so it
-has its own engine, pipeline and batching; Ray only routes. Only the CLI imports this module, and only when
+has its own engine, pipeline and batching; Ray only routes. `ProxyRetry` runs inside Ray's proxy (Ray imports this
+module there, so its module-level imports stay light: no torch). Only the CLI imports this module, and only when
 `--replicas` is given: single-process `sida serve` never loads Ray.
 """
 
@@ -10,22 +11,141 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from prometheus_client import CollectorRegistry
 from ray import serve
 from ray.serve import metrics as serve_metrics
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sida.offload.device import resolve_device
-from sida.server.app import app_from_settings
-from sida.server.settings import Settings, load_settings
+from sida.server.errors import APIError, envelope
+
+if TYPE_CHECKING:
+    from sida.server.settings import Settings
 
 log = logging.getLogger("sida")
 
 APP_NAME = "sida"
 REPLICA_HEADER = "x-sida-replica"  # on every response: which replica answered (Ray's replica id)
+ATTEMPTS_HEADER = "x-sida-attempts"  # on an answer the proxy got on a later try (ProxyRetry): its number
 METRICS_PERIOD_S = 5.0  # how often a replica copies its registry into Ray's metrics
+# Ray's proxy wraps its ASGI app in the middlewares this function returns (read when a proxy starts).
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = f"{__name__}.proxy_middlewares"
+REPLAY_LIMIT = 1_000_000  # bytes of request body the proxy keeps to send a call again (the default max_body_bytes)
+
+
+class Tape:
+    """The client's `receive`, recorded so that a call can be sent to a replica again: each attempt's `receive`
+    gives the messages already read, then reads on. Stops recording (no replay) past `limit` body bytes."""
+
+    def __init__(self, receive: Receive, limit: int = REPLAY_LIMIT):
+        self.source = receive
+        self.limit = limit
+        self.recorded: list[Message] = []
+        self.size = 0
+        self.replayable = True
+        self.client_left = False
+
+    def receive(self) -> Receive:
+        replay = list(self.recorded)
+
+        async def next_message() -> Message:
+            if replay:
+                return replay.pop(0)
+            message = await self.source()
+            if message["type"] == "http.disconnect":
+                self.client_left = True
+            elif self.replayable:
+                self.size += len(message.get("body", b""))
+                self.replayable = self.size <= self.limit
+                if self.replayable:
+                    self.recorded.append(message)
+                else:
+                    self.recorded.clear()
+            return message
+
+        return next_message
+
+
+class Attempt:
+    """The `send` of one attempt: passes a replica's response on, and notes whether one started. Ray's own 503
+    (its back-pressure or no-replica answer: plain text, no replica header) is held and answered as a 503
+    envelope with its text as the message."""
+
+    def __init__(self, scope: Scope, send: Send, number: int = 1):
+        self.scope = scope
+        self.out = send
+        self.number = number
+        self.started = False
+        self.ray_503: list[bytes] | None = None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            if message["status"] == 503 and REPLICA_HEADER.encode() not in names:
+                self.ray_503 = []
+                return
+            if self.number > 1:
+                header = (ATTEMPTS_HEADER.encode(), str(self.number).encode())
+                message = {**message, "headers": [*message.get("headers", []), header]}
+        if self.ray_503 is None:
+            return await self.out(message)
+        if message["type"] == "http.response.body":
+            self.ray_503.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                text = b"".join(self.ray_503).decode(errors="replace").strip() or "no replica can take the call"
+                await unavailable(text, "replicas_busy")(self.scope, self.no_receive, self.out)
+
+    @staticmethod
+    async def no_receive() -> Message:
+        return {"type": "http.disconnect"}
+
+
+def unavailable(message: str, code: str):
+    """A 503 in sida's error envelope, with Retry-After."""
+    return envelope(APIError(503, message, "service_unavailable", code=code, headers={"Retry-After": "1"}))
+
+
+class ProxyRetry:
+    """ASGI middleware inside Ray Serve's HTTP proxy. A call the proxy got no response for (its replica died
+    holding it: Ray would answer a plain-text 500) is sent once more — Ray's router has dropped the dead replica
+    by then, so it goes to another — and if that fails too, or the body was too long to keep, the client gets
+    a 503 envelope with Retry-After. Safe because every sida endpoint is side-effect free (inference, reads). A
+    response that had started (a stream cut by the death) cannot be taken back: it ends where it broke. Ray's
+    own endpoints (`/-/healthz`, `/-/routes`) pass through untouched."""
+
+    def __init__(self, app: ASGIApp, attempts: int = 2, replay_limit: int = REPLAY_LIMIT):
+        self.app = app
+        self.attempts = attempts
+        self.replay_limit = replay_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/-/"):
+            return await self.app(scope, receive, send)
+        tape = Tape(receive, self.replay_limit)
+        for attempt in range(1, self.attempts + 1):
+            out = Attempt(scope, send, attempt)
+            try:  # a fresh header list each time: Ray's request-id middleware appends to it
+                await self.app({**scope, "headers": list(scope["headers"])}, tape.receive(), out.send)
+            except Exception:
+                if out.started:
+                    raise
+                log.exception("Ray's proxy failed on %s (attempt %d)", scope["path"], attempt)
+            if out.started or tape.client_left:
+                return
+            if not tape.replayable:
+                break
+            log.warning("no response for %s from its replica (attempt %d of %d)", scope["path"], attempt, self.attempts)
+        await unavailable("the replica serving this call stopped; retry", "replica_failed")(scope, receive, send)
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """What Ray's HTTP proxy imports through RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH (`PROXY_CALLBACK`)."""
+    return [Middleware(ProxyRetry)]
 
 
 class ReplicaHeader:
@@ -85,6 +205,8 @@ class SidaReplica:
     """One replica: the app `sida serve` runs, built from the driver's settings, with its own engine."""
 
     def __init__(self, settings_fields: dict, hash_source: str):
+        from sida.server.settings import Settings  # torch: kept out of Ray's proxy, which imports this module
+
         self.settings = Settings(**settings_fields)
         self.hash_source = hash_source
         self.replica = serve.get_replica_context().replica_tag
@@ -92,6 +214,8 @@ class SidaReplica:
 
     def __serve_build_asgi_app__(self):
         """Called by Ray Serve after `__init__`; the app's lifespan (model load, warm-up) runs after this."""
+        from sida.server.app import app_from_settings  # torch: kept out of Ray's proxy, which imports this module
+
         app = app_from_settings(self.settings, self.hash_source)
         app.add_middleware(ReplicaHeader, replica=self.replica)
         self.state = app.state.sida
@@ -115,6 +239,8 @@ def replica_fields(settings: Settings) -> dict:
     """The settings fields a replica is rebuilt from: those set by file, env or flags (defaults stay defaults,
     so `mode_is_explicit` means the same in the replica). On CPU an unset `threads` becomes 1: each replica then
     uses the one core Ray reserves for it."""
+    from sida.offload.device import resolve_device  # torch: kept out of Ray's proxy, which imports this module
+
     fields = settings.model_dump(exclude_unset=True)
     if settings.threads is None and resolve_device(settings.device).type == "cpu":
         fields["threads"] = 1
@@ -125,6 +251,8 @@ def deployment(settings: Settings, replicas: int, hash_source: str = "auto"):
     """The bound application: `replicas` copies of the app; a CPU replica reserves `threads` cores, a CUDA one a
     GPU. Each replica takes up to `max_queue` calls at once (so its batches can fill) and Ray holds up to
     `max_queue` more per replica's worth before answering 503; a replica's own 429 reaches the client as is."""
+    from sida.offload.device import resolve_device  # torch: kept out of Ray's proxy, which imports this module
+
     cuda = resolve_device(settings.device).type == "cuda"
     fields = replica_fields(settings)
     actor = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": fields["threads"] or 1}
@@ -145,14 +273,20 @@ def build(args: dict):
     """The application builder for Ray's own config files (`serveConfigV2` in a KubeRay RayService, `serve run`):
     `args` are settings fields (and `config`: a YAML settings file), plus `replicas` and `hash`. The HTTP host and
     port are then the config's `http_options`."""
+    from sida.server.settings import load_settings  # torch: kept out of Ray's proxy, which imports this module
+
     args = dict(args)
     replicas, hash_source = int(args.pop("replicas", 1)), args.pop("hash", "auto")
     return deployment(load_settings(args.pop("config", None), **args), replicas, hash_source)
 
 
 def start(settings: Settings, replicas: int, hash_source: str = "auto") -> None:
-    """Ray Serve's proxy on `settings.host:port` and the deployment; returns once every replica is ready."""
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    """Ray Serve's proxy on `settings.host:port` and the deployment; returns once every replica is ready. A Serve
+    controller started here passes PROXY_CALLBACK_ENV to the proxies it starts, so they run `ProxyRetry`; on a
+    cluster whose Serve already runs, the nodes need that variable themselves (docs/scale-out.md)."""
+    env = {PROXY_CALLBACK_ENV: PROXY_CALLBACK}
+    http = {"host": settings.host, "port": settings.port}
+    serve.start(http_options=http, controller_options={"runtime_env": {"env_vars": env}})
     serve.run(deployment(settings, replicas, hash_source), name=APP_NAME, route_prefix="/")
 
 
