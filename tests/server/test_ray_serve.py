@@ -264,3 +264,25 @@ def test_plain_sida_serve_never_imports_ray():
     code = "import sys, sida.server.cli; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_the_kuberay_manifest_is_a_valid_serve_config_that_builds_sida(demo_dir):
+    """docker/ray/rayservice.yaml cannot be applied here (no Kubernetes): its serveConfigV2 is checked against
+    Ray's own schema, its application built from its args (the model path and device swapped for this box), and
+    every pod's environment names the ProxyRetry hook."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    manifest = yaml.safe_load((Path(__file__).parents[2] / "docker" / "ray" / "rayservice.yaml").read_text())
+    config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == f"{ray_serve.__name__}:{ray_serve.build.__name__}"
+    application = ray_serve.build({**app["args"], "model_dir": str(demo_dir), "device": "cpu"})
+    assert isinstance(application, serve.Application)
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    envs = [{e["name"]: e["value"] for e in c["env"]} for g in groups for c in g["template"]["spec"]["containers"]]
+    assert envs and all(env.get(ray_serve.PROXY_CALLBACK_ENV) == ray_serve.PROXY_CALLBACK for env in envs)
