@@ -136,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--stage",
-        choices=["all", "revive", "consistent", "respread", "card"],
+        choices=["all", "revive", "consistent", "respread", "lm", "card"],
         default="all",
-        help="all: stages 1-4; revive/consistent/respread: from stage 2/3/4 on, over --out; card: re-measure its card",
+        help="all: stages 1-4; revive/consistent/respread: from stage 2/3/4 on, over --out; lm: stage 5 alone, "
+        "over --out; card: re-measure its card",
     )
     return parser
 

@@ -12,11 +12,13 @@ import torch
 
 from .card import write_card
 from .recipe import DemoRecipe, load_checkpoint
-from .stages import consistent, respread, revive, train
+from .stages import consistent, lm, respread, revive, train
 
 # Stages 2-4 as (training.json key, --stage name, function); `--stage X` runs X and the stages after it.
 LATER_STAGES = [("stage2", "revive", revive), ("stage3", "consistent", consistent), ("stage4", "respread", respread)]
-STAGES = ["all"] + [name for _, name, _ in LATER_STAGES] + ["card"]
+# Stage 5 runs only when asked for (`--stage lm`), on the model in --out: the shipped model is stages 1-4.
+OPTIONAL_STAGES = [("stage5", "lm", lm)]
+STAGES = ["all"] + [name for _, name, _ in LATER_STAGES + OPTIONAL_STAGES] + ["card"]
 
 
 def finalize(out_dir: Path, reports: dict, recipe: DemoRecipe) -> None:
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=STAGES,
         default="all",
         help="all: stages 1-4; revive/consistent/respread: from stage 2/3/4 on, over the model in --out; "
-        "card: measure the model in --out and rewrite its model card",
+        "lm: stage 5 alone, over the model in --out; card: measure the model in --out and rewrite its model card",
     )
     return p.parse_args(argv)
 
@@ -59,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         reports = json.loads((args.out / "training.json").read_text())
         reports.pop("recipe", None)
-        first = [name for _, name, _ in LATER_STAGES].index(args.stage)
-    for key, _, run in LATER_STAGES[first:]:
+        names = [name for _, name, _ in LATER_STAGES]
+        first = names.index(args.stage) if args.stage in names else len(names)
+    chosen = [s for s in OPTIONAL_STAGES if s[1] == args.stage]
+    for key, _, run in LATER_STAGES[first:] + chosen:
         reports[key] = run(args.data, args.out, recipe)
     finalize(args.out, reports, recipe)
     print(json.dumps({k: v["best"] for k, v in reports.items()}))

@@ -14,7 +14,7 @@ import torch
 
 from sida.offload.datasets import TASKS, read_wikitext_paragraphs
 from sida.offload.model_loader import LoadedModel, load_model
-from sida.offload.runner import Runner
+from sida.offload.runner import Runner, Sampling
 from sida.predictor.evaluation import evaluate
 from sida.predictor.traces import LayerTrace, classification_batches, expert_usage, lm_batches, trace_batch
 
@@ -37,6 +37,36 @@ def routing_report(loaded: LoadedModel, batches) -> dict[int, dict]:
             "histogram": counts.tolist(),
         }
     return report
+
+
+# Completion samples for the card: prompts written for it (not from the training text), with the settings the
+# README's completion example uses
+SAMPLE_PROMPTS = ("The city council met on Tuesday to discuss", "This movie is", "The best way to learn a language is")
+SAMPLE_SETTINGS = Sampling(temperature=0.0, repetition_penalty=1.3)
+
+
+@torch.no_grad()
+def continuation_loss(loaded: LoadedModel, batches) -> float:
+    """Mean cross-entropy per continuation token of teacher-forced `lm_batches` (each row's last target token is
+    not in its decoder input, so it is not scored)."""
+    total, tokens = 0.0, 0
+    for enc_ids, enc_mask, dec_ids, dec_mask in batches:
+        logits = loaded.model(input_ids=enc_ids, attention_mask=enc_mask, decoder_input_ids=dec_ids).logits
+        target, mask = dec_ids[:, 1:], dec_mask[:, 1:].bool()  # step t predicts decoder input t+1
+        total += float(torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), target[mask], reduction="sum"))
+        tokens += int(mask.sum())
+    return total / max(1, tokens)
+
+
+def completion_report(runner: Runner, wiki: list[str]) -> dict:
+    """WikiText-2 continuation loss (text never trained on) and the sample completions of `SAMPLE_PROMPTS`."""
+    loss = continuation_loss(runner.loaded, lm_batches(runner, wiki))
+    done = runner.complete(list(SAMPLE_PROMPTS), max_new_tokens=24, sampling=SAMPLE_SETTINGS)
+    return {
+        "wikitext_loss": round(loss, 4),
+        "wikitext_perplexity": round(float(torch.tensor(loss).exp()), 1),
+        "samples": [{"prompt": p, "text": c.text} for p, c in zip(SAMPLE_PROMPTS, done)],
+    }
 
 
 def measure(model_dir: Path, data_dir: Path) -> dict:
@@ -64,6 +94,7 @@ def measure(model_dir: Path, data_dir: Path) -> dict:
         "files": files,
         "routing_sst2_dev": routing_report(loaded, classification_batches(runner, sst2_prompts)),
         "routing_wikitext_valid": routing_report(loaded, lm_batches(runner, wiki)),
+        "completion": completion_report(runner, wiki),
         "layers": [{"index": la.index, "name": la.name} for la in layers],
     }
 
@@ -105,15 +136,37 @@ def render(m: dict, training: dict) -> str:
         f"SST-2 dev takes {m['sst2_dev_seconds']:.1f} s on this machine (`sida eval`, 2 CPU threads).",
         "",
         *_routing_lines(m, c),
+        *_completion_lines(m),
         *_training_lines(training),
         "",
         "## Data licences",
         "SST-2 (cite Socher et al. 2013), MRPC (Microsoft Research Shared Source License: **non-commercial use",
         "only** — this model is trained on it, so the same restriction applies), C4 (ODC-BY), WikiText-2",
-        "(CC BY-SA 3.0, used only for measurement). See `../shared/data/*/SOURCE.md`.",
+        "(CC BY-SA 3.0, used only for measurement)"
+        + (
+            ", MultiRC train passages (stage 5; no licence file upstream: research use, cite Khashabi et al. 2018)"
+            if "stage5" in training
+            else ""
+        )
+        + ". See `../shared/data/*/SOURCE.md`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _completion_lines(m: dict) -> list[str]:
+    """The card's "Completion" section: WikiText-2 continuation loss and the sample completions."""
+    c = m.get("completion")
+    if not c:
+        return []
+    return [
+        "## Completion (measured on the shipped weights)",
+        f"- WikiText-2 valid (never trained on), first 40 words → next 30, teacher-forced: {c['wikitext_loss']:.3f} "
+        f"nats per token, perplexity {c['wikitext_perplexity']:.0f} (word-level BPE tokens of this tokenizer).",
+        "- Greedy with `repetition_penalty` 1.3, 24 tokens (the README's example):",
+        *[f"  - `{s['prompt']}` → `{s['text'].strip()}`" for s in c["samples"]],
+        "",
+    ]
 
 
 def _shape_lines(m: dict, c: dict) -> list[str]:
@@ -166,7 +219,7 @@ def _routing_lines(m: dict, c: dict) -> list[str]:
 def _training_lines(training: dict) -> list[str]:
     """The card's "Training" section: the recipe and what each stage did, from training.json."""
     c = training.get("recipe", {})
-    s1, s2, s3, s4 = (training.get(f"stage{i}", {}) for i in range(1, 5))
+    s1, s2, s3, s4, s5 = (training.get(f"stage{i}", {}) for i in range(1, 6))
     return [
         "## Training",
         f"- Data: SST-2 train (less {c.get('heldout')} rows held out to choose the checkpoint), MRPC train,",
@@ -185,6 +238,7 @@ def _training_lines(training: dict) -> list[str]:
         *_stage2_lines(s2, c),
         *_stage3_lines(s3, c),
         *_stage4_lines(s4, c),
+        *_stage5_lines(s5, c),
         "- History of every stage: `training.json`.",
     ]
 
@@ -264,4 +318,28 @@ def _stage4_lines(s4: dict, recipe: dict) -> list[str]:
         f"  tokens ({rounds}; a split can leave the copy without tokens, so up to three rounds): a copy and its",
         "  donor compute almost what the donor did, and the encoder is untouched. After it: "
         f"{per_block(used['after'])} experts used, held-out accuracy {acc['before']:.3f} → {acc['after']:.3f}.",
+    ]
+
+
+def _stage5_lines(s5: dict, recipe: dict) -> list[str]:
+    """What stage 5 (`stages.lm`) did: the decoder fine-tuned on text, encoder and embeddings frozen."""
+    if not s5:
+        return []
+    start, best, final = s5["start"], s5["best"], s5["final"]
+    return [
+        "- Stage 5: stages 1–4 gave the prefix-LM a few hundred steps, and it stayed at about the tokens' unigram",
+        f"  entropy (held-out C4 loss {start['heldout_lm_loss']:.2f} nats per token). The decoder and the shared "
+        "embedding (also the output",
+        f"  layer) were fine-tuned {recipe.get('lm_epochs')} epochs at lr {recipe.get('lm_lr')} ({s5.get('steps')} "
+        f"steps, {s5.get('minutes')} minutes) with the encoder's blocks frozen, on prefix → next "
+        f"{recipe.get('lm_target')} tokens,",
+        f"  prefixes of {recipe.get('lm_short_prefix')} tokens cut {recipe.get('lm_passes')} times at random from C4 "
+        f"(less its last {recipe.get('lm_heldout_docs')} documents) and the MultiRC train passages,",
+        f"  with {recipe.get('lm_sst2_rows')} SST-2 rows and MRPC mixed in. Kept: the EMA checkpoint with the lowest "
+        "held-out C4 loss whose",
+        f"  held-out accuracy stayed within {recipe.get('lm_acc_drop')} of the start (step {best.get('step')}): "
+        f"held-out C4 loss {start['heldout_lm_loss']:.2f} → {final['heldout_lm_loss']:.2f}, held-out accuracy "
+        f"{start['heldout_acc']:.3f} → {final['heldout_acc']:.3f};",
+        f"  decoder experts used after it: {s5.get('decoder_experts_used')}. The encoder reads the moved embedding, "
+        "so the predictor must be retrained (`make demo-predictor`).",
     ]

@@ -6,8 +6,9 @@ logits over the label words are the classifier. Completion pairs give the decode
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -75,10 +76,13 @@ def encode_examples(tok: Tokenizer, examples: list[Example], max_len: int) -> li
     return out
 
 
-def lm_pairs(tok: Tokenizer, texts: list[str], recipe: DemoRecipe, rng: random.Random) -> list[Pair]:
-    """Prefix-LM: a random-length prefix of a document window -> the next `lm_target` tokens."""
+def lm_pairs(
+    tok: Tokenizer, texts: list[str], recipe: DemoRecipe, rng: random.Random, prefix: tuple[int, int] | None = None
+) -> list[Pair]:
+    """Prefix-LM: a random-length prefix (`prefix`, default `recipe.lm_prefix`, in tokens) of a document window
+    -> the next `lm_target` tokens."""
     pairs = []
-    lo, hi = recipe.lm_prefix
+    lo, hi = prefix or recipe.lm_prefix
     for enc in tok.encode_batch(texts, add_special_tokens=False):
         ids = enc.ids
         pos = 0
@@ -111,3 +115,27 @@ def prepare(data_dir: Path, recipe: DemoRecipe, tok: Tokenizer | None = None) ->
     heldout_pairs = encode_examples(tok, heldout, recipe.max_input_tokens)
     label_ids = [tok.token_to_id(w) for w in TASKS["sst2"].labels]
     return Prepared(tok, data, heldout_pairs, label_ids, rng)
+
+
+def read_multirc_passages(path: Path) -> list[str]:
+    """The passages of MultiRC's train file (JSON lines), as plain text for the prefix-LM."""
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line)["passage"]["text"] for line in f]
+
+
+def prepare_lm(prep: Prepared, data_dir: Path, recipe: DemoRecipe) -> tuple[Prepared, list[Pair]]:
+    """Stage 5's data from stage 1's: prefix-LM pairs cut `lm_passes` times from C4 (less its last
+    `lm_heldout_docs` documents) and the MultiRC train passages, `lm_sst2_rows` SST-2 rows and MRPC; and the
+    held-out C4 documents' pairs that choose the checkpoint."""
+    c4 = read_c4_texts(data_dir / "c4_sample" / "c4_sample.jsonl")
+    train_texts = c4[: -recipe.lm_heldout_docs] + read_multirc_passages(data_dir / "multirc" / "train.jsonl")
+    lm = [
+        p
+        for _ in range(recipe.lm_passes)
+        for p in lm_pairs(prep.tok, train_texts, recipe, prep.rng, recipe.lm_short_prefix)
+    ]
+    heldout = lm_pairs(
+        prep.tok, c4[-recipe.lm_heldout_docs :], recipe, random.Random(recipe.seed), recipe.lm_short_prefix
+    )
+    data = {"c4_lm": lm, "sst2": prep.data["sst2"][: recipe.lm_sst2_rows], "mrpc": prep.data["mrpc"]}
+    return replace(prep, data=data), heldout

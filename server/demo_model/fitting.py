@@ -16,10 +16,13 @@ from tqdm import tqdm
 
 from sida.offload.adapters import SwitchAdapter
 
-from .data import PAD_ID, Batch, Pair, Prepared, make_batches, pad
+from .data import IGNORE, PAD_ID, Batch, Pair, Prepared, make_batches, pad
 from .recipe import DemoRecipe
 
 ExtraLoss = Callable[[Batch], torch.Tensor]  # a scalar added to the model's loss after each training forward
+# Measures the model at an evaluation: adds its figures to the row, returns the score to maximise (None: the
+# checkpoint may not be kept)
+Evaluate = Callable[[nn.Module, dict], float | None]
 
 
 @torch.no_grad()
@@ -37,6 +40,22 @@ def label_accuracy(model: nn.Module, pairs: list[Pair], label_ids: list[int], ba
         correct += int((pred == gold).sum())
     model.train()
     return correct / max(1, len(pairs))
+
+
+@torch.no_grad()
+def lm_loss(model: nn.Module, pairs: list[Pair], batch_size: int = 64) -> float:
+    """Mean cross-entropy per target token of the (prefix, continuation) `pairs`, teacher-forced."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(pairs), batch_size):
+        part = pairs[i : i + batch_size]
+        inputs, labels = pad([p[0] for p in part], PAD_ID), pad([p[1] for p in part], IGNORE)  # [batch, seq/target]
+        logits = model(input_ids=inputs, attention_mask=(inputs != PAD_ID).long(), labels=labels).logits
+        mask = labels != IGNORE
+        total += float(torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+        tokens += int(mask.sum())
+    model.train()
+    return total / max(1, tokens)
 
 
 def heldout_accuracy(model: nn.Module, prep: Prepared) -> float:
@@ -126,12 +145,14 @@ def fit(
     desc: str = "demo-model",
     extra_loss: ExtraLoss | None = None,
     keep: str = "best",
+    evaluate: Evaluate | None = None,
 ) -> dict:
     """Train `epochs` epochs; the EMA weights are evaluated on the held-out rows `recipe.evals_per_epoch` times an
     epoch and saved in `out_dir` when best so far (`keep="last"`: at every evaluation, so the last ones stay).
 
     `extra_loss(batch)`, if given, is added to the model's loss after each forward (it may read what forward hooks
-    saw during that forward). Returns {"best": row, "history": [row per evaluation], "steps", "minutes"}."""
+    saw during that forward). `evaluate`, if given, scores each evaluation in place of the held-out accuracy.
+    Returns {"best": row, "history": [row per evaluation], "steps", "minutes"}."""
     t0 = time.time()
     model.train()
     opt = make_optimizer(model, lr, recipe.weight_decay)
@@ -140,7 +161,7 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(warmup, total))
     ema = Ema(model, recipe.ema_decay)
     eval_every = max(1, min(total, steps_per_epoch // recipe.evals_per_epoch))
-    best, history = {"heldout_acc": -1.0}, []
+    best, best_score, history = {}, float("-inf"), []
     step = 0
     bar = tqdm(total=total, desc=desc, file=sys.stderr, mininterval=5)
     while step < total:
@@ -159,8 +180,9 @@ def fit(
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 2)}
                 with ema.applied():
                     row["heldout_acc"] = heldout_accuracy(model, prep)
-                    if row["heldout_acc"] > best["heldout_acc"] or keep == "last":
-                        best = row
+                    score = row["heldout_acc"] if evaluate is None else evaluate(model, row)
+                    if keep == "last" or (score is not None and score > best_score):
+                        best, best_score = row, score if score is not None else best_score
                         model.save_pretrained(out_dir, safe_serialization=True)
                 row["minutes"] = round((time.time() - t0) / 60, 1)
                 history.append(row)

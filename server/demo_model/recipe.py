@@ -47,6 +47,16 @@ class DemoRecipe:
     consistent_slack: float = 1.3  # an expert's share of token occurrences in the assignment: at most slack / E
     consistent_sequences: int = 20000  # sequences whose routing is counted to seed the assignment
     consistent_refresh: int = 150  # steps between re-counts of the routing (on a quarter as many sequences)
+    # stage 5: the decoder and the shared embedding (the output layer too) learn to continue text, the encoder's
+    # blocks frozen, on C4 and MultiRC passages cut `lm_passes` times at random, with classification rows mixed in
+    # so that the label step keeps its accuracy
+    lm_epochs: float = 2.5
+    lm_lr: float = 2e-3
+    lm_passes: int = 6
+    lm_short_prefix: tuple[int, int] = (4, 64)  # prompts of a few words must work too
+    lm_heldout_docs: int = 50  # the last C4 documents, kept out of training to choose the checkpoint
+    lm_sst2_rows: int = 70000  # all of them
+    lm_acc_drop: float = 0.005  # a checkpoint may not lose more held-out accuracy than this
     seed: int = 0
 
 

@@ -4,6 +4,7 @@
 2. `revive`: split busy decoder experts into the idle ones, then a short fine-tune.
 3. `consistent`: fine-tune the encoder routers towards one expert per token id (see encoder_routing).
 4. `respread`: split again the decoder experts stage 3 left idle, without a fine-tune.
+5. `lm` (only when asked for): the decoder and the shared embedding learn to continue text; encoder blocks frozen.
 Checkpoints are chosen on a held-out slice of SST-2 *train*, never on dev.
 """
 
@@ -17,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import Batch, Prepared, prepare
+from .data import Batch, Prepared, prepare, prepare_lm
 from .decoder_experts import decoder_usage, experts_used, split_dead_experts, split_idle_decoder_experts
 from .encoder_routing import TokenAssignment, encoder_layers, router_confidence, token_routing, training_router_logits
-from .fitting import ExtraLoss, fit, heldout_accuracy
+from .fitting import ExtraLoss, fit, heldout_accuracy, lm_loss
 from .recipe import DemoRecipe, load_checkpoint, make_config, new_model
 from .tokenizer import load_tokenizer, save_tokenizer
 
@@ -144,4 +145,33 @@ def respread(data_dir: Path, out_dir: Path, recipe: DemoRecipe, log=print) -> di
     }
     report["best"] = {"heldout_acc": report["heldout_acc"]["after"]}
     log(json.dumps(report))
+    return report
+
+
+def lm(data_dir: Path, out_dir: Path, recipe: DemoRecipe, log=print) -> dict:
+    """Stage 5: stages 1-4 give the prefix-LM a few hundred steps, and it stays at about the tokens' unigram
+    frequencies. The decoder and the shared embedding (which is also the output layer) are fine-tuned on
+    `prepare_lm`'s data with the encoder's blocks frozen; the checkpoint with the lowest held-out C4 loss whose
+    held-out accuracy is within `lm_acc_drop` of the start is kept. Decoder experts left idle are split after.
+    The encoder sees the moved embedding, so its routing moves a little: the predictor is retrained after."""
+    torch.manual_seed(recipe.seed + 5)
+    prep, model = _reload(data_dir, out_dir, recipe)
+    prep, heldout = prepare_lm(prep, data_dir, recipe)
+    for p in [*model.encoder.block.parameters(), *model.encoder.final_layer_norm.parameters()]:
+        p.requires_grad_(False)
+    start = {"heldout_acc": heldout_accuracy(model, prep), "heldout_lm_loss": lm_loss(model, heldout)}
+    floor = start["heldout_acc"] - recipe.lm_acc_drop
+    log(json.dumps({"start": start, "lm_pairs": len(prep.data["c4_lm"]), "heldout_pairs": len(heldout)}))
+
+    def evaluate(m: nn.Module, row: dict) -> float | None:
+        row["heldout_lm_loss"] = round(lm_loss(m, heldout), 4)
+        return -row["heldout_lm_loss"] if row["heldout_acc"] >= floor else None
+
+    report = fit(model, prep, out_dir, recipe.lm_epochs, recipe.lm_lr, 200, recipe, log, "lm", evaluate=evaluate)
+    report["start"] = start
+    model = load_checkpoint(out_dir)
+    split, after = split_idle_decoder_experts(model, prep, out_dir, seed=recipe.seed + 5)
+    report["split"], report["decoder_experts_used"] = split, after
+    report["final"] = {"heldout_acc": heldout_accuracy(model, prep), "heldout_lm_loss": lm_loss(model, heldout)}
+    log(json.dumps({k: report[k] for k in ("start", "best", "final", "decoder_experts_used")}))
     return report

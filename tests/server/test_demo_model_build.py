@@ -121,3 +121,38 @@ def test_balanced_assignment_follows_scores_within_slack():
     freq = counts.sum(1).double()
     load = torch.bincount(target[:-10], weights=freq[:-10], minlength=experts) / freq.sum() * experts
     assert load.max() <= 1.3 and load.min() >= 1 / 1.3, load
+
+
+def _data_slice(data_dir, out, lines: dict[str, int]):
+    """The first lines of each training file of `data_dir` (header included), laid out as `data_dir` is."""
+    for rel, n in lines.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        with (data_dir / rel).open(encoding="utf-8") as f:
+            (out / rel).write_text("".join(line for _, line in zip(range(n), f)), encoding="utf-8")
+    return out
+
+
+@pytest.mark.slow
+def test_lm_stage_trains_the_decoder_alone(tmp_path, tiny_dir, data_dir):
+    """Stage 5 trains the decoder and the shared embedding (the encoder's blocks byte-equal), the output layer stays
+    tied to the embedding, and the kept checkpoint continues held-out text better than the start."""
+    import shutil
+
+    from sida.server.demo_model.recipe import load_checkpoint
+    from sida.server.demo_model.stages import lm
+
+    files = {"sst2/train.tsv": 200, "mrpc/train.tsv": 40, "c4_sample/c4_sample.jsonl": 16, "multirc/train.jsonl": 2}
+    data = _data_slice(data_dir, tmp_path / "data", files)
+    out = shutil.copytree(tiny_dir, tmp_path / "model")
+    recipe = DemoRecipe(heldout=40, batch_size=16, lm_epochs=1.0, lm_passes=1, lm_heldout_docs=3, lm_sst2_rows=60)
+    recipe = DemoRecipe(**{**recipe.__dict__, "lm_acc_drop": 1.0, "lm_lr": 3e-3})  # any accuracy: a tiny random model
+    before = load_checkpoint(out).state_dict()
+    report = lm(data, out, recipe, log=lambda *_: None)
+    after = load_checkpoint(out).state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.block.", "encoder.final_layer_norm."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder.block."))
+    assert not torch.equal(before["shared.weight"], after["shared.weight"])
+    model = load_checkpoint(out)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.shared.weight
+    assert report["final"]["heldout_lm_loss"] < report["start"]["heldout_lm_loss"]
