@@ -156,3 +156,22 @@ def test_lm_stage_trains_the_decoder_alone(tmp_path, tiny_dir, data_dir):
     model = load_checkpoint(out)
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.shared.weight
     assert report["final"]["heldout_lm_loss"] < report["start"]["heldout_lm_loss"]
+
+
+def test_build_demo_runs_stage5_only_when_asked(tmp_path, monkeypatch):
+    """`--stage lm` runs stage 5 alone over --out; `--stage respread` (and `all`) stop at stage 4."""
+    import json
+
+    from sida.server.demo_model import build
+
+    ran: list[str] = []
+    fake = [(key, name, lambda *a, key=key: ran.append(key) or {"best": {}}) for key, name, _ in build.LATER_STAGES]
+    monkeypatch.setattr(build, "LATER_STAGES", fake)
+    monkeypatch.setattr(build, "OPTIONAL_STAGES", [("stage5", "lm", lambda *a: ran.append("stage5") or {"best": {}})])
+    monkeypatch.setattr(build, "finalize", lambda out, reports, recipe: ran.append("finalize"))
+    (tmp_path / "training.json").write_text(json.dumps({"recipe": {}, "stage1": {"best": {}}}))
+    build.main(["--stage", "lm", "--out", str(tmp_path), "--threads", "1"])
+    assert ran == ["stage5", "finalize"]
+    ran.clear()
+    build.main(["--stage", "respread", "--out", str(tmp_path), "--threads", "1"])
+    assert ran == ["stage4", "finalize"]
