@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sida.offload.model_loader import LoadedModel
@@ -155,9 +155,12 @@ class DecoderGuess:
         path = Path(folder) / cls.FILE
         if not path.is_file():
             return None
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            ranked = {int(k.removeprefix("layer").split(".")[0]): f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                ranked = {int(k.removeprefix("layer").split(".")[0]): f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PredictorError(f"{path} is not a readable decoder guess ({e})") from None
         if meta.get("fingerprint") != fingerprint:
             raise PredictorError(
                 f"{path}: decoder guess was built for model {meta.get('fingerprint')}, this model is {fingerprint}"

@@ -39,6 +39,8 @@ FAULTS = {
     "tokenizer-missing": ("tokenizer.json", Path.unlink, "tokenizer"),
     "predictor-other-model": ("predictor/predictor.json", other_model, "predictor.json"),
     "predictor-corrupt": ("predictor/predictor.safetensors", corrupt, "predictor.safetensors"),
+    "decoder-guess-corrupt": ("predictor/decoder.safetensors", corrupt, "decoder.safetensors"),
+    "decoder-guess-truncated": ("predictor/decoder.safetensors", truncate, "decoder.safetensors"),
     "expert-dir-unwritable": (None, None, "expert_dir"),
 }
 
