@@ -325,7 +325,7 @@ def _stage5_lines(s5: dict, recipe: dict) -> list[str]:
     """What stage 5 (`stages.lm`) did: the decoder fine-tuned on text, encoder and embeddings frozen."""
     if not s5:
         return []
-    start, best, final = s5["start"], s5["best"], s5["final"]
+    start, best, final, pairs = s5["start"], s5["best"], s5["final"], s5.get("pairs", {})
     return [
         "- Stage 5: stages 1–4 gave the prefix-LM a few hundred steps, and it stayed at about the tokens' unigram",
         f"  entropy (held-out C4 loss {start['heldout_lm_loss']:.2f} nats per token). The decoder and the shared "
@@ -335,8 +335,8 @@ def _stage5_lines(s5: dict, recipe: dict) -> list[str]:
         f"{recipe.get('lm_target')} tokens,",
         f"  prefixes of {recipe.get('lm_short_prefix')} tokens cut {recipe.get('lm_passes')} times at random from C4 "
         f"(less its last {recipe.get('lm_heldout_docs')} documents) and the MultiRC train passages,",
-        f"  with {recipe.get('lm_sst2_rows')} SST-2 rows and MRPC mixed in. Kept: the EMA checkpoint with the lowest "
-        "held-out C4 loss whose",
+        f"  with {pairs.get('sst2')} SST-2 and {pairs.get('mrpc')} MRPC rows mixed in. Kept: the EMA checkpoint "
+        "with the lowest held-out C4 loss whose",
         f"  held-out accuracy stayed within {recipe.get('lm_acc_drop')} of the start (step {best.get('step')}): "
         f"held-out C4 loss {start['heldout_lm_loss']:.2f} → {final['heldout_lm_loss']:.2f}, held-out accuracy "
         f"{start['heldout_acc']:.3f} → {final['heldout_acc']:.3f};",

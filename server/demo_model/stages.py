@@ -153,7 +153,7 @@ def lm(data_dir: Path, out_dir: Path, recipe: DemoRecipe, log=print) -> dict:
     frequencies. The decoder and the shared embedding (which is also the output layer) are fine-tuned on
     `prepare_lm`'s data with the encoder's blocks frozen; the checkpoint with the lowest held-out C4 loss whose
     held-out accuracy is within `lm_acc_drop` of the start is kept. Decoder experts left idle are split after.
-    The encoder sees the moved embedding, so its routing moves a little: the predictor is retrained after."""
+    The encoder reads the moved embedding, so its routing moves a little: the predictor must be retrained."""
     torch.manual_seed(recipe.seed + 5)
     prep, model = _reload(data_dir, out_dir, recipe)
     prep, heldout = prepare_lm(prep, data_dir, recipe)
@@ -168,7 +168,7 @@ def lm(data_dir: Path, out_dir: Path, recipe: DemoRecipe, log=print) -> dict:
         return -row["heldout_lm_loss"] if row["heldout_acc"] >= floor else None
 
     report = fit(model, prep, out_dir, recipe.lm_epochs, recipe.lm_lr, 200, recipe, log, "lm", evaluate=evaluate)
-    report["start"] = start
+    report["start"], report["pairs"] = start, {task: len(pairs) for task, pairs in prep.data.items()}
     model = load_checkpoint(out_dir)
     split, after = split_idle_decoder_experts(model, prep, out_dir, seed=recipe.seed + 5)
     report["split"], report["decoder_experts_used"] = split, after
