@@ -24,7 +24,7 @@ from sida.offload.device import resolve_device
 from sida.server.composition import build_runner
 from sida.server.errors import add_exception_handlers
 from sida.server.metrics import Metrics
-from sida.server.middleware import BODY_TIMEOUT_S, Guard
+from sida.server.middleware import Guard
 from sida.server.pipeline import Pipeline
 from sida.server.routes import router
 from sida.server.settings import Settings
@@ -58,17 +58,15 @@ def build_app(
     opts: ServeOptions,
     setup: Setup,
     teardown: Callable[[], None] | None = None,
-    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
-    """The app; `setup()` → (runner, pipeline, metrics, info) runs in the lifespan (nothing heavy at import).
-    A request body not in within `body_timeout_s` is answered 408."""
+    """The app; `setup()` → (runner, pipeline, metrics, info) runs in the lifespan (nothing heavy at import)."""
     app = FastAPI(title="sida", lifespan=partial(lifespan, setup=setup, teardown=teardown))
     state = State(opts)
     app.state.sida = state
     add_exception_handlers(app)
     app.include_router(router)
     endpoints = frozenset(r.path for r in (*app.routes, *router.routes) if isinstance(r, Route))
-    app.add_middleware(Guard, state=state, endpoints=endpoints, body_timeout_s=body_timeout_s)
+    app.add_middleware(Guard, state=state, endpoints=endpoints)
     return app
 
 
@@ -111,10 +109,15 @@ def app_from_settings(settings: Settings, hash_source: str = "auto", preload: bo
     predictor or expert_dir that cannot be used raises here, to the caller, rather than in the lifespan."""
     name = settings.served_model_name or settings.model_dir.name
     opts = ServeOptions(
-        name, settings.max_input_tokens, settings.request_timeout_s, settings.max_body_bytes, settings.api_key
+        name,
+        settings.max_input_tokens,
+        settings.request_timeout_s,
+        settings.max_body_bytes,
+        settings.api_key,
+        settings.body_timeout_s,
     )
     setup = partial(serving_setup, settings, name, hash_source)
     if preload:
         built = setup()
-        return build_app(opts, lambda: built, body_timeout_s=settings.body_timeout_s)
-    return build_app(opts, setup, body_timeout_s=settings.body_timeout_s)
+        return build_app(opts, lambda: built)
+    return build_app(opts, setup)

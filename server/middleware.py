@@ -18,7 +18,6 @@ from sida.server.state import State
 
 UNMATCHED = "unmatched"  # the endpoint label of every path no route serves: one series, not one per path
 CLIENT_LEFT = 499  # the status counted when the client disconnects before its body is in (nginx's)
-BODY_TIMEOUT_S = 30.0
 CLOSE = {"Connection": "close"}  # a body refused before its end leaves the rest unread: the connection cannot be reused
 
 
@@ -34,13 +33,11 @@ class Guard:
         app: ASGIApp,
         state: State,
         endpoints: frozenset[str] = frozenset(),
-        body_timeout_s: float = BODY_TIMEOUT_S,
     ):
         self.inner = app
         self.state = state
         self.opts = state.opts
         self.endpoints = endpoints
-        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,14 +91,14 @@ class Guard:
     async def read_body(self, receive: Receive) -> tuple[bytes | None, APIError | None]:
         """(the whole body, None), or (None, the error to answer), or (None, None) when the client left."""
         limit = self.opts.max_body_bytes
-        deadline = time.monotonic() + self.body_timeout_s
+        deadline = time.monotonic() + self.opts.body_timeout_s
         chunks, size, more = [], 0, True
         while more:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 err = invalid(
-                    f"request body not received within {self.body_timeout_s} s", code="body_timeout", status=408
+                    f"request body not received within {self.opts.body_timeout_s} s", code="body_timeout", status=408
                 )
                 err.headers = CLOSE
                 return None, err

@@ -19,6 +19,7 @@ class ServeOptions:
     request_timeout_s: float
     max_body_bytes: int
     api_key: str | None
+    body_timeout_s: float  # a request body not in within this is answered 408
 
 
 class State:

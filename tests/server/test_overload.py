@@ -11,16 +11,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 
 import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from sida.server.app import build_app, serving_setup
+from sida.server.app import app_from_settings
 from sida.server.settings import load_settings
-from sida.server.state import ServeOptions
 from sida.server.subprocess_server import free_port
 
 MODEL = "sida-switch-demo"
@@ -34,15 +32,11 @@ SENTENCES = [
 ]
 
 
-def demo_app(body_timeout_s: float = 30.0, **overrides) -> FastAPI:
-    """The app `sida serve` builds on the demo model (`app_from_settings`), with a body timeout of choice."""
-    settings = load_settings(
-        **{"mode": "exact", "budget_experts": 8, "max_batch_wait_ms": 5, "threads": 1, **overrides}
+def demo_app(**overrides) -> FastAPI:
+    """The app `sida serve` builds on the demo model (`app_from_settings`), with settings of choice."""
+    return app_from_settings(
+        load_settings(**{"mode": "exact", "budget_experts": 8, "max_batch_wait_ms": 5, "threads": 1, **overrides})
     )
-    opts = ServeOptions(
-        MODEL, settings.max_input_tokens, settings.request_timeout_s, settings.max_body_bytes, settings.api_key
-    )
-    return build_app(opts, partial(serving_setup, settings, MODEL, "auto"), body_timeout_s=body_timeout_s)
 
 
 @contextmanager

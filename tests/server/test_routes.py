@@ -20,7 +20,9 @@ from sida.server.schemas import ClassifyResponse, CompletionChunk, CompletionRes
 from sida.server.state import ServeOptions, State
 
 MODEL = "fake-moe"
-OPTS = ServeOptions(MODEL, max_input_tokens=8, request_timeout_s=0.2, max_body_bytes=1000, api_key=None)
+OPTS = ServeOptions(
+    MODEL, max_input_tokens=8, request_timeout_s=0.2, max_body_bytes=1000, api_key=None, body_timeout_s=30
+)
 
 
 @dataclass
@@ -167,7 +169,7 @@ def test_a_full_queue_is_429_with_retry_after():
 
 @pytest.mark.parametrize("pipeline", [FakePipeline(hang=True), FakePipeline(fail=DeadlineExceeded())])
 def test_a_missed_deadline_is_504(pipeline):
-    app, _ = bare_app(pipeline, ServeOptions(MODEL, 8, 0.05, 1000, None))
+    app, _ = bare_app(pipeline, ServeOptions(MODEL, 8, 0.05, 1000, None, 30))
     err = error_of(TestClient(app).post("/v1/classify", json={"model": MODEL, "input": "x"}), 504)
     assert err["type"] == "timeout_error" and err["code"] == "deadline_exceeded"
 
@@ -186,7 +188,7 @@ def test_models_health_and_info_before_setup():
 
 def test_the_guard_refuses_before_the_handlers():
     """build_app's wiring, with a setup that returns the fakes: 401, 413 and the request metrics."""
-    opts = ServeOptions(MODEL, 8, 1.0, 100, api_key="k")
+    opts = ServeOptions(MODEL, 8, 1.0, 100, api_key="k", body_timeout_s=30)
     metrics = Metrics()
     app = build_app(opts, lambda: (FakeRunner(), FakePipeline(), metrics, {"model": MODEL}))
     with TestClient(app) as c:

@@ -181,7 +181,9 @@ def test_a_dead_worker_fails_every_pending_request_and_the_pipeline_stops(loop, 
 
 
 def crashing_app(runner: FaultyRunner):
-    opts = ServeOptions(MODEL, max_input_tokens=64, request_timeout_s=10, max_body_bytes=10_000, api_key=None)
+    opts = ServeOptions(
+        MODEL, max_input_tokens=64, request_timeout_s=10, max_body_bytes=10_000, api_key=None, body_timeout_s=30
+    )
     metrics = Metrics()
     return build_app(opts, lambda: (runner, pipeline_with(runner, metrics), metrics, {"model": MODEL}))
 
