@@ -23,6 +23,7 @@ from sida.predictor import cli as predictor_cli
 from sida.predictor.evaluation import evaluate, write_predictions
 from sida.server.app import app_from_settings
 from sida.server.composition import build_runner
+from sida.server.head_timeout import head_timeout_protocol
 from sida.server.settings import Settings, SettingsError, load_settings
 from sida.server.state import State
 
@@ -249,6 +250,19 @@ class GracefulServer(uvicorn.Server):
         return False
 
 
+def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+    """How `sida serve` runs uvicorn: on the settings' address, with a deadline on each request's head
+    (`head_timeout_s`) and the drain timeout as uvicorn's graceful-shutdown timeout."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+        http=head_timeout_protocol(settings.head_timeout_s),
+    )
+
+
 def cmd_serve(args, settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.replicas is not None:
@@ -262,15 +276,7 @@ def cmd_serve(args, settings: Settings) -> None:
     # bad model folder, predictor or expert_dir ends in `main` as one line and status 2.
     app = app_from_settings(settings, args.hash, preload=True)
     state: State = app.state.sida
-    drain_timeout_s = settings.drain_timeout_s
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=drain_timeout_s,
-    )
-    GracefulServer(config, state, drain_timeout_s).run()
+    GracefulServer(uvicorn_config(app, settings), state, settings.drain_timeout_s).run()
     if state.failure is not None:
         print(f"sida: error: {state.failure}; exiting for a restart", file=sys.stderr)
         sys.exit(EXIT_WORKER_FAILED)

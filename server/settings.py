@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = 60.0
     max_body_bytes: int = 1_000_000
     body_timeout_s: float = 30.0  # a request body not received within this is answered 408
+    head_timeout_s: float = 10.0  # a request line and headers not received within this: 408, connection closed
     api_key: str | None = None
     shadow_sample_rate: float = 0.1  # predicted mode: share of batches also routed by the router, for hit rates
     predictor_threads: int | None = None  # torch threads of the serving predictor worker; None: 1 on CPU
@@ -93,7 +94,7 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 1")
         return v
 
-    @field_validator("body_timeout_s")
+    @field_validator("body_timeout_s", "head_timeout_s")
     @classmethod
     def _above_zero(cls, v: float) -> float:
         if not v > 0:
