@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -20,7 +17,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from sida.server.cli import uvicorn_config
 from sida.server.head_timeout import head_timeout_protocol
 from sida.server.settings import load_settings
-from sida.server.subprocess_server import free_port
+from tests.server.test_overload import running
 
 TIMEOUT_S = 0.5
 PARTIAL_HEAD = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n"  # no blank line: the head never ends
@@ -33,26 +30,6 @@ async def hello(scope, receive, send):
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
-
-
-@contextmanager
-def serving(base: type) -> Iterator[int]:
-    """`hello` on uvicorn with `base` given the head deadline, in a thread; yields the port."""
-    port = free_port()
-    config = uvicorn.Config(hello, host="127.0.0.1", port=port, log_level="warning")
-    config.http = head_timeout_protocol(TIMEOUT_S, base)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def read_all(s: socket.socket) -> bytes:
@@ -74,8 +51,8 @@ def assert_408(raw: bytes) -> None:
 
 @pytest.fixture(params=[H11Protocol, HttpToolsProtocol], ids=["h11", "httptools"])
 def port(request) -> Iterator[int]:
-    with serving(request.param) as p:
-        yield p
+    with running(hello, http=head_timeout_protocol(TIMEOUT_S, request.param)) as base:
+        yield int(base.rsplit(":", 1)[1])
 
 
 def test_a_head_that_never_ends_gets_408_and_is_closed_while_others_are_served(port):

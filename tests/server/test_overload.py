@@ -40,10 +40,11 @@ def demo_app(**overrides) -> FastAPI:
 
 
 @contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """`app` served by uvicorn on a free local port in a thread of this process; yields the base URL."""
+def running(app: FastAPI, **config) -> Iterator[str]:
+    """`app` served by uvicorn (with `config`: more `uvicorn.Config` keywords) on a free local port in a thread of
+    this process; yields the base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
