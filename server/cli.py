@@ -24,6 +24,7 @@ from sida.predictor.evaluation import evaluate, write_predictions
 from sida.server.app import app_from_settings
 from sida.server.composition import build_runner
 from sida.server.head_timeout import head_timeout_protocol
+from sida.server.middleware import UNMATCHED
 from sida.server.settings import Settings, SettingsError, load_settings
 from sida.server.state import State
 
@@ -252,14 +253,21 @@ class GracefulServer(uvicorn.Server):
 
 def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
     """How `sida serve` runs uvicorn: on the settings' address, with a deadline on each request's head
-    (`head_timeout_s`) and the drain timeout as uvicorn's graceful-shutdown timeout."""
+    (`head_timeout_s`; each one missed is counted as `sida_requests_total{endpoint="unmatched",status="408"}`,
+    no path having been read) and the drain timeout as uvicorn's graceful-shutdown timeout."""
+    state: State = app.state.sida
+
+    def count_timeout() -> None:
+        if state.metrics is not None:
+            state.metrics.requests.labels(UNMATCHED, "408").inc()
+
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.drain_timeout_s,
-        http=head_timeout_protocol(settings.head_timeout_s),
+        http=head_timeout_protocol(settings.head_timeout_s, on_timeout=count_timeout),
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -36,9 +37,12 @@ def timeout_response(timeout_s: float) -> bytes:
     return head.encode() + body
 
 
-def head_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] = AutoHTTPProtocol) -> type:
+def head_timeout_protocol(
+    timeout_s: float, base: type[asyncio.Protocol] = AutoHTTPProtocol, on_timeout: Callable[[], None] | None = None
+) -> type:
     """`base` (uvicorn's HTTP protocol class; the one uvicorn's "auto" picks by default) with a deadline of
-    `timeout_s` on each request's head; pass it as `uvicorn.Config(http=...)`."""
+    `timeout_s` on each request's head; pass it as `uvicorn.Config(http=...)`. `on_timeout()` is called for each
+    connection closed by it (in the event loop)."""
     response = timeout_response(timeout_s)
 
     class HeadTimeout(base):  # type: ignore[misc, valid-type]
@@ -78,5 +82,7 @@ def head_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] = AutoH
                 log.info("closed a connection whose request head was not in within %g s", timeout_s)
                 self.transport.write(response)
                 self.transport.close()
+                if on_timeout is not None:
+                    on_timeout()
 
     return HeadTimeout

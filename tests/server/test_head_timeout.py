@@ -14,6 +14,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from sida.server.app import app_from_settings
 from sida.server.cli import uvicorn_config
 from sida.server.head_timeout import head_timeout_protocol
 from sida.server.settings import load_settings
@@ -83,8 +84,15 @@ def test_on_a_kept_alive_connection_the_next_head_has_its_own_deadline(port):
         assert_408(read_all(c))
 
 
-def test_sida_serve_runs_uvicorn_with_the_head_timeout_of_its_settings(demo_dir):
-    config = uvicorn_config(hello, load_settings(head_timeout_s=7.5))
-    assert config.http.head_timeout_s == 7.5
+def test_sida_serve_runs_uvicorn_with_its_head_timeout_and_counts_each_one(demo_dir):
+    settings = load_settings(head_timeout_s=TIMEOUT_S, mode="exact", budget_experts=8, threads=1)
+    app = app_from_settings(settings)
+    config = uvicorn_config(app, settings)
     config.load()
     assert config.http_protocol_class is config.http and issubclass(config.http, AutoHTTPProtocol)
+    with running(app, http=config.http) as base:
+        with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as slow:
+            slow.sendall(PARTIAL_HEAD)
+            assert_408(read_all(slow))
+        metrics = httpx.get(f"{base}/metrics").text
+    assert 'sida_requests_total{endpoint="unmatched",status="408"} 1.0' in metrics
