@@ -46,7 +46,6 @@ def head_timeout_protocol(
     response = timeout_response(timeout_s)
 
     class HeadTimeout(base):  # type: ignore[misc, valid-type]
-        head_timeout_s = timeout_s
         _deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:

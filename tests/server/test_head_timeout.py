@@ -92,7 +92,9 @@ def test_sida_serve_runs_uvicorn_with_its_head_timeout_and_counts_each_one(demo_
     assert config.http_protocol_class is config.http and issubclass(config.http, AutoHTTPProtocol)
     with running(app, http=config.http) as base:
         with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as slow:
+            t0 = time.monotonic()
             slow.sendall(PARTIAL_HEAD)
             assert_408(read_all(slow))
+            assert time.monotonic() - t0 < TIMEOUT_S + 3  # the settings' deadline, not the default 10 s
         metrics = httpx.get(f"{base}/metrics").text
     assert 'sida_requests_total{endpoint="unmatched",status="408"} 1.0' in metrics
