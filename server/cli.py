@@ -131,17 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predictor_cli.add_parser(sub)
 
-    p = sub.add_parser("build-demo", help="train the embedded demo model (about 75 min on 2 cores), or its card")
-    p.add_argument("--data", default="../shared/data")
-    p.add_argument("--out", default="models/sida-switch-demo")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument(
-        "--stage",
-        choices=["all", "revive", "consistent", "respread", "lm", "card"],
-        default="all",
-        help="all: stages 1-4; revive/consistent/respread: from stage 2/3/4 on, over --out; lm: stage 5 alone, "
-        "over --out; card: re-measure its card",
+    # Its options (and --help) are the builder's own: `main` passes the rest of the command line to it.
+    sub.add_parser(
+        "build-demo", add_help=False, help="train the embedded demo model (about 75 min on 2 cores), or its card"
     )
     return parser
 
@@ -294,21 +286,23 @@ def cmd_config(args, settings: Settings) -> None:
     print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
 
 
-def cmd_build_demo(args) -> None:
+def cmd_build_demo(argv: list[str]) -> None:
     # offline tool: the serving daemon never loads the demo-model builder
     from sida.server.demo_model import build
 
-    argv = ["--data", args.data, "--out", args.out, "--threads", str(args.threads), "--stage", args.stage]
-    build.main(argv + (["--epochs", str(args.epochs)] if args.epochs else []))
+    build.main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """`sida …`: one command; a bad setting, model folder, file or value ends with one line and exit status 2
     (PredictorError is a ValueError; an OSError names its file)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "build-demo":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "build-demo":
-            return cmd_build_demo(args)
+            return cmd_build_demo(rest)
         if args.command == "predictor":
             return predictor_cli.run(args)
         settings = _settings(args)

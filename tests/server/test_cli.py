@@ -99,3 +99,17 @@ def test_predictor_eval_reports_encoder_and_decoder_figures_apart(demo_dir, data
     first = out["decoder"]["first_step"]
     assert set(first) == {"2", "3"} and all(v["tokens"] == 40 and v["top1"] <= v["top3"] for v in first.values())
     assert out["predictor_ms"] > 0 and out["model_ms"] > 0
+
+
+def test_build_demo_hands_its_options_to_the_builder_and_other_commands_refuse_unknown_ones(monkeypatch, capsys):
+    from sida.server import cli
+    from sida.server.demo_model import build
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(build, "main", seen.append)
+    argv = ["--stage", "lm", "--out", "some/model", "--epochs", "3"]
+    cli.main(["build-demo", *argv])
+    assert seen == [argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["classify", "--bogus", "1", "a film"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
