@@ -322,7 +322,8 @@ def _stage4_lines(s4: dict, recipe: dict) -> list[str]:
 
 
 def _stage5_lines(s5: dict, recipe: dict) -> list[str]:
-    """What stage 5 (`stages.lm`) did: the decoder fine-tuned on text, encoder and embeddings frozen."""
+    """What stage 5 (`stages.lm`) did: the decoder and the shared embedding fine-tuned on text, the encoder's
+    blocks frozen."""
     if not s5:
         return []
     start, best, final, pairs = s5["start"], s5["best"], s5["final"], s5.get("pairs", {})
