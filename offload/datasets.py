@@ -71,21 +71,27 @@ def _mrpc(task: Task, path: Path) -> list[Example]:
     ]
 
 
-def _multirc(task: Task, path: Path) -> list[Example]:
-    """SuperGLUE MultiRC jsonl: one example per (question, answer) of each passage."""
-    examples = []
+def _multirc_passages(path: Path) -> list[tuple[str, dict]]:
+    """(text, record) of each passage of a SuperGLUE MultiRC jsonl file; the text with its `<br>` tags as spaces."""
+    passages = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             try:
-                record = json.loads(line)
-                passage = record["passage"]
+                passage = json.loads(line)["passage"]
+                passages.append((passage["text"].replace("<br>", " "), passage))
             except (json.JSONDecodeError, KeyError) as e:
                 raise ValueError(f"{path}:{line_no}: not a SuperGLUE MultiRC record ({e})") from None
-            for q in passage["questions"]:
-                for a in q["answers"]:
-                    label = task.labels[a["label"]] if "label" in a else None
-                    paragraph = passage["text"].replace("<br>", " ")
-                    examples.append(Example(task.prompt(q["question"], a["text"], paragraph), label))
+    return passages
+
+
+def _multirc(task: Task, path: Path) -> list[Example]:
+    """SuperGLUE MultiRC jsonl: one example per (question, answer) of each passage."""
+    examples = []
+    for paragraph, passage in _multirc_passages(path):
+        for q in passage["questions"]:
+            for a in q["answers"]:
+                label = task.labels[a["label"]] if "label" in a else None
+                examples.append(Example(task.prompt(q["question"], a["text"], paragraph), label))
     return examples
 
 
@@ -135,6 +141,11 @@ def read_c4_texts(path: str | Path, limit: int | None = None) -> list[str]:
             if limit is not None and len(texts) >= limit:
                 break
     return texts
+
+
+def read_multirc_passages(path: str | Path) -> list[str]:
+    """The passages of a MultiRC jsonl file, as plain text (for the completion objective)."""
+    return [text for text, _ in _multirc_passages(Path(path))]
 
 
 def read_wikitext_paragraphs(path: str | Path, limit: int) -> list[str]:

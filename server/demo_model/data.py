@@ -6,7 +6,6 @@ logits over the label words are the classifier. Completion pairs give the decode
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from sida.offload.datasets import TASKS, Example, read_c4_texts
+from sida.offload.datasets import TASKS, Example, read_c4_texts, read_multirc_passages
 
 from .recipe import DemoRecipe
 from .tokenizer import train_tokenizer
@@ -115,12 +114,6 @@ def prepare(data_dir: Path, recipe: DemoRecipe, tok: Tokenizer | None = None) ->
     heldout_pairs = encode_examples(tok, heldout, recipe.max_input_tokens)
     label_ids = [tok.token_to_id(w) for w in TASKS["sst2"].labels]
     return Prepared(tok, data, heldout_pairs, label_ids, rng)
-
-
-def read_multirc_passages(path: Path) -> list[str]:
-    """The passages of MultiRC's train file (JSON lines), as plain text for the prefix-LM."""
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line)["passage"]["text"] for line in f]
 
 
 def prepare_lm(prep: Prepared, data_dir: Path, recipe: DemoRecipe) -> tuple[Prepared, list[Pair]]:
