@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sida.offload.device import DeviceMemory, aligned_empty
+from sida.offload.memory import DeviceMemory, aligned_empty
 from sida.offload.expert_layout import ExpertKey
 from sida.offload.expert_store import ExpertStore
 from sida.offload.policies import EvictionPolicy

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sida.offload.budget import AUTO_RESERVE, BudgetDecision, auto_budget, explicit_budget
-from sida.offload.device import DeviceMemory, PeakMemory, tensor_bytes
+from sida.offload.memory import DeviceMemory, PeakMemory, tensor_bytes
 from sida.offload.device_cache import CacheStats, DeviceExpertCache
 from sida.offload.expert_file import IO_MODES
 from sida.offload.expert_layout import ModuleExperts

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sida.offload.device import aligned_empty, pinned_reserve
+from sida.offload.memory import aligned_empty, pinned_reserve
 from sida.offload.expert_file import ExpertFile, open_expert_file
 from sida.offload.expert_layout import ExpertKey, ExpertLayout, ExpertSource, ModuleExperts
 

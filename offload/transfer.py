@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from sida.offload.device import aligned_empty, pinned_reserve
+from sida.offload.memory import aligned_empty, pinned_reserve
 
 IO_THREADS = 2  # concurrent expert reads from disk
 CUDA_STAGING = IO_THREADS + 1  # pinned staging buffers for disk → CUDA loads

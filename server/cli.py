@@ -16,7 +16,7 @@ import uvicorn
 import yaml
 
 from sida.offload.datasets import TASKS
-from sida.offload.device import peak_rss_bytes
+from sida.offload.memory import peak_rss_bytes
 from sida.offload.model_loader import ModelLoadError, load_model
 from sida.offload.runner import Runner
 from sida.predictor import cli as predictor_cli

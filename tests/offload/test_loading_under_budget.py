@@ -4,7 +4,7 @@ the slots; every byte placed on the device is accounted; a failed batch leaves t
 import pytest
 import torch
 
-from sida.offload.device import DeviceMemoryError, tensor_bytes
+from sida.offload.memory import DeviceMemoryError, tensor_bytes
 from sida.offload.engine import OffloadConfig, OffloadEngine
 from sida.offload.model_loader import ModelLoadError, load_model
 from sida.offload.moe_layer import SiDAMoELayer
