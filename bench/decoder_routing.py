@@ -16,10 +16,10 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from sida.offload.datasets import read_c4_texts, read_wikitext_paragraphs
     from sida.offload.model_loader import load_model
     from sida.offload.runner import Runner
-    from sida.predictor.decoder import PrevTokenTable, decoder_hit_rates, decoder_routes
+    from sida.predictor.corpora import read_c4_texts, read_wikitext_paragraphs
+    from sida.predictor.decoder_guess import PrevTokenTable, decoder_hit_rates, decoder_routes
     from sida.predictor.traces import lm_batches
 
     p = argparse.ArgumentParser(description=__doc__)

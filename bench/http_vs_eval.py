@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 def eval_loop(args, sentences: list[str]):
     """`sida eval`'s batched loop over the sentences, built and warmed up once: call it for sentences/s."""
-    from sida.offload.datasets import get_task
+    from sida.offload.tasks import get_task
     from sida.server.composition import build_runner
     from sida.server.settings import load_settings
 
@@ -154,12 +154,12 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    from sida.offload.datasets import get_task
+    from sida.offload.tasks import get_task
 
     sentences = [e.prompt.removeprefix("sst2 sentence: ") for e in get_task("sst2").read(args.data)]
     eval_rate = eval_loop(args, sentences)
 
-    from sida.server.subprocess_server import start_serve
+    from tests.live_server import start_serve
 
     flags = ["--log-level", "warning", "--mode", args.mode, "--budget-experts", str(args.budget_experts)]
     flags += ["--policy", args.policy, "--max-batch-size", str(args.batch_size), "--max-batch-wait-ms", "10"]

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-from sida.offload.switch_shapes import switch_base_model
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.switch_shapes import switch_base_model  # noqa: E402
+
 DEMO = REPO / "models" / "sida-switch-demo"
 DATA = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
 SIDA = [sys.executable, "-m", "sida.server.cli"]

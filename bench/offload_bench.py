@@ -38,11 +38,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sida.offload.datasets import Task, get_task  # noqa: E402
 from sida.offload.engine import OffloadConfig, OffloadEngine  # noqa: E402
 from sida.offload.hash_table import rank_depth  # noqa: E402
 from sida.offload.model_loader import LoadedModel, load_model  # noqa: E402
 from sida.offload.runner import Runner  # noqa: E402
+from sida.offload.tasks import Task, get_task  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 DEMO = REPO / "models" / "sida-switch-demo"
@@ -145,7 +145,7 @@ def load_workload(
     model: str, task_name: str, batch_size: int, dtype: str, device: torch.device, preset: Preset, log
 ) -> Workload:
     from sida.predictor.artifact import find_predictor, load_predictor
-    from sida.predictor.decoder import DecoderGuess
+    from sida.predictor.decoder_guess import DecoderGuess
 
     # the pristine model stays on the host; each cell moves its own copy to the device
     if model == "demo":
@@ -180,8 +180,8 @@ def load_workload(
 
 def random_switch(num_experts: int, dtype: str) -> LoadedModel:
     """switch-base-N with random weights (seed 0) and the demo model's tokenizer (its ids fit the vocabulary)."""
+    from bench.switch_shapes import switch_base_model
     from sida.offload.adapters import SwitchAdapter
-    from sida.offload.switch_shapes import switch_base_model
 
     torch.manual_seed(0)
     model = switch_base_model(num_experts, "cpu", getattr(torch, dtype))
@@ -204,7 +204,7 @@ def quick_predictor(loaded: LoadedModel, preset: Preset, log):
     when its validation top-1 stops rising; the decoder table from the first decoder step of a quarter of those
     sentences. Kept under runs/ and reused by later runs (and presets) with the same recipe."""
     from sida.predictor.artifact import load_predictor, save_predictor
-    from sida.predictor.decoder import DecoderGuess, PrevTokenTable, decoder_routes
+    from sida.predictor.decoder_guess import DecoderGuess, PrevTokenTable, decoder_routes
     from sida.predictor.traces import classification_batches, collect_traces
     from sida.predictor.train import TrainConfig, train
 

@@ -23,7 +23,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sida.server.subprocess_server import start_serve  # noqa: E402
+from tests.live_server import start_serve  # noqa: E402
 
 
 async def throughput(base: str, sentences: list[str], concurrency: int) -> float:

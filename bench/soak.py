@@ -27,7 +27,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sida.server.subprocess_server import start_serve  # noqa: E402
+from tests.live_server import start_serve  # noqa: E402
 
 MODEL = "sida-switch-demo"
 SENTENCES = [

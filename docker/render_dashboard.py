@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -23,9 +24,11 @@ from pathlib import Path
 import httpx
 import local_stack
 
-from sida.server.subprocess_server import free_port, start_serve
-
 REPO = local_stack.DOCKER.parent
+sys.path.insert(0, str(REPO))
+
+from tests.live_server import free_port, start_serve  # noqa: E402
+
 SENTENCES = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
 GRID_ROW_INCHES = 0.33  # one Grafana grid unit of height
 _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")

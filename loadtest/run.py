@@ -15,10 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sida.server.subprocess_server import start_serve
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from tests.live_server import start_serve  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from sida.offload.datasets import TASKS, Task, get_task
+from sida.offload.tasks import TASKS, Task, get_task
 from sida.offload.hash_table import HashTable
 from sida.offload.model_loader import LoadedModel
 

@@ -10,11 +10,18 @@ from pathlib import Path
 
 import torch
 
-from sida.offload.datasets import get_task, read_c4_texts, read_inputs, read_wikitext_paragraphs
 from sida.offload.model_loader import load_model
 from sida.offload.runner import Runner
+from sida.offload.tasks import get_task
 from sida.predictor.artifact import PredictorError, find_predictor, load_predictor, predictor_folder, save_predictor
-from sida.predictor.decoder import DecoderGuess, PrevTokenTable, decoder_hit_rates, decoder_routes, guess_hit_rates
+from sida.predictor.corpora import read_c4_texts, read_inputs, read_wikitext_paragraphs
+from sida.predictor.decoder_guess import (
+    DecoderGuess,
+    PrevTokenTable,
+    decoder_hit_rates,
+    decoder_routes,
+    guess_hit_rates,
+)
 from sida.predictor.traces import (
     TraceSet,
     classification_batches,

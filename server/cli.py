@@ -15,12 +15,12 @@ from importlib.metadata import version
 import uvicorn
 import yaml
 
-from sida.offload.datasets import TASKS
 from sida.offload.memory import peak_rss_bytes
 from sida.offload.model_loader import ModelLoadError, load_model
 from sida.offload.runner import Runner
+from sida.offload.task_accuracy import evaluate, write_predictions
+from sida.offload.tasks import TASKS
 from sida.predictor import cli as predictor_cli
-from sida.predictor.evaluation import evaluate, write_predictions
 from sida.server.app import app_from_settings
 from sida.server.composition import build_runner
 from sida.server.head_timeout import head_timeout_protocol
@@ -288,7 +288,7 @@ def cmd_config(args, settings: Settings) -> None:
 
 def cmd_build_demo(argv: list[str]) -> None:
     # offline tool: the serving daemon never loads the demo-model builder
-    from sida.server.demo_model import build
+    from sida.demo_model import build
 
     build.main(argv)
 

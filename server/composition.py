@@ -13,7 +13,7 @@ from sida.offload.hash_table import rank_depth
 from sida.offload.model_loader import load_model
 from sida.offload.runner import Runner
 from sida.predictor.artifact import PredictorHash, find_predictor, load_predictor, predictor_folder
-from sida.predictor.decoder import DecoderGuess
+from sida.predictor.decoder_guess import DecoderGuess
 from sida.predictor.oracle import OracleHash
 from sida.server.settings import Settings
 

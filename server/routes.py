@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from sida.offload.datasets import get_task
 from sida.offload.runner import Sampling
+from sida.offload.tasks import get_task
 from sida.server.errors import APIError, invalid
 from sida.server.request import DeadlineExceeded, QueueFull, Request
 from sida.server.schemas import (

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
 
-from sida.offload.datasets import get_task
+from sida.offload.tasks import get_task
 
 INT64 = 2**63  # seeds are torch's 64-bit integers
 

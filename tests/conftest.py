@@ -42,8 +42,8 @@ def make_tiny_switch(
     out: Path, num_experts: int = 4, seed: int = 0, expert_capacity: int = 256, d_ff: int = 64
 ) -> Path:
     """A randomly initialised 2+2-block Switch model (one MoE block per stack) with a real tokenizer."""
-    from sida.server.demo_model.recipe import DemoRecipe, make_config, new_model
-    from sida.server.demo_model.tokenizer import save_tokenizer, train_tokenizer
+    from sida.demo_model.recipe import DemoRecipe, make_config, new_model
+    from sida.demo_model.tokenizer import save_tokenizer, train_tokenizer
 
     torch.manual_seed(seed)
     tok = train_tokenizer(TINY_TEXTS, vocab_size=300)

@@ -10,7 +10,7 @@ import torch
 from sida.offload.engine import OffloadConfig, OffloadEngine
 from sida.offload.model_loader import load_model
 from sida.offload.runner import Runner
-from sida.predictor.evaluation import evaluate
+from sida.offload.task_accuracy import evaluate
 from tests.conftest import REPO
 
 CPU = torch.device("cpu")
@@ -52,7 +52,7 @@ def test_exact_equals_resident_for_every_policy_and_tier(demo_dir, data_dir, res
 
 
 def test_exact_logits_equal_huggingface(demo_dir, data_dir):
-    from sida.offload.datasets import get_task
+    from sida.offload.tasks import get_task
 
     prompts = [e.prompt for e in get_task("sst2").read(data_dir / "sst2" / "dev.tsv", limit=48)]
     plain = Runner(load_model(demo_dir))

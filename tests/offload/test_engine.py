@@ -158,7 +158,7 @@ def test_a_budget_holding_every_expert_needs_no_hash_table(tiny8_dir):
 
 
 def _decoder_guess(model_dir, decoder_len=3):
-    from sida.predictor.decoder import DecoderGuess, PrevTokenTable, decoder_routes
+    from sida.predictor.decoder_guess import DecoderGuess, PrevTokenTable, decoder_routes
 
     loaded = load_model(model_dir)
     enc = Runner(loaded).encode(PROMPTS)

@@ -6,7 +6,7 @@ import torch
 from sida.offload.engine import OffloadConfig, OffloadEngine
 from sida.offload.model_loader import load_model
 from sida.offload.runner import Runner
-from sida.predictor.evaluation import evaluate
+from sida.offload.task_accuracy import evaluate
 
 pytestmark = pytest.mark.gpu
 

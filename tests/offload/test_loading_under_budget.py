@@ -4,8 +4,8 @@ the slots; every byte placed on the device is accounted; a failed batch leaves t
 import pytest
 import torch
 
-from sida.offload.memory import DeviceMemoryError, tensor_bytes
 from sida.offload.engine import OffloadConfig, OffloadEngine
+from sida.offload.memory import DeviceMemoryError, tensor_bytes
 from sida.offload.model_loader import ModelLoadError, load_model
 from sida.offload.moe_layer import SiDAMoELayer
 from sida.offload.runner import Runner

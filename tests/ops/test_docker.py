@@ -18,7 +18,7 @@ import pytest
 
 from sida.server.cli import build_parser
 from sida.server.settings import Settings, load_settings
-from sida.server.subprocess_server import free_port
+from tests.live_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"

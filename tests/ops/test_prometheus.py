@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sida.server.subprocess_server import free_port, start_serve
+from tests.live_server import free_port, start_serve
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "docker"))

@@ -1,7 +1,7 @@
 """The predictor shipped with the demo model, against its model's real routing (issue 6's targets)."""
 
-from sida.offload.datasets import read_inputs
 from sida.predictor.artifact import find_predictor, load_predictor
+from sida.predictor.corpora import read_inputs
 from sida.predictor.traces import collect_traces
 from sida.predictor.train import hit_rates
 

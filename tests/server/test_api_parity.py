@@ -9,7 +9,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from sida.offload.datasets import get_task
+from sida.offload.tasks import get_task
 from tests.server.test_app import MODEL, make_client
 
 PROMPT = "the city council voted on tuesday to"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sida.offload.datasets import get_task
 from sida.offload.runner import Runner
+from sida.offload.tasks import get_task
 from tests.server.test_app import MODEL, make_client
 
 PAIRS = [

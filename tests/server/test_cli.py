@@ -103,7 +103,7 @@ def test_predictor_eval_reports_encoder_and_decoder_figures_apart(demo_dir, data
 
 def test_build_demo_hands_its_options_to_the_builder_and_other_commands_refuse_unknown_ones(monkeypatch, capsys):
     from sida.server import cli
-    from sida.server.demo_model import build
+    from sida.demo_model import build
 
     seen: list[list[str]] = []
     monkeypatch.setattr(build, "main", seen.append)

@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 
-from sida.server.subprocess_server import start_serve
 from tests.conftest import REPO
+from tests.live_server import start_serve
 
 sys.path.insert(0, str(REPO / "bench"))
 

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from sida.server.app import app_from_settings
 from sida.server.settings import load_settings
-from sida.server.subprocess_server import free_port
+from tests.live_server import free_port
 
 MODEL = "sida-switch-demo"
 SENTENCES = [

@@ -27,7 +27,7 @@ from sida.offload.model_loader import load_model  # noqa: E402
 from sida.offload.runner import Runner  # noqa: E402
 from sida.server import ray_serve  # noqa: E402
 from sida.server.settings import load_settings  # noqa: E402
-from sida.server.subprocess_server import free_port  # noqa: E402
+from tests.live_server import free_port  # noqa: E402
 
 MODEL = "sida-switch-demo"
 TEXTS = [

@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from sida.offload.datasets import get_task
+from sida.offload.tasks import get_task
 from sida.server.app import build_app
 from sida.server.errors import add_exception_handlers
 from sida.server.metrics import Metrics

@@ -7,7 +7,7 @@ import signal
 import httpx
 import pytest
 
-from sida.server.subprocess_server import start_serve
+from tests.live_server import start_serve
 
 pytestmark = pytest.mark.slow  # live `sida serve` processes
 

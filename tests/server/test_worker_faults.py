@@ -15,9 +15,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from sida.offload.datasets import get_task
 from sida.offload.hash_table import HashTable
 from sida.offload.runner import Classification
+from sida.offload.tasks import get_task
 from sida.server import cli
 from sida.server.app import build_app
 from sida.server.batcher import Batcher
@@ -25,8 +25,8 @@ from sida.server.metrics import Metrics
 from sida.server.pipeline import Pipeline, PipelineFailed
 from sida.server.request import Request
 from sida.server.state import ServeOptions
-from sida.server.subprocess_server import free_port
 from sida.server.workers import HashedBatch, InferenceWorker, PredictorWorker
+from tests.live_server import free_port
 
 TASK = get_task("sst2")
 MODEL = "fake-moe"

@@ -5,9 +5,9 @@ import asyncio
 import pytest
 import torch
 
-from sida.offload.datasets import get_task
 from sida.offload.hash_table import HashTable
 from sida.offload.runner import Classification
+from sida.offload.tasks import get_task
 from sida.server.batcher import Batcher
 from sida.server.metrics import Metrics
 from sida.server.request import DeadlineExceeded, Request

@@ -1,6 +1,6 @@
 import torch
 
-from sida.predictor.decoder import PrevTokenTable, decoder_hit_rates
+from sida.predictor.decoder_guess import PrevTokenTable, decoder_hit_rates
 
 
 def test_prev_token_table_learns_a_deterministic_mapping():
@@ -17,7 +17,7 @@ def test_decoder_guess_ranks_as_the_table_and_round_trips(tmp_path):
     import pytest
 
     from sida.predictor.artifact import PredictorError
-    from sida.predictor.decoder import DecoderGuess
+    from sida.predictor.decoder_guess import DecoderGuess
 
     prev = torch.tensor([1, 2, 3, 1, 2, 3, 4])
     expert = torch.tensor([0, 5, 5, 0, 5, 5, 2])
@@ -35,7 +35,7 @@ def test_decoder_guess_ranks_as_the_table_and_round_trips(tmp_path):
 def test_first_steps_are_keyed_by_the_encoder_first_token(tmp_path):
     """Every first decoder step reads the start token; what it routes to depends on the input (e.g. the task
     word a classification prompt starts with), so that step is keyed by the encoder's first token."""
-    from sida.predictor.decoder import DecoderGuess, decoder_keys
+    from sida.predictor.decoder_guess import DecoderGuess, decoder_keys
 
     dec = torch.tensor([[0, 4], [0, 4], [0, 4]])  # the start token, then token 4
     keys = decoder_keys(dec, torch.tensor([2, 3, 2]), vocab_size=10)

@@ -11,7 +11,7 @@ from transformers import SwitchTransformersConfig, SwitchTransformersForConditio
 
 SWITCH_BASE_EXPERTS = (8, 16, 32, 64, 128, 256)
 
-# Paper Table 2 (GiB, fp32): whole model, MoE part. Used to check the shapes, see tests/offload/test_switch_shapes.py.
+# Paper Table 2 (GiB, fp32): whole model, MoE part. Used to check the shapes, see tests/bench/test_switch_shapes.py.
 PAPER_TABLE2_GIB = {8: (2.298, 1.7932), 64: (14.112, 13.608), 128: (27.614, 27.11), 256: (54.62, 54.114)}
 
 

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sida.offload.datasets import get_task
 from sida.offload.runner import Runner
+from sida.offload.tasks import get_task
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from sida.offload.datasets import TASKS, Example, read_c4_texts, read_multirc_passages
+from sida.offload.tasks import TASKS, Example
+from sida.predictor.corpora import read_c4_texts, read_multirc_passages
 
 from .recipe import DemoRecipe
 from .tokenizer import train_tokenizer

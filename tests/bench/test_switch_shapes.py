@@ -1,7 +1,7 @@
 import pytest
 
+from bench.switch_shapes import PAPER_TABLE2_GIB, switch_base_config, switch_base_model
 from sida.offload.adapters import SwitchAdapter
-from sida.offload.switch_shapes import PAPER_TABLE2_GIB, switch_base_config, switch_base_model
 
 
 @pytest.mark.parametrize("n", sorted(PAPER_TABLE2_GIB))

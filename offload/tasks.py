@@ -1,5 +1,5 @@
-"""The text-to-text tasks (SST-2, MRPC, MultiRC: prompt format and label words) and readers for the files of
-the shared data folder (those tasks' tsv/jsonl splits, the C4 sample, WikiText).
+"""The text-to-text tasks (SST-2, MRPC, MultiRC): prompt format, label words, and the reader of each task's
+labelled tsv/jsonl splits.
 
 A prompt is always made by `Task.prompt`: the demo model is trained on these prompts, and the server, the CLI,
 `sida eval` and the benchmarks all format their inputs through it.
@@ -71,7 +71,7 @@ def _mrpc(task: Task, path: Path) -> list[Example]:
     ]
 
 
-def _multirc_passages(path: Path) -> list[tuple[str, dict]]:
+def multirc_passages(path: Path) -> list[tuple[str, dict]]:
     """(text, record) of each passage of a SuperGLUE MultiRC jsonl file; the text with its `<br>` tags as spaces."""
     passages = []
     with path.open(encoding="utf-8") as f:
@@ -87,7 +87,7 @@ def _multirc_passages(path: Path) -> list[tuple[str, dict]]:
 def _multirc(task: Task, path: Path) -> list[Example]:
     """SuperGLUE MultiRC jsonl: one example per (question, answer) of each passage."""
     examples = []
-    for paragraph, passage in _multirc_passages(path):
+    for paragraph, passage in multirc_passages(path):
         for q in passage["questions"]:
             for a in q["answers"]:
                 label = task.labels[a["label"]] if "label" in a else None
@@ -130,59 +130,3 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}") from None
-
-
-def read_c4_texts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Documents of the C4 sample (JSON lines with a 'text' key), for the completion objective."""
-    texts = []
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            texts.append(json.loads(line)["text"])
-            if limit is not None and len(texts) >= limit:
-                break
-    return texts
-
-
-def read_multirc_passages(path: str | Path) -> list[str]:
-    """The passages of a MultiRC jsonl file, as plain text (for the completion objective)."""
-    return [text for text, _ in _multirc_passages(Path(path))]
-
-
-def read_wikitext_paragraphs(path: str | Path, limit: int) -> list[str]:
-    """The first `limit` WikiText paragraphs of more than 40 words (headings skipped): prefix → continuation
-    text for measuring decoder routing on text the demo model is not trained on."""
-    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
-    return [ln for ln in lines if len(ln.split()) > 40 and not ln.startswith("=")][:limit]
-
-
-def read_inputs(path: str | Path, limit: int | None = None) -> list[str]:
-    """Model inputs from any supported file (the first `limit`): SST-2/MRPC tsv or MultiRC jsonl as task
-    prompts, C4 jsonl as raw text, or a plain text file with one input per line (WikiText headings and blank
-    lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    if path.suffix == ".tsv":
-        header = _first_line(path, "utf-8-sig")
-        task = "mrpc" if "#1 String" in header else "sst2"
-        return [e.prompt for e in TASKS[task].read(path, limit)]
-    if path.suffix == ".jsonl":
-        first = json.loads(_first_line(path, "utf-8"))
-        if "passage" in first:
-            return [e.prompt for e in TASKS["multirc"].read(path, limit)]
-        return read_c4_texts(path, limit)
-    lines = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("= "):
-                lines.append(line)
-                if limit is not None and len(lines) >= limit:
-                    break
-    return lines
-
-
-def _first_line(path: Path, encoding: str) -> str:
-    """The file's first line, the file closed again."""
-    with path.open(encoding=encoding) as f:
-        return f.readline()

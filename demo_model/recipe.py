@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-from sida.offload.datasets import TASKS
+from sida.offload.tasks import TASKS
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from sida.offload.datasets import TASKS, read_wikitext_paragraphs
 from sida.offload.model_loader import LoadedModel, load_model
 from sida.offload.runner import Runner, Sampling
-from sida.predictor.evaluation import evaluate
+from sida.offload.task_accuracy import evaluate
+from sida.offload.tasks import TASKS
+from sida.predictor.corpora import read_wikitext_paragraphs
 from sida.predictor.traces import LayerTrace, classification_batches, expert_usage, lm_batches, trace_batch
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from sida.offload.datasets import LABEL_WORDS, get_task, read_c4_texts
+from sida.offload.tasks import LABEL_WORDS, get_task
 
 
 def test_sst2_dev(data_dir):
@@ -39,8 +39,3 @@ def test_errors(tmp_path, data_dir):
 
 def test_label_words_are_distinct():
     assert len(set(LABEL_WORDS)) == len(LABEL_WORDS) == 6
-
-
-def test_c4(data_dir):
-    texts = read_c4_texts(data_dir / "c4_sample" / "c4_sample.jsonl", limit=2)
-    assert texts[0].startswith("Beginners BBQ Class Taking Place in Missoula!")

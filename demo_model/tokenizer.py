@@ -8,7 +8,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
-from sida.offload.datasets import LABEL_WORDS
+from sida.offload.tasks import LABEL_WORDS
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2, in this order (make_config relies on pad 0 and EOS 1)
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sida.offload.datasets import LABEL_WORDS
-from sida.server.demo_model.encoder_routing import balanced_assignment
-from sida.server.demo_model.recipe import DemoRecipe, make_config, new_model
-from sida.server.demo_model.tokenizer import train_tokenizer
+from sida.offload.tasks import LABEL_WORDS
+from sida.demo_model.encoder_routing import balanced_assignment
+from sida.demo_model.recipe import DemoRecipe, make_config, new_model
+from sida.demo_model.tokenizer import train_tokenizer
 from tests.conftest import TINY_TEXTS
 
 
@@ -60,7 +60,7 @@ def test_demo_model_shape(demo_loaded):
 @pytest.mark.slow
 def test_demo_model_sst2_dev_accuracy(demo_loaded, data_dir):
     from sida.offload.runner import Runner
-    from sida.predictor.evaluation import evaluate
+    from sida.offload.task_accuracy import evaluate
 
     result = evaluate(Runner(demo_loaded), "sst2", data_dir / "sst2" / "dev.tsv", progress=False)
     assert result.examples == 872
@@ -71,10 +71,10 @@ def test_demo_model_sst2_dev_accuracy(demo_loaded, data_dir):
 def test_demo_routers_spread(demo_loaded, data_dir):
     """Every expert used and none over half the tokens: encoder layers on SST-2 dev (decoder layers, on
     WikiText-2 continuations, below)."""
-    from sida.offload.datasets import get_task
     from sida.offload.runner import Runner
+    from sida.offload.tasks import get_task
     from sida.predictor.traces import classification_batches
-    from sida.server.demo_model.card import routing_report
+    from sida.demo_model.card import routing_report
 
     runner = Runner(demo_loaded)
     prompts = [e.prompt for e in get_task("sst2").read(data_dir / "sst2" / "dev.tsv")]
@@ -88,10 +88,10 @@ def test_demo_routers_spread(demo_loaded, data_dir):
 def test_demo_decoder_routers_spread(demo_loaded, data_dir):
     """Decoder layers on WikiText-2 continuations (text never trained on): every expert used (the respread stage
     splits busy experts into idle ones) and none over half the tokens."""
-    from sida.offload.datasets import read_wikitext_paragraphs
     from sida.offload.runner import Runner
+    from sida.predictor.corpora import read_wikitext_paragraphs
     from sida.predictor.traces import lm_batches
-    from sida.server.demo_model.card import routing_report
+    from sida.demo_model.card import routing_report
 
     runner = Runner(demo_loaded)
     # decoder layers see one token per SST-2 example; they are measured on multi-token continuations
@@ -138,8 +138,8 @@ def test_lm_stage_trains_the_decoder_alone(tmp_path, tiny_dir, data_dir):
     tied to the embedding, and the kept checkpoint continues held-out text better than the start."""
     import shutil
 
-    from sida.server.demo_model.recipe import load_checkpoint
-    from sida.server.demo_model.stages import lm
+    from sida.demo_model.recipe import load_checkpoint
+    from sida.demo_model.stages import lm
 
     files = {"sst2/train.tsv": 200, "mrpc/train.tsv": 40, "c4_sample/c4_sample.jsonl": 16, "multirc/train.jsonl": 2}
     data = _data_slice(data_dir, tmp_path / "data", files)
@@ -162,7 +162,7 @@ def test_build_demo_runs_stage5_only_when_asked(tmp_path, monkeypatch):
     """`--stage lm` runs stage 5 alone over --out; `--stage respread` (and `all`) stop at stage 4."""
     import json
 
-    from sida.server.demo_model import build
+    from sida.demo_model import build
 
     ran: list[str] = []
     fake = [(key, name, lambda *a, key=key: ran.append(key) or {"best": {}}) for key, name, _ in build.LATER_STAGES]
