@@ -44,7 +44,12 @@ def eval_loop(args, sentences: list[str]):
 
 
 def _offload_flags(args) -> dict:
-    return {"mode": args.mode, "budget_experts": args.budget_experts, "policy": args.policy, "threads": args.threads}
+    return {
+        "mode": args.mode,
+        "budget_experts": args.budget_experts,
+        "policy": args.policy,
+        "torch_threads": args.torch_threads,
+    }
 
 
 async def http_throughput(
@@ -137,12 +142,12 @@ def main() -> None:
     p.add_argument("--policy", default="lru")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the `sida eval` loop")
+    p.add_argument("--torch-threads", type=int, default=2, help="torch threads of the `sida eval` loop")
     p.add_argument(
-        "--server-threads", type=int, help="torch threads of the server's inference worker (default: its own)"
+        "--server-torch-threads", type=int, help="torch threads of the server's inference worker (default: its own)"
     )
     p.add_argument(
-        "--predictor-threads", type=int, help="torch threads of the server's predictor worker (default: its own)"
+        "--hash-torch-threads", type=int, help="torch threads of the server's batch worker (default: its own)"
     )
     p.add_argument("--rounds", type=int, default=3, help="eval and HTTP passes, alternated; medians are compared")
     p.add_argument("--per-request", type=int, default=1, help="sentences per HTTP call (`input` as a list)")
@@ -163,8 +168,8 @@ def main() -> None:
 
     flags = ["--log-level", "warning", "--mode", args.mode, "--budget-experts", str(args.budget_experts)]
     flags += ["--policy", args.policy, "--max-batch-size", str(args.batch_size), "--max-batch-wait-ms", "10"]
-    flags += ["--threads", str(args.server_threads)] if args.server_threads else []
-    flags += ["--predictor-threads", str(args.predictor_threads)] if args.predictor_threads else []
+    flags += ["--torch-threads", str(args.server_torch_threads)] if args.server_torch_threads else []
+    flags += ["--hash-torch-threads", str(args.hash_torch_threads)] if args.hash_torch_threads else []
     proc, base = start_serve(flags, timeout_s=240)
     evals, https, cpus = [], [], []
     try:  # alternated in one run: this shared box's speed drifts by tens of percent over minutes
@@ -194,7 +199,11 @@ def main() -> None:
                 "sentences_per_request": args.per_request,
                 "client": args.client,
                 "client_cpu_us_per_request": round(median(cpus) * 1e6),
-                "threads": {"eval": args.threads, "server": args.server_threads, "predictor": args.predictor_threads},
+                "torch_threads": {
+                    "eval": args.torch_threads,
+                    "server": args.server_torch_threads,
+                    "hash": args.hash_torch_threads,
+                },
             }
         )
     )

@@ -346,7 +346,7 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
     shadow = method == "predicted"  # predicted mode also runs the router, to count hits against its real choice
 
     def classify(batch):
-        labels = [c.label for c in runner.classify_ids(batch, work.task, runner.hash_table(batch), shadow)]
+        labels = [c.label for c in runner.classify_ids(batch, work.task, runner.build_hash_table(batch), shadow)]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return labels

@@ -58,17 +58,17 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--passes", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the one server / the one replica")
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the one server / the one replica")
     args = ap.parse_args()
     lines = Path(args.data).read_text().splitlines()[1:]  # sentence<TAB>label, after a header
     sentences = [line.split("\t")[0] for line in lines][: args.limit]
-    common = ["--threads", str(args.threads), "--log-level", "warning"]
+    common = ["--torch-threads", str(args.torch_threads), "--log-level", "warning"]
     direct = measure(common, sentences, args.concurrency, args.passes)
     ray = measure([*common, "--replicas", "1"], sentences, args.concurrency, args.passes)
     out = {
         "sentences": len(sentences),
         "concurrency": args.concurrency,
-        "threads": args.threads,
+        "torch_threads": args.torch_threads,
         "direct_sentences_per_s": direct,
         "ray_1_replica_sentences_per_s": ray,
         "ratio": round(median(ray) / median(direct), 3),

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from sida.offload.model_loader import LoadedModel, load_model
-from sida.offload.runner import Runner, Sampling
+from sida.offload.runner import Runner
+from sida.offload.sampling import Sampling
 from sida.offload.task_accuracy import evaluate
 from sida.offload.tasks import TASKS
 from sida.predictor.corpora import read_wikitext_paragraphs

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from sida.offload.budget import AUTO_RESERVE, BudgetDecision, auto_budget, explicit_budget
-from sida.offload.memory import DeviceMemory, PeakMemory, tensor_bytes
+from sida.offload.contracts import DecodeStepGuesser
 from sida.offload.device_cache import CacheStats, DeviceExpertCache
 from sida.offload.expert_file import IO_MODES
 from sida.offload.expert_layout import ModuleExperts
 from sida.offload.expert_store import ExpertStore
 from sida.offload.hash_table import HashTable, rank_depth
+from sida.offload.memory import DeviceMemory, PeakMemory, tensor_bytes
 from sida.offload.model_loader import LoadedModel
 from sida.offload.moe_layer import RoutingContext, RoutingStats, SiDAMoELayer
 from sida.offload.policies import make_policy
@@ -71,7 +72,7 @@ class OffloadEngine:
         self.first_layer_stack = layers[0].stack
         self.layer_stack = {la.index: la.stack for la in layers}
         self.decoder_layers = [la.index for la in layers if la.stack == "decoder"]
-        self.decoder_guess = None  # a predictor.decoder.DecoderGuess: each decoder step's experts, by its input
+        self.decoder_guess: DecodeStepGuesser | None = None  # each decoder step's experts, by its input
         self._encoder_first: torch.Tensor | None = None  # [batch] each row's first input token: keys first steps
         self.memory = DeviceMemory(device, cfg.device_memory_limit)
         in_experts = tensor_bytes(p for la in layers for m in la.experts for p in m.parameters())
@@ -172,8 +173,8 @@ class OffloadEngine:
             )
             adapter.replace_moe(model, la, module.to(self.device))
 
-    def set_decoder_guess(self, guess) -> None:
-        """Use `guess` (a DecoderGuess) to prefetch and score each decoder step's experts."""
+    def set_decoder_guess(self, guess: DecodeStepGuesser) -> None:
+        """Use `guess` to prefetch and score each decoder step's experts."""
         missing = set(self.decoder_layers) - set(guess.layers)
         if missing:
             raise ValueError(f"the decoder guess has no rows for decoder MoE layers {sorted(missing)}")
@@ -223,7 +224,7 @@ class OffloadEngine:
 
     def begin_decoder_step(self, decoder_input_ids: torch.Tensor) -> None:
         """A later decoder step reads `decoder_input_ids` [batch, 1]: guess its experts and start loading the
-        first decoder layer's."""
+        first decoder layer's. The decode loop calls it after each token (decoding.PrefetchNextStep)."""
         if self.cache is None or not self._guess_decoder_step(decoder_input_ids):
             return
         layer = self.decoder_layers[0]

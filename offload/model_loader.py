@@ -69,22 +69,22 @@ def fingerprint(model_dir: str | Path, cache: Path | None = FINGERPRINT_CACHE) -
     is kept in `cache`, keyed by the file's path, size and modification time.
     """
     model_dir = Path(model_dir)
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     config = json.loads((model_dir / "config.json").read_text())
-    h.update(json.dumps(config, sort_keys=True).encode())
+    digest.update(json.dumps(config, sort_keys=True).encode())
     for f in sorted(model_dir.glob("*.safetensors")):
         stat = f.stat()
-        h.update(f"{f.name}:{stat.st_size}".encode())
+        digest.update(f"{f.name}:{stat.st_size}".encode())
         if stat.st_size <= FINGERPRINT_WHOLE:
-            h.update(f.read_bytes())
+            digest.update(f.read_bytes())
             continue
         known = _read_cache(cache)
         key = f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         if key not in known:
             known[key] = _file_digest(f)
             _write_cache(cache, known)
-        h.update(known[key].encode())
-    return h.hexdigest()[:16]
+        digest.update(known[key].encode())
+    return digest.hexdigest()[:16]
 
 
 def _file_digest(path: Path) -> str:
@@ -106,7 +106,7 @@ def _read_cache(cache: Path | None) -> dict:
 
 
 def _write_cache(cache: Path | None, known: dict) -> None:
-    """Best effort: a cache that cannot be written only costs a rehash next time."""
+    """Best effort: a cache that cannot be written only costs reading the file again next time."""
     if cache is None:
         return
     try:

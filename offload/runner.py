@@ -3,22 +3,26 @@ inference worker run.
 
 Classification is text-to-text: the label is the task's label word with the highest first-decoder-step
 logit, so every label costs one decoder step and comes with a probability over the label set.
-A batch's hash table is built by `hash_table` (the predictor worker calls it ahead; the one-shot calls here
-call it just before) and handed to the engine with the batch.
+A batch's hash table is built by `build_hash_table` (the server's batch worker calls it ahead; the one-shot
+calls here call it just before) and handed to the engine with the batch. How tokens are chosen is in
+sampling.py; the hooks `generate` calls after each token are in decoding.py.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from sida.offload.tasks import TASKS, Task, get_task
+from sida.offload.contracts import HashFunction
+from sida.offload.decoding import PrefetchNextStep, TextWatch
+from sida.offload.engine import OffloadEngine
 from sida.offload.hash_table import HashTable
 from sida.offload.model_loader import LoadedModel
+from sida.offload.sampling import Sampler, Sampling, TokenLogprobs
+from sida.offload.tasks import TASKS, Task, get_task
 
 Encoded = dict[str, torch.Tensor]  # input_ids, attention_mask: [batch, seq], right-padded
 
@@ -29,38 +33,6 @@ class Classification:
 
     label: str
     probs: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How each next token is chosen. Penalties follow OpenAI (`presence_penalty`, `frequency_penalty`: subtracted
-    from the logits of tokens already generated, once / per occurrence) and vLLM (`repetition_penalty`: the logit
-    of a token in the prompt or generated so far is divided by it if positive, multiplied if negative; 1 = off).
-    `temperature` 0 is greedy. `logprobs` k: record the sampled token's and the k likeliest tokens' log-probs."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: int | None = None
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Nothing for `_Sampler` to do: generate's own argmax chooses."""
-        penalties = (self.presence_penalty, self.frequency_penalty, self.repetition_penalty - 1)
-        return self.temperature == 0 and not any(penalties) and self.logprobs is None
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """Per generated token: its text (the pieces concatenate to the completion's text), the model's log-prob of
-    it, the top alternatives' log-probs by text (the sampled token's among them) and its offset in the text."""
-
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
 
 
 @dataclass(frozen=True)
@@ -75,11 +47,16 @@ class Completion:
 
 
 class Runner:
-    """A loaded model, optionally under an offload `engine`, with an optional `hash_fn`
-    (input_ids, attention_mask, decoder_input_ids → HashTable)."""
+    """A loaded model, optionally under an offload `engine`, with an optional `hash_fn` that builds each batch's
+    hash table. It is the `ServingRunner` the HTTP server holds (contracts.py)."""
 
     def __init__(
-        self, loaded: LoadedModel, device: str = "cpu", max_input_tokens: int = 512, engine=None, hash_fn=None
+        self,
+        loaded: LoadedModel,
+        device: str = "cpu",
+        max_input_tokens: int = 512,
+        engine: OffloadEngine | None = None,
+        hash_fn: HashFunction | None = None,
     ):
         self.loaded = loaded
         self.model = loaded.model
@@ -123,7 +100,7 @@ class Runner:
 
     # ------------------------------------------------------------------ routing
 
-    def hash_table(self, enc: Encoded, decoder_input_ids: torch.Tensor | None = None) -> HashTable | None:
+    def build_hash_table(self, enc: Encoded, decoder_input_ids: torch.Tensor | None = None) -> HashTable | None:
         """The batch's hash table: the one place tables are built. None where there is no hash function or the
         engine has no use for one. `decoder_input_ids` [batch, steps] default to the start token."""
         if self.hash_fn is None or self.engine is None or not self.engine.wants_hash_table:
@@ -150,7 +127,7 @@ class Runner:
     def classify_prompts(self, prompts: list[str], task: Task) -> list[Classification]:
         """Prompts already in the task's text-to-text format (`Task.prompt`)."""
         enc = self.encode(prompts)
-        return self.classify_ids(enc, task, self.hash_table(enc))
+        return self.classify_ids(enc, task, self.build_hash_table(enc))
 
     @torch.inference_mode()
     def classify_ids(
@@ -183,7 +160,7 @@ class Runner:
         """Continue raw prompts, every row sampled with `seed` (see `complete_ids`); `sampling`, when given, wins
         over `temperature` and `top_p`."""
         enc = self.encode(prompts)
-        table = self.hash_table(enc)
+        table = self.build_hash_table(enc)
         sampling = sampling or Sampling(temperature, top_p)
         return self.complete_ids(enc, max_new_tokens, sampling, [seed] * len(prompts), stops, on_text, table)
 
@@ -205,19 +182,20 @@ class Runner:
         rows = enc["input_ids"].shape[0]
         sampling = sampling or Sampling()
         self.begin_batch(enc, self.loaded.decoder_start_ids(rows, self.device), hash_table, shadow)
-        watch = _TextWatch(self, rows, stops or [], on_text, max_new_tokens)
+        watch = TextWatch(self.tokenizer, self.model.config.eos_token_id, rows, stops or [], on_text)
+        hooks = [watch] if self.engine is None else [watch, PrefetchNextStep(self.engine, watch, max_new_tokens)]
         sampler = None
         if not sampling.plain_greedy:
-            sampler = _Sampler(sampling, enc, seeds or [None] * rows, self.unpenalized_ids)
+            sampler = Sampler(sampling, enc["input_ids"], seeds or [None] * rows, self.unpenalized_ids)
         out = self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
-            do_sample=False,  # greedy, or the one token `_Sampler` left
+            do_sample=False,  # greedy, or the one token `Sampler` left
             temperature=None,
             top_p=None,
             top_k=None,
             logits_processor=LogitsProcessorList([sampler] if sampler else []),
-            stopping_criteria=StoppingCriteriaList([watch]),
+            stopping_criteria=StoppingCriteriaList(hooks),
         )  # [batch, 1 + generated], starts with the decoder start token
         eos = self.model.config.eos_token_id
         steps = sampler.recorded() if sampler is not None and sampling.logprobs is not None else None
@@ -239,7 +217,7 @@ class Runner:
         return {self.model.config.eos_token_id, self.model.config.pad_token_id}
 
     def token_logprobs(self, tokens: list[int], text: str, steps: list[tuple]) -> TokenLogprobs:
-        """The log-probs of a row's `tokens`, from what `_Sampler` recorded at each step ((logprob, top ids, top
+        """The log-probs of a row's `tokens`, from what `Sampler` recorded at each step ((logprob, top ids, top
         logprobs) of this row), cut to the tokens that begin before the end of `text` (a stop string cuts it)."""
         pieces, offsets, prev = [], [], ""
         for i in range(len(tokens)):
@@ -290,104 +268,3 @@ class Runner:
                 continue
             served.append(name)
         return served
-
-
-class _Sampler(LogitsProcessor):
-    """Chooses each row's next token — penalties, then greedy or temperature and top-p, drawn from the row's own
-    generator — and leaves `generate` only that token (every other score -inf). With `logprobs` it records the
-    model's own log-probs (before penalties and temperature) of the chosen and the top-k tokens at each step."""
-
-    def __init__(self, s: Sampling, enc: Encoded, seeds: list[int | None], unpenalized: set[int]):
-        self.s = s
-        device = enc["input_ids"].device
-        self.generators = []
-        if s.temperature > 0:
-            seeds = [x if x is not None else secrets.randbits(63) for x in seeds]
-            self.generators = [torch.Generator(device).manual_seed(x % 2**64) for x in seeds]
-        self.unpenalized = sorted(unpenalized)
-        self.prompt_ids = enc["input_ids"]  # [batch, seq]: padding is one of the unpenalized ids
-        self.steps: list[tuple[torch.Tensor, ...]] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """input_ids [batch, 1 + generated] (decoder start first), scores [batch, vocab] → scores with one finite."""
-        raw = scores.float()
-        x = self.penalize(input_ids[:, 1:], raw)
-        if self.s.temperature == 0:
-            chosen = x.argmax(-1)  # [batch]
-        else:
-            probs = _top_p((x / self.s.temperature).softmax(-1), self.s.top_p)
-            noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in self.generators])
-            noise.clamp_min_(1e-20)  # a draw of exactly 0 would make 0/0 (NaN) of a token top-p removed
-            chosen = (probs / noise).argmax(-1)  # an exponential race: row r draws token t with probability p[r, t]
-        if self.s.logprobs is not None:
-            lp = raw.log_softmax(-1)
-            top = lp.topk(self.s.logprobs, -1)
-            self.steps.append((lp.gather(1, chosen[:, None])[:, 0], top.indices, top.values))
-        return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
-
-    def penalize(self, generated: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The logits x [batch, vocab] with vLLM's repetition penalty, then OpenAI's frequency and presence
-        penalties, given the tokens generated so far [batch, steps]."""
-        s = self.s
-        if s.repetition_penalty != 1.0:
-            seen = torch.zeros_like(x, dtype=torch.bool)
-            seen.scatter_(1, self.prompt_ids, True).scatter_(1, generated, True)
-            seen[:, self.unpenalized] = False
-            x = torch.where(seen, torch.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
-        if s.frequency_penalty or s.presence_penalty:
-            counts = torch.zeros_like(x).scatter_add_(1, generated, torch.ones_like(generated, dtype=x.dtype))
-            x = x - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).to(x.dtype)
-        return x
-
-    def recorded(self) -> list[list[tuple[float, list[int], list[float]]]]:
-        """Per step, per row: (the chosen token's log-prob, the top-k token ids, their log-probs), on the host."""
-        steps = []
-        for chosen, ids, lps in self.steps:
-            chosen, ids, lps = chosen.tolist(), ids.tolist(), lps.tolist()
-            steps.append(list(zip(chosen, ids, lps)))
-        return steps
-
-
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """probs [batch, vocab] with all but the smallest set of likeliest tokens whose mass reaches `top_p` zeroed."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(-1, descending=True)
-    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
-    return torch.zeros_like(probs).scatter_(1, order, sorted_p)
-
-
-class _TextWatch(StoppingCriteria):
-    """Called by `generate` after each new token: streams the new text of each row, ends rows at eos or a stop
-    string, and tells the engine which tokens the next decoder step reads."""
-
-    def __init__(self, runner: Runner, rows: int, stops: list[str], on_text, max_new_tokens: int):
-        self.runner = runner
-        self.stops = stops
-        self.on_text = on_text
-        self.max_new_tokens = max_new_tokens
-        self.texts = [""] * rows
-        self.stopped = [False] * rows
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        """input_ids [batch, 1 + generated] → done [batch] (bool)."""
-        eos = self.runner.model.config.eos_token_id
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for r, row in enumerate(input_ids[:, 1:].tolist()):
-            if self.stopped[r]:
-                done[r] = True
-                continue
-            ended = eos in row
-            text = self.runner.tokenizer.decode(row[: row.index(eos)] if ended else row, skip_special_tokens=True)
-            cut = min((text.find(s) for s in self.stops if s in text), default=-1)
-            if cut >= 0:
-                text, self.stopped[r], done[r] = text[:cut], True, True
-            if self.on_text is not None and text.startswith(self.texts[r]) and len(text) > len(self.texts[r]):
-                self.on_text(r, text[len(self.texts[r]) :])
-            if text.startswith(self.texts[r]):
-                self.texts[r] = text
-            done[r] |= ended
-        engine = self.runner.engine
-        if engine is not None and not bool(done.all()) and input_ids.shape[1] - 1 < self.max_new_tokens:
-            engine.begin_decoder_step(input_ids[:, -1:])
-        return done

@@ -77,9 +77,9 @@ def load_predictor(path: str | Path, fingerprint: str) -> tuple[HashPredictor, d
 
 
 class PredictorHash:
-    """Hash function for the runner: input_ids and attention_mask [batch, seq] → HashTable of the encoder MoE
-    layers (top-k experts [batch, seq, k] and α [batch, seq] per layer). Decoder layers are not in the table:
-    the router routes them."""
+    """The runner's `HashFunction` (offload/contracts.py) from a trained predictor: input_ids and attention_mask
+    [batch, seq] → HashTable of the encoder MoE layers (top-k experts [batch, seq, k] and α [batch, seq] per
+    layer). Decoder layers are not in the table: the router routes them."""
 
     def __init__(self, pred: HashPredictor, k: int = 3):
         self.pred = pred

@@ -6,7 +6,8 @@ traces, which experts each decoder MoE layer used at positions whose decoder inp
 most frequent. The first step's input is always the start token, and what follows it depends on the input
 (classification prompts and continuations route it apart), so that step is keyed by the encoder's first token
 instead (`decoder_keys`). `decoder_hit_rates` measures the table (real tokens only) against a frequency-only
-baseline. sida serves with `DecoderGuess`, the table frozen into rankings.
+baseline. sida serves with `DecoderGuess`, the table frozen into rankings: the engine's `DecodeStepGuesser`
+(offload/contracts.py).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from sida.offload.model_loader import LoadedModel
 
 
 class OracleHash:
-    """Encoder inputs [batch, seq] and decoder inputs [batch, steps] → the router's own top-k of every MoE layer
-    as a HashTable."""
+    """A `HashFunction` (offload/contracts.py): encoder inputs [batch, seq] and decoder inputs [batch, steps] →
+    the router's own top-k of every MoE layer as a HashTable."""
 
     def __init__(self, resident: LoadedModel, k: int = 3):
         self.loaded = resident

@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib.metadata import version
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.routing import Route
 
+from sida.offload.contracts import ServingRunner
 from sida.offload.device import resolve_device
+from sida.offload.runner import Runner
 from sida.server.composition import build_runner
 from sida.server.errors import add_exception_handlers
 from sida.server.metrics import Metrics
@@ -32,7 +33,7 @@ from sida.server.state import ServeOptions, State
 
 log = logging.getLogger("sida")
 
-Setup = Callable[[], tuple[Any, Pipeline, Metrics, dict]]  # → (runner, pipeline, metrics, info)
+Setup = Callable[[], tuple[ServingRunner, Pipeline, Metrics, dict]]  # → (runner, pipeline, metrics, info)
 
 
 @asynccontextmanager
@@ -70,14 +71,16 @@ def build_app(
     return app
 
 
-def serving_setup(settings: Settings, name: str, hash_source: str) -> tuple[Any, Pipeline, Metrics, dict]:
-    """The runner, pipeline, metrics and info `sida serve` runs with, warmed up."""
-    threads = (settings.threads, settings.predictor_threads)
+def serving_setup(settings: Settings, name: str, hash_source: str) -> tuple[Runner, Pipeline, Metrics, dict]:
+    """The runner, pipeline, metrics and info `sida serve` runs with, warmed up. `info["hash"]` names what builds
+    the hash tables: "predictor", "oracle" or None."""
+    torch_threads = (settings.torch_threads, settings.hash_torch_threads)
     if resolve_device(settings.device).type == "cpu":
         # The workers compute at the same time, beside the event loop: the inference worker gets half the
-        # cores, the predictor one thread (its LSTM steps are too small to use more). On 2 cores, 2 inference
-        # threads give less HTTP throughput than 1 (bench/http_vs_eval.py, --server-threads).
-        threads = (settings.threads or max(1, (os.cpu_count() or 2) // 2), settings.predictor_threads or 1)
+        # cores, the batch worker one thread (the predictor's LSTM steps are too small to use more). On 2 cores,
+        # 2 inference threads give less HTTP throughput than 1 (bench/http_vs_eval.py, --server-torch-threads).
+        inference = settings.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+        torch_threads = (inference, settings.hash_torch_threads or 1)
     runner = build_runner(settings, hash_source)
     engine = runner.engine
     mode = engine.cfg.mode if engine.cache is not None else "resident"
@@ -90,7 +93,7 @@ def serving_setup(settings: Settings, name: str, hash_source: str) -> tuple[Any,
         settings.max_batch_wait_ms / 1000,
         settings.max_queue,
         shadow_sample_rate=settings.shadow_sample_rate,
-        threads=threads,
+        torch_threads=torch_threads,
     )
     runner.classify(["warm-up"])  # the first forward happens outside any request's latency
     engine.reset_stats()
@@ -99,7 +102,7 @@ def serving_setup(settings: Settings, name: str, hash_source: str) -> tuple[Any,
         "model_dir": str(settings.model_dir),
         "fingerprint": runner.loaded.fingerprint,
         "device": str(runner.device),
-        "predictor": runner.hash_fn is not None,
+        "hash": None if runner.hash_fn is None else "oracle" if hash_source == "oracle" else "predictor",
     }
     return runner, pipeline, metrics, info
 

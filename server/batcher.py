@@ -13,7 +13,9 @@ from typing import Any
 
 
 @dataclass
-class _Pending:
+class _Waiting:
+    """A request not yet batched: its compatibility key, token count and arrival time."""
+
     item: Any
     key: Hashable
     tokens: int
@@ -27,19 +29,19 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
-        self._pending: list[_Pending] = []  # arrival order
+        self._waiting: list[_Waiting] = []  # arrival order
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._waiting)
 
     def add(self, item: Any, key: Hashable, tokens: int, now: float) -> None:
-        self._pending.append(_Pending(item, key, tokens, now))
+        self._waiting.append(_Waiting(item, key, tokens, now))
 
-    def _take(self, key: Hashable) -> list[_Pending]:
+    def _take(self, key: Hashable) -> list[_Waiting]:
         """The key's oldest request and, of the others, those closest to it in length, while the size and
         padded-token limits hold (at least the oldest). Similar lengths waste less on padding; including the
         oldest every time means no request waits for more than the batches ahead of it."""
-        members = [p for p in self._pending if p.key == key]
+        members = [p for p in self._waiting if p.key == key]
         oldest = members[0]
         others = sorted(members[1:], key=lambda p: abs(p.tokens - oldest.tokens))  # stable: ties by arrival
         chosen, width = [oldest], oldest.tokens
@@ -57,21 +59,21 @@ class Batcher:
     def pop_ready(self, now: float, flush: bool = False) -> list[Any] | None:
         """A batch to run now, or None. `flush` releases the oldest group without waiting (shutdown)."""
         seen = set()
-        for p in self._pending:
+        for p in self._waiting:
             if p.key in seen:
                 continue
             seen.add(p.key)
             group = self._take(p.key)
-            members = sum(1 for q in self._pending if q.key == p.key)
+            members = sum(1 for q in self._waiting if q.key == p.key)
             full = len(group) < members or len(group) == self.max_batch_size
             if flush or full or now - p.arrival >= self.max_wait_s:
                 taken = {id(q) for q in group}
-                self._pending = [q for q in self._pending if id(q) not in taken]
+                self._waiting = [q for q in self._waiting if id(q) not in taken]
                 return [q.item for q in group]
         return None
 
     def time_to_next(self, now: float) -> float | None:
-        """Seconds until the oldest request's wait runs out (None when nothing is pending)."""
-        if not self._pending:
+        """Seconds until the oldest request's wait runs out (None when nothing waits)."""
+        if not self._waiting:
             return None
-        return max(0.0, self._pending[0].arrival + self.max_wait_s - now)
+        return max(0.0, self._waiting[0].arrival + self.max_wait_s - now)

@@ -39,7 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", dest="model_dir", help="local Hugging Face model folder")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    g.add_argument("--threads", type=int, help="torch intra-op threads")
+    g.add_argument("--torch-threads", type=int, help="torch intra-op threads")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--max-input-tokens", type=int)
     g = p.add_argument_group("offload")
@@ -88,7 +88,11 @@ def _add_serve(sub) -> None:
     g.add_argument("--body-timeout-s", type=float)
     g.add_argument("--api-key")
     g.add_argument("--shadow-sample-rate", type=float)
-    g.add_argument("--predictor-threads", type=int, help="torch threads of the predictor worker (default 1 on CPU)")
+    g.add_argument(
+        "--hash-torch-threads",
+        type=int,
+        help="torch threads of the batch worker, which builds the hash tables (default 1 on CPU)",
+    )
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group("scale-out (Ray Serve; pip install 'sida[ray]'; docs/scale-out.md)")
     g.add_argument("--replicas", type=int, help="serve N replicas behind Ray Serve's proxy (default: one process)")

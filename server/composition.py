@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from sida.offload.contracts import HashFunction
 from sida.offload.device import resolve_device
 from sida.offload.engine import OffloadEngine
 from sida.offload.hash_table import rank_depth
@@ -23,30 +24,31 @@ log = logging.getLogger("sida")
 def build_runner(settings: Settings, hash_source: str = "auto") -> Runner:
     """`hash_source`: auto (the predictor shipped with the model, if any), none, or oracle (the router's own
     choices from a second, resident copy of the model)."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     offload = settings.offload_config(device.type)
-    predictor = None
+    predictor_path = None
     if hash_source == "auto" and offload.mode != "resident":
-        predictor = settings.predictor or find_predictor(settings.model_dir)
-    if offload.mode == "predicted" and predictor is None and hash_source != "oracle":
+        predictor_path = settings.predictor or find_predictor(settings.model_dir)
+    if offload.mode == "predicted" and predictor_path is None and hash_source != "oracle":
         raise ValueError(
             f"predicted mode needs hash tables: {settings.model_dir} ships no predictor (--predictor, --hash)"
         )
-    if offload.mode == "exact" and predictor is None and not settings.mode_is_explicit and hash_source == "auto":
+    if offload.mode == "exact" and predictor_path is None and not settings.mode_is_explicit and hash_source == "auto":
         log.warning("%s ships no predictor: serving in resident mode", settings.model_dir)
         offload = dataclasses.replace(offload, mode="resident")
     experts = "device" if offload.mode == "resident" else "host"  # offloaded: experts never reach the device whole
     loaded = load_model(settings.model_dir, settings.dtype, str(device), experts)
     k = rank_depth(offload.prefetch_k)
-    hash_fn = decoder_guess = None
+    hash_fn: HashFunction | None = None
+    decoder_guess = None
     if hash_source == "oracle":
         hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=k)
-    elif predictor is not None:
-        pred, _meta = load_predictor(predictor, loaded.fingerprint)
+    elif predictor_path is not None:
+        pred, _meta = load_predictor(predictor_path, loaded.fingerprint)
         hash_fn = PredictorHash(pred.to(device), k=k)
-        decoder_guess = DecoderGuess.load(predictor_folder(predictor), loaded.fingerprint)
+        decoder_guess = DecoderGuess.load(predictor_folder(predictor_path), loaded.fingerprint)
     engine = OffloadEngine(loaded, offload, device)
     if decoder_guess is not None and engine.cache is not None:
         engine.set_decoder_guess(decoder_guess)

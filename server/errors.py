@@ -2,6 +2,9 @@
 envelope (`ErrorResponse`) with its HTTP status — the handlers' own, a request body that fails its model,
 Starlette's unknown path and wrong method, a body FastAPI cannot parse, and an unexpected exception (500).
 
+The workers' own failures are plain exceptions (server/request.py), answered here: `PipelineFailed` is 503
+`worker_failed` with Retry-After.
+
 `type` follows OpenAI: `invalid_request_error` for what the client can fix in the request (400, 404, 405, 408,
 413), `authentication_error` (401), `rate_limit_error` (429), `service_unavailable` (503), `timeout_error`
 (504), `server_error` (500). `code` is machine-readable; `param` names the request field at fault.
@@ -15,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from sida.server.request import PipelineFailed
 from sida.server.schemas import error_body
 
 
@@ -52,6 +56,11 @@ def invalid(message: str, param: str | None = None, code: str | None = None, sta
 async def api_error_handler(request: Request, err: APIError) -> JSONResponse:
     """An `APIError` raised in a handler, as its envelope."""
     return envelope(err)
+
+
+async def pipeline_failed_handler(request: Request, err: PipelineFailed) -> JSONResponse:
+    """A worker stopped before the request was answered: 503, and a restart is due."""
+    return envelope(APIError(503, str(err), "service_unavailable", code="worker_failed", headers={"Retry-After": "1"}))
 
 
 def _code_of(pydantic_type: str) -> str:
@@ -108,6 +117,7 @@ async def server_error_handler(request: Request, err: Exception) -> JSONResponse
 def add_exception_handlers(app: FastAPI) -> None:
     """Answer every refusal with the envelope."""
     app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(PipelineFailed, pipeline_failed_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(Exception, server_error_handler)

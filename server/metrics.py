@@ -41,11 +41,14 @@ class Metrics:
         )
         self.tokens = PCounter("sida_tokens", "Tokens processed", ["kind"], registry=r)
         self.hash_build_seconds = Histogram(
-            "sida_hash_build_seconds", "Predictor time per batch", buckets=LATENCY_BUCKETS, registry=r
+            "sida_hash_build_seconds", "Time to build a batch's hash table", buckets=LATENCY_BUCKETS, registry=r
         )
         self.hash_queue_depth = Gauge("sida_hash_queue_depth", "Hashed batches waiting for inference", registry=r)
         by_stage = PCounter(
-            "sida_batch_errors", "Batches that failed, by worker stage (predict or infer)", ["stage"], registry=r
+            "sida_batch_errors",
+            "Batches that failed, by worker stage (predict: batch worker, infer: inference)",
+            ["stage"],
+            registry=r,
         )
         self.batch_errors = {stage: by_stage.labels(stage) for stage in ("predict", "infer")}
         Info("sida_build", "Build information", registry=r).info({"version": version, "model": model, "mode": mode})

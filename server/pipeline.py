@@ -1,12 +1,13 @@
-"""The serving pipeline: a bounded intake, the predictor worker's thread (batches requests, builds hash table
-i+1) and the single inference worker's thread (owns the model and the expert cache, runs batch i).
+"""The serving pipeline: a bounded intake, the batch worker's thread (batches requests, builds hash table i+1)
+and the single inference worker's thread (owns the model and the expert cache, runs batch i).
 
-   submit_many() ──▶ intake queue ──▶ PredictorWorker.step: Batcher → pad → HashTable ──▶ hash queue (depth 1)
-                                                          ──▶ InferenceWorker.step: run → futures
+   submit_many() ──▶ intake queue ──▶ BatchWorker.step: Batcher → pad → HashTable ──▶ hash queue (depth 1)
+                                                      ──▶ InferenceWorker.step: run → futures
 
 A batch's error stays in the worker (workers.py). A worker thread that ends anyway (an error outside any batch, a
 BaseException) fails the pipeline: every accepted request still waiting is answered 503 at once, later calls are
 refused, the other worker returns, and `on_failure` tells the server, which turns unready and exits non-zero.
+`PipelineFailed` is a plain exception: the HTTP layer (errors.py) answers it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+from sida.offload.contracts import ServingRunner
 from sida.server.batcher import Batcher
-from sida.server.errors import APIError
-from sida.server.request import QueueFull, Request
-from sida.server.workers import InferenceWorker, PredictorWorker, set_thread_count
+from sida.server.request import PipelineFailed, QueueFull, Request
+from sida.server.workers import BatchWorker, InferenceWorker, set_torch_threads
 
 log = logging.getLogger("sida")
 
@@ -29,19 +30,12 @@ _STOP = object()
 _POLL_S = 0.1  # how often a worker blocked on the hash queue looks whether the pipeline has failed
 
 
-class PipelineFailed(APIError):
-    """A worker thread stopped: the request cannot be answered by this process (503; a restart is due)."""
-
-    def __init__(self, reason: str):
-        super().__init__(503, reason, "service_unavailable", code="worker_failed", headers={"Retry-After": "1"})
-
-
 class Pipeline:
     """Owns the queues and the two worker threads; the HTTP layer only calls `submit_many`, `start` and `stop`."""
 
     def __init__(
         self,
-        runner,
+        runner: ServingRunner,
         metrics,
         max_batch_size: int = 32,
         max_batch_tokens: int = 8192,
@@ -49,20 +43,20 @@ class Pipeline:
         max_queue: int = 256,
         hash_depth: int = 1,  # batch i+1 is hashed while batch i runs (paper §3.2)
         shadow_sample_rate: float = 0.0,
-        threads: tuple[int | None, int | None] = (None, None),  # torch threads of (inference, predictor) workers
+        torch_threads: tuple[int | None, int | None] = (None, None),  # of the (inference, batch) workers
     ):
         self.metrics = metrics
         self.max_queue = max_queue
         batcher = Batcher(max_batch_size, max_batch_tokens, max_wait_s)
-        self.predictor = PredictorWorker(runner, batcher, metrics, self._left_queue)
-        self.inference = InferenceWorker(runner, metrics, self._left_queue, shadow_sample_rate)
+        self.batch_worker = BatchWorker(runner, batcher, metrics, self._left_queue)
+        self.inference_worker = InferenceWorker(runner, metrics, self._left_queue, shadow_sample_rate)
         self._intake: queue.Queue = queue.Queue()
         self._hashed: queue.Queue = queue.Queue(maxsize=hash_depth)
-        self._pending = 0  # accepted and not yet started
+        self._queue_depth = 0  # accepted and not yet started
         self._open: set[Request] = set()  # accepted and not yet answered
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._inference_threads, self._predictor_threads = threads
+        self._inference_torch_threads, self._batch_torch_threads = torch_threads
         self.failure: str | None = None  # why a worker thread stopped, once one has
         self.on_failure: Callable[[str], None] | None = None  # called with `failure`, from the dying thread
 
@@ -74,20 +68,20 @@ class Pipeline:
         with self._lock:
             if self.failure is not None:
                 raise PipelineFailed(self.failure)
-            if self._pending + len(reqs) > self.max_queue:
+            if self._queue_depth + len(reqs) > self.max_queue:
                 raise QueueFull
-            self._pending += len(reqs)
+            self._queue_depth += len(reqs)
             self._open.update(reqs)
         for r in reqs:
             r.future.add_done_callback(partial(self._answered, r))
-        self.metrics.queue_depth.set(self._pending)
+        self.metrics.queue_depth.set(self._queue_depth)
         for r in reqs:
             self._intake.put(r)
 
     @property
-    def pending(self) -> int:
+    def queue_depth(self) -> int:
         """Accepted requests not yet started."""
-        return self._pending
+        return self._queue_depth
 
     @property
     def unanswered(self) -> int:
@@ -96,7 +90,7 @@ class Pipeline:
 
     def start(self) -> None:
         """Start both worker threads."""
-        for target, name in ((self._predictor_loop, "predictor"), (self._inference_loop, "inference")):
+        for target, name in ((self._batch_loop, "batch"), (self._inference_loop, "inference")):
             t = threading.Thread(target=self._guard, args=(target, name), name=f"sida-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -113,8 +107,8 @@ class Pipeline:
 
     def _left_queue(self, req: Request) -> None:
         with self._lock:
-            self._pending -= 1
-        self.metrics.queue_depth.set(self._pending)
+            self._queue_depth -= 1
+        self.metrics.queue_depth.set(self._queue_depth)
 
     # ------------------------------------------------------------------ worker threads
 
@@ -137,14 +131,14 @@ class Pipeline:
         if self.on_failure is not None:
             self.on_failure(reason)
 
-    def _predictor_loop(self) -> None:
-        set_thread_count(self._predictor_threads)
+    def _batch_loop(self) -> None:
+        set_torch_threads(self._batch_torch_threads)
         stopping = False
         while self.failure is None:
             # A hashed batch already waits for the inference worker: a batch cut now could not start any sooner,
             # so keep collecting (it grows fuller) and look again for room every few milliseconds.
             room = self._hashed.maxsize - self._hashed.qsize()
-            timeout = self.predictor.batcher.time_to_next(time.monotonic())
+            timeout = self.batch_worker.batcher.time_to_next(time.monotonic())
             if room < 1 and timeout is not None:
                 timeout = max(timeout, 0.002)
             arrived = self._take_arrived(timeout if not stopping else 0)
@@ -154,11 +148,11 @@ class Pipeline:
                 stopping = True
                 arrived = [r for r in arrived if r is not _STOP]
             if room < 1 and not stopping:
-                self.predictor.step(arrived, time.monotonic(), room=0)
+                self.batch_worker.step(arrived, time.monotonic(), room=0)
                 continue
-            for batch in self.predictor.step(arrived, time.monotonic(), None if stopping else room, stopping):
+            for batch in self.batch_worker.step(arrived, time.monotonic(), None if stopping else room, stopping):
                 self._hand_over(batch)
-            if stopping and len(self.predictor.batcher) == 0 and self._intake.empty():
+            if stopping and len(self.batch_worker.batcher) == 0 and self._intake.empty():
                 self._hand_over(_STOP)
                 return
 
@@ -186,7 +180,7 @@ class Pipeline:
                 return items
 
     def _inference_loop(self) -> None:
-        set_thread_count(self._inference_threads)
+        set_torch_threads(self._inference_torch_threads)
         while self.failure is None:
             try:
                 batch = self._hashed.get(timeout=_POLL_S)
@@ -195,4 +189,4 @@ class Pipeline:
             self.metrics.hash_queue_depth.set(self._hashed.qsize())
             if batch is _STOP:
                 return
-            self.inference.step(batch, time.monotonic())
+            self.inference_worker.step(batch, time.monotonic())

@@ -237,25 +237,25 @@ class SidaReplica:
 
 def replica_fields(settings: Settings) -> dict:
     """The settings fields a replica is rebuilt from: those set by file, env or flags (defaults stay defaults,
-    so `mode_is_explicit` means the same in the replica). On CPU an unset `threads` becomes 1: each replica then
+    so `mode_is_explicit` means the same in the replica). On CPU an unset `torch_threads` becomes 1: each replica then
     uses the one core Ray reserves for it."""
     from sida.offload.device import resolve_device  # torch: kept out of Ray's proxy, which imports this module
 
     fields = settings.model_dump(exclude_unset=True)
-    if settings.threads is None and resolve_device(settings.device).type == "cpu":
-        fields["threads"] = 1
+    if settings.torch_threads is None and resolve_device(settings.device).type == "cpu":
+        fields["torch_threads"] = 1
     return fields
 
 
 def deployment(settings: Settings, replicas: int, hash_source: str = "auto"):
-    """The bound application: `replicas` copies of the app; a CPU replica reserves `threads` cores, a CUDA one a
+    """The bound application: `replicas` copies of the app; a CPU replica reserves `torch_threads` cores, a CUDA one a
     GPU. Each replica takes up to `max_queue` calls at once (so its batches can fill) and Ray holds up to
     `max_queue` more per replica's worth before answering 503; a replica's own 429 reaches the client as is."""
     from sida.offload.device import resolve_device  # torch: kept out of Ray's proxy, which imports this module
 
     cuda = resolve_device(settings.device).type == "cuda"
     fields = replica_fields(settings)
-    actor = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": fields["threads"] or 1}
+    actor = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": fields["torch_threads"] or 1}
     options = dict(
         num_replicas=replicas,
         ray_actor_options=actor,

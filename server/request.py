@@ -18,6 +18,10 @@ class DeadlineExceeded(Exception):
     pass
 
 
+class PipelineFailed(Exception):
+    """A worker thread stopped: this process cannot answer the request (a restart is due); the message says why."""
+
+
 @dataclass(eq=False)
 class Request:
     kind: str  # "classify" | "complete"

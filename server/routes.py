@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from sida.offload.runner import Sampling
+from sida.offload.sampling import Sampling
 from sida.offload.tasks import get_task
 from sida.server.errors import APIError, invalid
 from sida.server.request import DeadlineExceeded, QueueFull, Request
@@ -72,9 +72,9 @@ def check_model(opts: ServeOptions, name: str) -> None:
 
 def check_count(state: State, n: int, param: str, what: str = "inputs") -> None:
     """400 when a call has more inputs than the whole queue holds: it could never be accepted, and a 429 would
-    have the client retry it forever. A pipeline without a `max_queue` takes any number."""
-    bound = getattr(state.pipeline, "max_queue", None)
-    if bound is not None and n > bound:
+    have the client retry it forever."""
+    bound = state.pipeline.max_queue
+    if n > bound:
         raise APIError(
             400,
             f"{param}: the call has {n} {what}; a call takes at most {bound} (max_queue)",
@@ -115,12 +115,6 @@ def new_requests(
     return reqs, deadline
 
 
-def served_tasks(state: State) -> list[str] | None:
-    """The classification tasks of the served model; None before setup, or for a runner that does not say (it
-    takes every known task)."""
-    return getattr(state.runner, "tasks", None)
-
-
 def submit(state: State, reqs: list[Request]) -> None:
     """Hand all of a call's requests to the pipeline, or 429 (with Retry-After) if its queue cannot take them."""
     try:
@@ -157,8 +151,8 @@ async def classify(body: ClassifyRequest, http: HTTPRequest) -> Response:
     state: State = http.app.state.sida
     check_model(state.opts, body.model)
     task = get_task(body.task)
-    tasks = served_tasks(state)
-    if tasks is not None and task.name not in tasks:
+    tasks = state.runner.tasks
+    if task.name not in tasks:
         raise invalid(
             f"task: {state.opts.model_name} does not serve task {task.name!r}; it serves {tasks}",
             "task",
@@ -255,9 +249,10 @@ def completion_choice(state: State, body: CompletionRequest, index: int, prompt:
 
 @router.get("/v1/models", response_model=ModelList, responses=_AUTH_ERRORS)
 async def models(http: HTTPRequest) -> ModelList:
-    """The one served model and the classification tasks it serves."""
+    """The one served model and the classification tasks it serves (none listed before setup)."""
     state: State = http.app.state.sida
-    return ModelList(data=[ModelCard(id=state.opts.model_name, tasks=served_tasks(state) or [])])
+    tasks = state.runner.tasks if state.runner is not None else []
+    return ModelList(data=[ModelCard(id=state.opts.model_name, tasks=tasks)])
 
 
 # ---------------------------------------------------------------------------------------------- operations
@@ -284,14 +279,14 @@ async def ready(http: HTTPRequest) -> HealthStatus | Response:
 
 @router.get("/info")
 async def info(http: HTTPRequest) -> dict:
-    """What setup reported (model, fingerprint, device, predictor), readiness, queue depth and the offload
-    engine's summary."""
+    """What setup reported (model, fingerprint, device, what builds the hash tables), readiness, queue depth and
+    the offload engine's summary."""
     state: State = http.app.state.sida
     engine = state.runner.engine if state.runner is not None else None
     return {
         **state.info,
         "ready": state.ready,
-        "queue_depth": state.pipeline.pending if state.pipeline else 0,
+        "queue_depth": state.pipeline.queue_depth if state.pipeline else 0,
         "offload": engine.summary() if engine is not None else None,
     }
 

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     model_dir: Path = DEFAULT_MODEL_DIR
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    torch_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     max_input_tokens: int = 512
     max_new_tokens: int = 32
     batch_size: int = 32  # examples per forward in `sida eval`
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     head_timeout_s: float = 10.0  # a request line and headers not received within this: 408, connection closed
     api_key: str | None = None
     shadow_sample_rate: float = 0.1  # predicted mode: share of batches also routed by the router, for hit rates
-    predictor_threads: int | None = None  # torch threads of the serving predictor worker; None: 1 on CPU
+    hash_torch_threads: int | None = None  # torch threads of the batch worker, which builds hash tables; None: 1 on CPU
     replicas: int | None = None  # `sida serve` as N Ray Serve replicas behind one entry (server/ray_serve.py)
     ray_address: str | None = None  # with replicas: the Ray cluster to join (None: RAY_ADDRESS, else a new one)
     host: str = "127.0.0.1"
@@ -75,8 +75,8 @@ class Settings(BaseSettings):
         return v
 
     @field_validator(
-        "threads",
-        "predictor_threads",
+        "torch_threads",
+        "hash_torch_threads",
         "max_input_tokens",
         "max_new_tokens",
         "batch_size",

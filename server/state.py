@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sida.offload.contracts import ServingRunner
     from sida.server.metrics import Metrics
     from sida.server.pipeline import Pipeline
 
@@ -34,7 +35,7 @@ class State:
         self.ready = False
         self.draining = False
         self.failure: str | None = None  # why a worker stopped: the process exits, non-zero, for a restart
-        self.runner: Any = None
+        self.runner: ServingRunner | None = None
         self.pipeline: Pipeline | None = None
         self.metrics: Metrics | None = None
         self.info: dict = {}

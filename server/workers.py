@@ -1,12 +1,13 @@
 """The two workers of the serving pipeline, each a `step()` that a test can call with a fake runner and clock.
 
-- `PredictorWorker.step(arrived, now, room)`: batches accepted requests (the `Batcher` policy), drops the
+- `BatchWorker.step(arrived, now, room)`: batches accepted requests (the `Batcher` policy), drops the
   expired, pads each batch and builds its hash table ahead of inference (batch i+1 while batch i runs).
 - `InferenceWorker.step(batch, now)`: the only caller of the model: runs a hashed batch (classification or
   completion) and answers its requests.
 
 An exception while a worker prepares or runs a batch fails only that batch's requests; it is logged with its
-traceback and counted in `sida_batch_errors_total{stage}` (`predict` or `infer`), and the worker goes on.
+traceback and counted in `sida_batch_errors_total{stage}` (`predict`: the batch worker's, `infer`: the inference
+worker's), and the worker goes on.
 Threads and queues are the pipeline's (`server/pipeline.py`); nothing here blocks or sleeps.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from sida.offload.contracts import ServingRunner
 from sida.offload.hash_table import HashTable
 from sida.offload.runner import Encoded
 from sida.server.batcher import Batcher
@@ -36,7 +38,7 @@ class HashedBatch:
     enc: Encoded  # input_ids, attention_mask [batch, seq]
     table: HashTable | None
     hash_seconds: float
-    table_event: Any = None  # CUDA event recorded after the table was built on the predictor's stream
+    table_event: Any = None  # CUDA event recorded after the table was built on the batch worker's stream
 
     def keep(self, rows: list[int]) -> HashedBatch:
         """The same batch with only the sequences `rows` (the others' deadline passed)."""
@@ -66,7 +68,7 @@ def fail_batch(requests: list[Request], error: Exception, stage: str, metrics) -
         r.resolve(error=error)
 
 
-def set_thread_count(n: int | None) -> None:
+def set_torch_threads(n: int | None) -> None:
     """This OS thread's torch intra-op thread count (each thread has its own). torch gives a thread its count on
     first use, copied from whichever thread set one last, so that happens first: else the other worker's later
     `set_num_threads` would become this thread's count."""
@@ -75,10 +77,11 @@ def set_thread_count(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-class PredictorWorker:
-    """Cuts batches by the batching policy and builds each one's hash table (on its own CUDA stream on a GPU)."""
+class BatchWorker:
+    """Cuts batches by the batching policy, pads them and builds each one's hash table (on its own CUDA stream on
+    a GPU)."""
 
-    def __init__(self, runner, batcher: Batcher, metrics, on_leave: Callable[[Request], None]):
+    def __init__(self, runner: ServingRunner, batcher: Batcher, metrics, on_leave: Callable[[Request], None]):
         self.runner = runner
         self.batcher = batcher
         self.metrics = metrics
@@ -89,7 +92,7 @@ class PredictorWorker:
     def step(
         self, arrived: list[Request], now: float, room: int | None = None, flush: bool = False
     ) -> list[HashedBatch]:
-        """Take in `arrived`, then cut and hash up to `room` batches (None: all that are due); `flush` cuts
+        """Take in `arrived`, then cut and prepare up to `room` batches (None: all that are due); `flush` cuts
         batches without waiting for them to fill (shutdown)."""
         for r in arrived:
             self.batcher.add(r, r.key, len(r.ids), r.arrival)
@@ -104,26 +107,26 @@ class PredictorWorker:
             if not live:
                 continue
             try:
-                out.append(self.hash(live))
+                out.append(self.prepare(live))
             except Exception as e:  # noqa: BLE001 — one failing batch must not stop the worker
                 for r in live:
                     self.on_leave(r)
                 fail_batch(live, e, "predict", self.metrics)
         return out
 
-    def hash(self, requests: list[Request]) -> HashedBatch:
+    def prepare(self, requests: list[Request]) -> HashedBatch:
         """Pad the requests' ids and build the batch's hash table."""
         t0 = time.perf_counter()
         event = None
         if self._stream is not None:  # never queues behind the kernels of the batch being computed
             with torch.cuda.stream(self._stream):  # the ids are copied on the stream that reads them
                 enc = self.runner.pad([r.ids for r in requests])
-                table = self.runner.hash_table(enc)
+                table = self.runner.build_hash_table(enc)
                 event = torch.cuda.Event()
                 event.record(self._stream)
         else:
             enc = self.runner.pad([r.ids for r in requests])
-            table = self.runner.hash_table(enc)
+            table = self.runner.build_hash_table(enc)
         seconds = time.perf_counter() - t0
         if table is not None:
             self.metrics.hash_build_seconds.observe(seconds)
@@ -133,7 +136,9 @@ class PredictorWorker:
 class InferenceWorker:
     """Runs hashed batches on the model and answers their requests."""
 
-    def __init__(self, runner, metrics, on_leave: Callable[[Request], None], shadow_sample_rate: float = 0.0):
+    def __init__(
+        self, runner: ServingRunner, metrics, on_leave: Callable[[Request], None], shadow_sample_rate: float = 0.0
+    ):
         self.runner = runner
         self.metrics = metrics
         self.on_leave = on_leave
@@ -154,10 +159,10 @@ class InferenceWorker:
 
     def start_and_run(self, batch: HashedBatch, now: float) -> tuple[list[Request], list]:
         """(the requests run, their results): the batch without its expired requests, run on the model."""
-        if batch.table_event is not None:  # the batch is read below: the predictor stream's kernels run first
+        if batch.table_event is not None:  # the batch is read below: the batch worker stream's kernels run first
             compute = torch.cuda.current_stream(self.runner.device)
             compute.wait_event(batch.table_event)
-            # made on the predictor stream, read on this one: their memory is not reused before these reads end
+            # made on the batch worker's stream, read on this one: their memory is not reused before these reads end
             for t in [*batch.enc.values(), *(batch.table.tensors() if batch.table is not None else [])]:
                 t.record_stream(compute)
         live, expired = drop_expired(batch.requests, now)

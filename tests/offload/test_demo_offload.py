@@ -62,7 +62,7 @@ def test_exact_logits_equal_huggingface(demo_dir, data_dir):
     for r in (plain, offloaded):
         enc = r.encode(prompts)
         start = r.loaded.decoder_start_ids(len(prompts))
-        r.begin_batch(enc, start, r.hash_table(enc, start))
+        r.begin_batch(enc, start, r.build_hash_table(enc, start))
         with torch.inference_mode():
             outs.append(r.model(**enc, decoder_input_ids=start).logits)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

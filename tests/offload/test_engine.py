@@ -19,7 +19,7 @@ def forward(loaded, engine=None, hash_fn=None, decoder_len=3):
     enc = runner.encode(PROMPTS)
     dec = torch.zeros((len(PROMPTS), decoder_len), dtype=torch.long)
     dec[:, 1:] = enc["input_ids"][:, : decoder_len - 1]
-    runner.begin_batch(enc, dec, runner.hash_table(enc, dec))
+    runner.begin_batch(enc, dec, runner.build_hash_table(enc, dec))
     with torch.inference_mode():
         return loaded.model(**enc, decoder_input_ids=dec).logits
 
@@ -150,7 +150,7 @@ def test_a_budget_holding_every_expert_needs_no_hash_table(tiny8_dir):
     calls = []
     runner = Runner(loaded, engine=full, hash_fn=lambda *a: calls.append(1))
     enc = runner.encode(PROMPTS)
-    assert not full.wants_hash_table and runner.hash_table(enc, enc["input_ids"][:, :1]) is None and not calls
+    assert not full.wants_hash_table and runner.build_hash_table(enc, enc["input_ids"][:, :1]) is None and not calls
     assert OffloadEngine(load_model(tiny8_dir), OffloadConfig(mode="exact", budget_experts=15), CPU).wants_hash_table
     assert OffloadEngine(
         load_model(tiny8_dir), OffloadConfig(mode="predicted", budget_experts=16), CPU

@@ -14,7 +14,7 @@ SENTENCES = ["a gorgeous , witty , seductive movie .", "a dull , lifeless , bori
 
 def make_client(hash_source="oracle", **overrides):
     settings = load_settings(
-        **{"mode": "exact", "budget_experts": 8, "max_batch_wait_ms": 20, "threads": 1, **overrides}
+        **{"mode": "exact", "budget_experts": 8, "max_batch_wait_ms": 20, "torch_threads": 1, **overrides}
     )
     return TestClient(app_from_settings(settings, hash_source))
 
@@ -38,14 +38,14 @@ def test_classify_agrees_with_the_runner(client, demo_loaded):
 
 
 def test_workers_run_with_their_own_torch_thread_counts(demo_dir):
-    """torch's thread count is per OS thread: the inference worker takes `threads`, the predictor worker
-    `predictor_threads`, whatever thread set a count last."""
+    """torch's thread count is per OS thread: the inference worker takes `torch_threads`, the batch worker
+    `hash_torch_threads`, whatever thread set a count last."""
     import threading
 
     import torch
 
     seen = {}
-    with make_client(threads=2, predictor_threads=1) as c:
+    with make_client(torch_threads=2, hash_torch_threads=1) as c:
         runner = c.app.state.sida.runner
 
         def spy(name, original):
@@ -55,10 +55,10 @@ def test_workers_run_with_their_own_torch_thread_counts(demo_dir):
 
             return call
 
-        for name in ("hash_table", "classify_ids"):
+        for name in ("build_hash_table", "classify_ids"):
             setattr(runner, name, spy(name, getattr(runner, name)))
         assert c.post("/v1/classify", json={"model": MODEL, "input": SENTENCES}).status_code == 200
-    assert seen[("hash_table", "sida-predictor")] == 1 and seen[("classify_ids", "sida-inference")] == 2, seen
+    assert seen[("build_hash_table", "sida-batch")] == 1 and seen[("classify_ids", "sida-inference")] == 2, seen
 
 
 def test_completion_and_stream(client):
@@ -145,7 +145,8 @@ def test_models_health_info(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
     assert client.get("/health/live").status_code == 200
     assert client.get("/health/ready").json() == {"status": "ready"}
-    assert client.get("/info").json()["offload"]["budget_experts"] == 8
+    info = client.get("/info").json()
+    assert info["offload"]["budget_experts"] == 8 and info["hash"] == "oracle"
 
 
 def test_not_ready_before_startup(demo_dir):

@@ -77,8 +77,8 @@ def test_eval_refuses_unlabeled_data(demo_dir, data_dir):
 
 
 def test_config_prints_resolved_settings(demo_dir):
-    r = sida("config", "--threads", "2")
-    assert r.returncode == 0 and "threads: 2" in r.stdout
+    r = sida("config", "--torch-threads", "2")
+    assert r.returncode == 0 and "\ntorch_threads: 2\n" in r.stdout and "\nhash_torch_threads: null\n" in r.stdout
 
 
 def test_predictor_eval_reports_encoder_and_decoder_figures_apart(demo_dir, data_dir):
@@ -102,8 +102,8 @@ def test_predictor_eval_reports_encoder_and_decoder_figures_apart(demo_dir, data
 
 
 def test_build_demo_hands_its_options_to_the_builder_and_other_commands_refuse_unknown_ones(monkeypatch, capsys):
-    from sida.server import cli
     from sida.demo_model import build
+    from sida.server import cli
 
     seen: list[list[str]] = []
     monkeypatch.setattr(build, "main", seen.append)

@@ -85,7 +85,7 @@ def test_on_a_kept_alive_connection_the_next_head_has_its_own_deadline(port):
 
 
 def test_sida_serve_runs_uvicorn_with_its_head_timeout_and_counts_each_one(demo_dir):
-    settings = load_settings(head_timeout_s=TIMEOUT_S, mode="exact", budget_experts=8, threads=1)
+    settings = load_settings(head_timeout_s=TIMEOUT_S, mode="exact", budget_experts=8, torch_threads=1)
     app = app_from_settings(settings)
     config = uvicorn_config(app, settings)
     config.load()

@@ -35,7 +35,7 @@ SENTENCES = [
 def demo_app(**overrides) -> FastAPI:
     """The app `sida serve` builds on the demo model (`app_from_settings`), with settings of choice."""
     return app_from_settings(
-        load_settings(**{"mode": "exact", "budget_experts": 8, "max_batch_wait_ms": 5, "threads": 1, **overrides})
+        load_settings(**{"mode": "exact", "budget_experts": 8, "max_batch_wait_ms": 5, "torch_threads": 1, **overrides})
     )
 
 
@@ -120,7 +120,7 @@ def test_a_burst_over_the_queue_bound_gets_200s_and_429s_while_info_and_metrics_
         float(line.split()[-1]) for r in scrapes for line in r.text.splitlines() if line.startswith("sida_queue_depth ")
     ]
     assert depths and max(depths) <= 4 and max(scraped, default=0) <= 4
-    assert state.pipeline.pending == 0
+    assert state.pipeline.queue_depth == 0
 
 
 def test_info_and_metrics_while_counters_gain_keys(bounded):
@@ -146,6 +146,7 @@ def test_info_and_metrics_while_counters_gain_keys(bounded):
     writer.start()
     try:
         with httpx.Client(base_url=base, timeout=10) as c:
+            assert c.get("/info").json()["hash"] == "predictor"  # the demo model's shipped predictor builds tables
             for _ in range(200):
                 assert c.get("/info").status_code == 200
                 assert c.get("/metrics").status_code == 200
@@ -222,8 +223,8 @@ def test_an_expired_request_gets_504_and_frees_its_place(short_deadline):
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
     assert d.status_code == 200, d.text
     deadline = time.monotonic() + 5
-    while state.pipeline.pending and time.monotonic() < deadline:
+    while state.pipeline.queue_depth and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert state.pipeline.pending == 0  # every place is free again
+    assert state.pipeline.queue_depth == 0  # every place is free again
     with httpx.Client(base_url=base, timeout=30) as client:
         assert [classify(client, t) for t in SENTENCES[:4]]  # a full queue's worth is taken

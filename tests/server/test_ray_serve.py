@@ -53,7 +53,13 @@ def cluster(demo_dir):
     known port every second (Ray's default is 10 s); stopped at the end."""
     port, metrics_port = free_port(), free_port()
     settings = load_settings(
-        None, model_dir=demo_dir, max_batch_size=4, threads=1, port=port, log_level="warning", max_batch_wait_ms=20
+        None,
+        model_dir=demo_dir,
+        max_batch_size=4,
+        torch_threads=1,
+        port=port,
+        log_level="warning",
+        max_batch_wait_ms=20,
     )
     ray.init(
         num_cpus=4,

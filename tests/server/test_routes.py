@@ -18,6 +18,7 @@ from sida.server.request import DeadlineExceeded, QueueFull
 from sida.server.routes import router
 from sida.server.schemas import ClassifyResponse, CompletionChunk, CompletionResponse, ErrorResponse, ModelList
 from sida.server.state import ServeOptions, State
+from tests.server.fakes import FakeRunner
 
 MODEL = "fake-moe"
 OPTS = ServeOptions(
@@ -39,15 +40,6 @@ class Text:
     finish_reason: str
 
 
-class FakeRunner:
-    """One token per word; no engine."""
-
-    engine = None
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return [list(range(len(t.split()))) for t in texts]
-
-
 @dataclass
 class FakePipeline:
     """Answers every request at once on the event loop: 'positive' for classify, 'a b' streamed for complete.
@@ -57,7 +49,8 @@ class FakePipeline:
     fail: Exception | None = None
     hang: bool = False
     seen: list = field(default_factory=list)
-    pending: int = 0
+    max_queue: int = 256
+    queue_depth: int = 0
 
     def submit_many(self, reqs) -> None:
         if self.refuse is not None:

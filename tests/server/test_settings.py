@@ -23,14 +23,14 @@ def test_defaults_point_at_the_demo_model(demo_dir):
 
 
 def test_precedence_yaml_env_flags(tmp_path, tiny_dir, demo_dir, monkeypatch):
-    cfg = write(tmp_path, f"model_dir: {tiny_dir}\nport: 9001\nthreads: 3\n")
+    cfg = write(tmp_path, f"model_dir: {tiny_dir}\nport: 9001\ntorch_threads: 3\n")
     s = load_settings(cfg)
-    assert (s.model_dir, s.port, s.threads) == (tiny_dir, 9001, 3)
+    assert (s.model_dir, s.port, s.torch_threads) == (tiny_dir, 9001, 3)
     monkeypatch.setenv("SIDA_PORT", "9002")
     s = load_settings(cfg)
     assert (s.model_dir, s.port) == (tiny_dir, 9002)
-    s = load_settings(cfg, port=9003, model_dir=str(demo_dir), threads=None)  # None = flag not given
-    assert (s.model_dir, s.port, s.threads) == (demo_dir, 9003, 3)
+    s = load_settings(cfg, port=9003, model_dir=str(demo_dir), torch_threads=None)  # None = flag not given
+    assert (s.model_dir, s.port, s.torch_threads) == (demo_dir, 9003, 3)
 
 
 def test_config_file_from_env(tmp_path, tiny_dir, monkeypatch):
@@ -49,8 +49,8 @@ def test_wrong_type_is_named(tmp_path):
 
 
 def test_bad_env_value_is_named(monkeypatch):
-    monkeypatch.setenv("SIDA_THREADS", "0")
-    with pytest.raises(SettingsError, match="setting 'threads': must be >= 1"):
+    monkeypatch.setenv("SIDA_HASH_TORCH_THREADS", "0")
+    with pytest.raises(SettingsError, match="setting 'hash_torch_threads': must be >= 1"):
         load_settings()
 
 

@@ -16,17 +16,17 @@ import torch
 from fastapi.testclient import TestClient
 
 from sida.offload.hash_table import HashTable
-from sida.offload.runner import Classification
 from sida.offload.tasks import get_task
 from sida.server import cli
 from sida.server.app import build_app
 from sida.server.batcher import Batcher
 from sida.server.metrics import Metrics
-from sida.server.pipeline import Pipeline, PipelineFailed
-from sida.server.request import Request
+from sida.server.pipeline import Pipeline
+from sida.server.request import PipelineFailed, Request
 from sida.server.state import ServeOptions
-from sida.server.workers import HashedBatch, InferenceWorker, PredictorWorker
+from sida.server.workers import BatchWorker, HashedBatch, InferenceWorker
 from tests.live_server import free_port
+from tests.server.fakes import FakeRunner
 
 TASK = get_task("sst2")
 MODEL = "fake-moe"
@@ -36,11 +36,9 @@ class Crash(BaseException):
     """What no `except Exception` catches: a worker thread that raises it dies."""
 
 
-class FaultyRunner:
-    """A runner whose methods raise `faults[name]` (an exception instance) once each, then work: rows are labelled
-    by their first token's parity. `gate` (if set) holds classify_ids until it is set."""
-
-    device = torch.device("cpu")
+class FaultyRunner(FakeRunner):
+    """The fake runner, whose methods raise `faults[name]` (an exception instance) once each, then work: rows are
+    labelled by their first token's parity. `gate` (if set) holds classify_ids until it is set."""
 
     def __init__(self, **faults: BaseException):
         self.faults = faults
@@ -57,23 +55,18 @@ class FaultyRunner:
 
     def pad(self, ids):
         self._maybe_raise("pad")
-        width = max(len(x) for x in ids)
-        return {
-            "input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-        }
+        return super().pad(ids)
 
-    def hash_table(self, enc):
-        self._maybe_raise("hash_table")
-        first = enc["input_ids"][:, :1, None].expand(-1, enc["input_ids"].shape[1], 1)  # [batch, seq, 1]
-        return HashTable({0: first.clone()}, {0: torch.ones(first.shape[:2])})
+    def build_hash_table(self, enc, decoder_input_ids=None):
+        self._maybe_raise("build_hash_table")
+        return super().build_hash_table(enc, decoder_input_ids)
 
-    def classify_ids(self, enc, task, table, shadow):
+    def classify_ids(self, enc, task, hash_table=None, shadow=False):
         self.calls += 1
         if self.gate is not None:
             self.gate.wait(10)
         self._maybe_raise("classify_ids")
-        return [Classification(task.labels[x % 2], {}) for x in enc["input_ids"][:, 0].tolist()]
+        return super().classify_ids(enc, task, hash_table, shadow)
 
 
 def request(loop, first: int, deadline: float = 100.0) -> Request:
@@ -96,10 +89,10 @@ def errors(metrics: Metrics, stage: str) -> float:
 # ---------------------------------------------------------------------------------------------- one batch fails
 
 
-@pytest.mark.parametrize("fault", ["pad", "hash_table"])
-def test_a_predictor_fault_fails_its_batch_only_and_the_worker_goes_on(loop, caplog, fault):
+@pytest.mark.parametrize("fault", ["pad", "build_hash_table"])
+def test_a_batch_worker_fault_fails_its_batch_only_and_the_worker_goes_on(loop, caplog, fault):
     runner, metrics, left = FaultyRunner(**{fault: ValueError(f"{fault} broke")}), Metrics(), []
-    worker = PredictorWorker(runner, Batcher(2, 10_000, 0.0), metrics, left.append)
+    worker = BatchWorker(runner, Batcher(2, 10_000, 0.0), metrics, left.append)
     bad, good = [request(loop, 2), request(loop, 4)], [request(loop, 3)]
     with caplog.at_level(logging.ERROR, logger="sida"):
         batches = worker.step(bad, now=0.0)
@@ -146,7 +139,7 @@ def pipeline_with(runner, metrics=None) -> Pipeline:
     return Pipeline(runner, metrics or Metrics(), max_batch_size=2, max_wait_s=0.001)
 
 
-@pytest.mark.parametrize("fault", ["hash_table", "classify_ids"])
+@pytest.mark.parametrize("fault", ["build_hash_table", "classify_ids"])
 def test_a_dead_worker_fails_every_pending_request_and_the_pipeline_stops(loop, caplog, fault):
     runner = FaultyRunner(**{fault: Crash("injected")})
     runner.gate = threading.Event()  # holds the first batch in the model while the others queue
@@ -166,12 +159,12 @@ def test_a_dead_worker_fails_every_pending_request_and_the_pipeline_stops(loop, 
         done.start()
         done.join(5)
     assert not done.is_alive(), "stop() must return once a worker has died"
-    worker = "predictor" if fault == "hash_table" else "inference"
+    worker = "batch" if fault == "build_hash_table" else "inference"
     assert failures == [pipeline.failure] and pipeline.failure.startswith(f"the {worker} worker stopped: Crash")
     loop.run_until_complete(asyncio.sleep(0))
     assert all(r.future.done() for r in reqs)
     answers = [r.future.exception() for r in reqs]
-    assert all(isinstance(e, PipelineFailed) and e.status == 503 for e in answers), answers
+    assert all(isinstance(e, PipelineFailed) and str(e) == pipeline.failure for e in answers), answers
     assert "Traceback" in caplog.text and "injected" in caplog.text
     with pytest.raises(PipelineFailed):
         pipeline.submit_many([request(loop, 9, deadline=time.monotonic() + 100)])

@@ -3,47 +3,35 @@
 import asyncio
 
 import pytest
-import torch
 
-from sida.offload.hash_table import HashTable
-from sida.offload.runner import Classification
 from sida.offload.tasks import get_task
 from sida.server.batcher import Batcher
 from sida.server.metrics import Metrics
 from sida.server.request import DeadlineExceeded, Request
-from sida.server.workers import HashedBatch, InferenceWorker, PredictorWorker
+from sida.server.workers import BatchWorker, HashedBatch, InferenceWorker
+from tests.server import fakes
 
 TASK = get_task("sst2")
 
 
-class FakeRunner:
-    """Pads like the real runner; its hash table marks each row with its first token; classification labels
-    each row by its first token's parity and records what it was given."""
-
-    device = torch.device("cpu")
+class FakeRunner(fakes.FakeRunner):
+    """The fake runner, recording the first token of each row it built a table for and what each classification
+    was given; call number `fail_on_call` fails."""
 
     def __init__(self, fail_on_call: int | None = None):
         self.calls: list[dict] = []
         self.hashed: list[list[int]] = []
         self.fail_on_call = fail_on_call
 
-    def pad(self, ids):
-        width = max(len(x) for x in ids)
-        return {
-            "input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-        }
-
-    def hash_table(self, enc):
+    def build_hash_table(self, enc, decoder_input_ids=None):
         self.hashed.append(enc["input_ids"][:, 0].tolist())
-        first = enc["input_ids"][:, :1, None].expand(-1, enc["input_ids"].shape[1], 1)  # [batch, seq, 1]
-        return HashTable({0: first.clone()}, {0: torch.ones(first.shape[:2])})
+        return super().build_hash_table(enc, decoder_input_ids)
 
-    def classify_ids(self, enc, task, table, shadow):
-        self.calls.append({"firsts": enc["input_ids"][:, 0].tolist(), "table": table, "shadow": shadow})
+    def classify_ids(self, enc, task, hash_table=None, shadow=False):
+        self.calls.append({"firsts": enc["input_ids"][:, 0].tolist(), "table": hash_table, "shadow": shadow})
         if self.fail_on_call == len(self.calls):
             raise RuntimeError("expert forward failed")
-        return [Classification(task.labels[x % 2], {}) for x in enc["input_ids"][:, 0].tolist()]
+        return super().classify_ids(enc, task, hash_table, shadow)
 
 
 def request(loop, first: int, arrival: float = 0.0, deadline: float = 100.0, length: int = 3, key=("classify", "sst2")):
@@ -69,17 +57,17 @@ class Left:
         self.requests.append(r)
 
 
-def predictor(runner, left, size=4, wait=0.01):
-    return PredictorWorker(runner, Batcher(size, 10_000, wait), Metrics(), left)
+def batch_worker(runner, left, size=4, wait=0.01):
+    return BatchWorker(runner, Batcher(size, 10_000, wait), Metrics(), left)
 
 
 def firsts(batches) -> list[list[int]]:
     return [[r.ids[0] for r in b.requests] for b in batches]
 
 
-def test_predictor_cuts_full_or_overdue_groups_oldest_first_and_hashes_each(loop):
+def test_batch_worker_cuts_full_or_overdue_groups_oldest_first_and_hashes_each(loop):
     runner, left = FakeRunner(), Left()
-    worker = predictor(runner, left, size=4, wait=0.01)
+    worker = batch_worker(runner, left, size=4, wait=0.01)
     a = [request(loop, 10 + i, arrival=0.0, key="a") for i in range(2)]
     b = [request(loop, 20 + i, arrival=0.001, key="b") for i in range(4)]
     assert firsts(worker.step(a + b, now=0.002)) == [[20, 21, 22, 23]]  # b is full; a has not waited long enough
@@ -91,9 +79,9 @@ def test_predictor_cuts_full_or_overdue_groups_oldest_first_and_hashes_each(loop
     assert firsts(worker.step(c + d, now=0.1)) == [[30], [40]]  # both overdue: the older group goes first
 
 
-def test_predictor_respects_room_and_flush(loop):
+def test_batch_worker_respects_room_and_flush(loop):
     runner, left = FakeRunner(), Left()
-    worker = predictor(runner, left, size=2, wait=10.0)
+    worker = batch_worker(runner, left, size=2, wait=10.0)
     reqs = [request(loop, i, arrival=0.0) for i in range(5)]
     first = worker.step(reqs, now=0.0, room=1)
     assert [[r.ids[0] for r in b.requests] for b in first] == [[0, 1]]  # full batches only, one at a time
@@ -103,9 +91,9 @@ def test_predictor_respects_room_and_flush(loop):
     assert left.requests == []  # nothing left the queue yet: batches are only hashed
 
 
-def test_predictor_drops_requests_whose_deadline_passed_before_hashing(loop):
+def test_batch_worker_drops_requests_whose_deadline_passed_before_hashing(loop):
     runner, left = FakeRunner(), Left()
-    worker = predictor(runner, left, size=4, wait=0.0)
+    worker = batch_worker(runner, left, size=4, wait=0.0)
     late, ok = request(loop, 1, deadline=0.5), request(loop, 2, deadline=5.0)
     batches = worker.step([late, ok], now=1.0)
     settle(loop)
@@ -116,7 +104,7 @@ def test_predictor_drops_requests_whose_deadline_passed_before_hashing(loop):
 
 def hashed(runner, reqs) -> HashedBatch:
     enc = runner.pad([r.ids for r in reqs])
-    return HashedBatch(reqs, enc, runner.hash_table(enc), 0.0)
+    return HashedBatch(reqs, enc, runner.build_hash_table(enc), 0.0)
 
 
 def test_inference_answers_the_live_rows_of_a_partly_expired_batch(loop):
