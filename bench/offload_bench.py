@@ -318,7 +318,7 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
         acc = AccelerateOffload(loaded, fraction, device, Path(folder.name), uncached=work.tier == "disk")
         runner = Runner(loaded, str(device), 10**6)
     else:
-        from sida.predictor.artifact import PredictorHash
+        from sida.predictor.network import PredictorHash
 
         mode = "exact" if method in ("lru", "layered") else method
         policies = {"lru": "lru", "layered": "layered"}  # the baselines' policies; sida's methods use the preset's

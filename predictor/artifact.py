@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sida.offload.hash_table import HashTable
 from sida.predictor.network import HashPredictor, PredictorArch
 
 
@@ -74,23 +72,3 @@ def load_predictor(path: str | Path, fingerprint: str) -> tuple[HashPredictor, d
         first = str(e).strip().splitlines()[0]
         raise PredictorError(f"{weights} does not match the architecture in {meta_path.name}: {first}") from None
     return pred.eval(), meta
-
-
-class PredictorHash:
-    """The runner's `HashFunction` (offload/contracts.py) from a trained predictor: input_ids and attention_mask
-    [batch, seq] → HashTable of the encoder MoE layers (top-k experts [batch, seq, k] and α [batch, seq] per
-    layer). Decoder layers are not in the table: the router routes them."""
-
-    def __init__(self, pred: HashPredictor, k: int = 3):
-        self.pred = pred
-        self.k = min(k, pred.arch.num_experts)
-
-    @torch.inference_mode()
-    def __call__(self, input_ids, attention_mask, decoder_input_ids=None) -> HashTable:
-        """The HashTable of one batch; `decoder_input_ids` is accepted for the runner's signature and unused."""
-        logits = self.pred(input_ids, attention_mask)  # [layers, batch, seq, E]
-        probs = logits.float().softmax(-1)
-        top = probs.topk(self.k, dim=-1)
-        experts = {layer: top.indices[i] for i, layer in enumerate(self.pred.arch.layers)}
-        alphas = {layer: top.values[i][..., 0] for i, layer in enumerate(self.pred.arch.layers)}
-        return HashTable(experts, alphas)

@@ -1,5 +1,6 @@
 """The hash function (paper §3.4): frozen token embeddings → Linear → 2-layer LSTM → sparsemax attention
-over the sequence → residual → one head per predicted MoE layer.
+over the sequence → residual → one head per predicted MoE layer; `PredictorHash` turns its output into a batch's
+hash table.
 
 The encoder's whole input is known before inference, so the LSTM is bidirectional. A head's softmax is
 trained (truncated KD) towards the router's distribution, so its top-1 probability serves as α.
@@ -14,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from sparsemax import Sparsemax
 from torch import nn
+
+from sida.offload.hash_table import HashTable
 
 
 @dataclass(frozen=True)
@@ -180,3 +183,23 @@ def sparsemax_small_support(scores: torch.Tensor, full: Sparsemax, ks: tuple[int
     if wide.any():
         out[wide] = sparsemax_small_support(scores[wide], full, tuple(wider)) if wider else full(scores[wide])
     return out
+
+
+class PredictorHash:
+    """The runner's `HashFunction` (offload/contracts.py) from a trained predictor: input_ids and attention_mask
+    [batch, seq] → HashTable of the encoder MoE layers (top-k experts [batch, seq, k] and α [batch, seq] per
+    layer). Decoder layers are not in the table: the router routes them."""
+
+    def __init__(self, pred: HashPredictor, k: int = 3):
+        self.pred = pred
+        self.k = min(k, pred.arch.num_experts)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, attention_mask, decoder_input_ids=None) -> HashTable:
+        """The HashTable of one batch; `decoder_input_ids` is accepted for the runner's signature and unused."""
+        logits = self.pred(input_ids, attention_mask)  # [layers, batch, seq, E]
+        probs = logits.float().softmax(-1)
+        top = probs.topk(self.k, dim=-1)
+        experts = {layer: top.indices[i] for i, layer in enumerate(self.pred.arch.layers)}
+        alphas = {layer: top.values[i][..., 0] for i, layer in enumerate(self.pred.arch.layers)}
+        return HashTable(experts, alphas)

@@ -13,8 +13,9 @@ from sida.offload.engine import OffloadEngine
 from sida.offload.hash_table import rank_depth
 from sida.offload.model_loader import load_model
 from sida.offload.runner import Runner
-from sida.predictor.artifact import PredictorHash, find_predictor, load_predictor, predictor_folder
+from sida.predictor.artifact import find_predictor, load_predictor, predictor_folder
 from sida.predictor.decoder_guess import DecoderGuess
+from sida.predictor.network import PredictorHash
 from sida.predictor.oracle import OracleHash
 from sida.server.settings import Settings
 

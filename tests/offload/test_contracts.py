@@ -11,8 +11,8 @@ import torch
 
 from sida.offload.contracts import DecodeStepGuesser, HashFunction, ServingRunner
 from sida.offload.runner import Runner
-from sida.predictor.artifact import PredictorHash
 from sida.predictor.decoder_guess import DecoderGuess
+from sida.predictor.network import PredictorHash
 from sida.predictor.oracle import OracleHash
 from tests.server import fakes
 from tests.server.test_worker_faults import FaultyRunner

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from sida.offload.model_loader import load_model
-from sida.predictor.artifact import PredictorError, PredictorHash, find_predictor, load_predictor, save_predictor
+from sida.predictor.artifact import PredictorError, find_predictor, load_predictor, save_predictor
+from sida.predictor.network import PredictorHash
 from sida.predictor.traces import collect_traces
 from sida.predictor.train import TrainConfig, hit_rates, tkd_loss, train
 from tests.conftest import TINY_TEXTS
