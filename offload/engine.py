@@ -233,8 +233,9 @@ class OffloadEngine:
         self.cache.prefetch([(layer, e) for e in experts])
 
     def _guess_decoder_step(self, decoder_input_ids: torch.Tensor) -> bool:
-        """Every decoder MoE layer's guessed experts for the positions of this decoder call; False without a guess."""
-        if self.decoder_guess is None or not self.decoder_layers:
+        """Every decoder MoE layer's guessed experts for the positions of this decoder call; False without a guess
+        or where guessing changes nothing (see `wants_hash_table`: the same holds for a decoder step's guess)."""
+        if self.decoder_guess is None or not self.decoder_layers or not self.wants_hash_table:
             return False
         ctx = self.context
         first = ctx.offsets[self.decoder_layers[0]]
