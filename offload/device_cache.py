@@ -2,7 +2,8 @@
 
 The pool is allocated up front (no allocator churn; `grow` adds slots once, when an automatic budget has been
 measured); the budget is the number of slots and is never exceeded. Every slot's bytes are placed through a
-`DeviceMemory` account.
+`DeviceMemory` account. Each slot is one `Slot` record whose transitions (free → loading → ready ⇄ pinned, and
+back to free) are its methods, the only code that changes a slot.
 All accounting of expert movement lives here and is read by eval and metrics, never recomputed.
 """
 
@@ -12,12 +13,13 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
-from sida.offload.memory import DeviceMemory, aligned_empty
 from sida.offload.expert_layout import ExpertKey
 from sida.offload.expert_store import ExpertStore
+from sida.offload.memory import DeviceMemory, aligned_empty
 from sida.offload.policies import EvictionPolicy
 from sida.offload.transfer import Transfer
 
@@ -58,6 +60,80 @@ class CacheStats:
         return self.hits / self.lookups if self.lookups else None
 
 
+class SlotState(Enum):
+    """Where a slot is in its life: empty, being filled, holding an expert, or holding one compute reads now."""
+
+    FREE = "free"
+    LOADING = "loading"
+    READY = "ready"
+    PINNED = "pinned"  # ready, with pins > 0
+
+
+class SlotStateError(RuntimeError):
+    """A slot was asked for a transition its state does not allow (a bug in the cache, never a user error)."""
+
+
+@dataclass(eq=False)
+class Slot:
+    """One device buffer and everything known about it. Its transitions are its methods, and only they change it.
+
+    `last_read` is the event after the last kernels that read the slot (CUDA; None on CPU): a copy into the slot
+    must be ordered after it. Only `loaded` drops it, once a copy ordered after it has been waited for; every way
+    back to free (eviction, a cancelled or failed load) keeps it for the next copy."""
+
+    index: int
+    tensor: torch.Tensor = field(repr=False)  # [numel] the packed expert, on the device
+    raw: torch.Tensor | None = field(repr=False)  # CPU: the slot's aligned bytes [read_bytes], for disk reads
+    views: dict[str, torch.Tensor] = field(repr=False)  # parameter views into `tensor`
+    key: ExpertKey | None = None
+    state: SlotState = SlotState.FREE
+    pins: int = 0
+    pending: object | None = None  # the load's handle until it is waited for
+    last_read: object | None = None
+    prefetched_unused: bool = False  # holds (or loads) a prefetched expert no layer has used yet
+
+    def _require(self, action: str, *states: SlotState) -> None:
+        if self.state not in states:
+            raise SlotStateError(f"slot {self.index} ({self.key}) is {self.state.value}: cannot {action}")
+
+    def start_load(self, key: ExpertKey, handle: object | None, prefetch: bool) -> None:
+        """free → loading: a copy of `key` was started (ordered after `last_read`); `handle` waits for it."""
+        self._require("start a load", SlotState.FREE)
+        self.key, self.state, self.pending, self.prefetched_unused = key, SlotState.LOADING, handle, prefetch
+
+    def loaded(self) -> None:
+        """loading → ready: the copy (ordered after `last_read`) has been waited for; any later copy follows it on
+        the same stream, so the event has served."""
+        self._require("finish a load", SlotState.LOADING)
+        self.state, self.pending, self.last_read = SlotState.READY, None, None
+
+    def pin(self) -> None:
+        """ready/pinned → pinned: one more compute user."""
+        self._require("pin", SlotState.READY, SlotState.PINNED)
+        self.state, self.pins = SlotState.PINNED, self.pins + 1
+
+    def unpin(self, reads_done: object | None) -> None:
+        """pinned → pinned/ready: one user fewer; `reads_done` (after every read queued so far) is the new
+        last reader."""
+        self._require("unpin", SlotState.PINNED)
+        self.pins -= 1
+        if self.pins == 0:
+            self.state = SlotState.READY
+        if reads_done is not None:
+            self.last_read = reads_done
+
+    def take_unused(self) -> bool:
+        """Whether this was a prefetch no layer had used yet; it counts once (used, or evicted unused)."""
+        unused, self.prefetched_unused = self.prefetched_unused, False
+        return unused
+
+    def give_back(self) -> None:
+        """loading/ready → free (evicted, or its load cancelled or failed), keeping `last_read`: the next copy into
+        the slot must still wait for those readers."""
+        self._require("be given back", SlotState.LOADING, SlotState.READY)
+        self.key, self.state, self.pending, self.prefetched_unused = None, SlotState.FREE, None, False
+
+
 class DeviceExpertCache:
     """`num_slots` device buffers of one packed expert each; `acquire` pins experts for compute (loading misses),
     `prefetch` starts loads ahead into free or evictable slots, `release` unpins."""
@@ -79,15 +155,10 @@ class DeviceExpertCache:
         self.transfer = transfer
         self.memory = memory or DeviceMemory(device)
         self.num_slots = 0
-        self._slots: list[torch.Tensor] = []
-        self._raw: list[torch.Tensor | None] = []  # CPU: each slot's aligned bytes, which disk reads fill directly
-        self._views: list[dict[str, torch.Tensor]] = []
-        self._unused: set[int] = set()  # slots holding a prefetched expert no layer has used yet
-        self._free: list[int] = []  # popped from the end: lowest slot first
-        self._slot_of: dict[ExpertKey, int] = {}
-        self._pins: Counter = Counter()
-        self._pending: dict[int, object] = {}  # slot → copy handle not yet waited for
-        self._last_read: dict[int, object] = {}  # slot → event after the last kernels that read it (CUDA)
+        self.slots: list[Slot] = []
+        # kept by `_load` and `_give_back` only, together with the slot's own transition
+        self._by_key: dict[ExpertKey, Slot] = {}  # loading or resident
+        self._free: list[Slot] = []  # popped from the end: lowest slot first
         self.stats = CacheStats()
         self.grow(num_slots)
 
@@ -97,35 +168,43 @@ class DeviceExpertCache:
             return
         layout = self.store.layout
         self.memory.place("experts", n * layout.nbytes)
-        first = self.num_slots
-        for _ in range(n):
+        added = []
+        for index in range(self.num_slots, self.num_slots + n):
             if self.device.type == "cpu":
                 raw = aligned_empty(self.store.read_bytes)
-                slot = raw[: layout.nbytes].view(layout.dtype)
+                tensor = raw[: layout.nbytes].view(layout.dtype)  # [numel]
             else:
-                raw, slot = None, torch.empty(layout.numel, dtype=layout.dtype, device=self.device)
-            self._raw.append(raw)
-            self._slots.append(slot)
-            self._views.append(layout.views(slot))
-        self._free[:0] = range(first + n - 1, first - 1, -1)
+                raw, tensor = None, torch.empty(layout.numel, dtype=layout.dtype, device=self.device)
+            added.append(Slot(index, tensor, raw, layout.views(tensor)))
+        self.slots += added
+        self._free[:0] = reversed(added)
         self.num_slots += n
 
     # ------------------------------------------------------------------ queries
 
     @property
     def resident_keys(self) -> list[ExpertKey]:
-        return list(self._slot_of)
+        return list(self._by_key)
 
     def is_resident(self, key: ExpertKey) -> bool:
-        return key in self._slot_of
+        return key in self._by_key
+
+    def slot_of(self, key: ExpertKey) -> Slot | None:
+        """The slot loading or holding `key`, if any."""
+        return self._by_key.get(key)
 
     @property
     def budget_bytes(self) -> int:
         return self.num_slots * self.store.expert_bytes
 
+    @property
+    def pinned_keys(self) -> list[ExpertKey]:
+        """Experts acquired and not yet released."""
+        return [k for k, slot in self._by_key.items() if slot.state is SlotState.PINNED]
+
     def waves(self, keys: list[ExpertKey]) -> list[list[ExpertKey]]:
         """Split a layer's experts into groups that fit the free-able slots; resident ones go first."""
-        room = self.num_slots - sum(1 for k in self._pins if self._pins[k] > 0)
+        room = self.num_slots - len(self.pinned_keys)
         if room < 1:
             raise RuntimeError("every slot is pinned; release experts before acquiring more")
         ordered = sorted(keys, key=lambda k: not self.is_resident(k))
@@ -142,12 +221,10 @@ class DeviceExpertCache:
         wanted = set(keys) | set(protect)
         started = 0
         for key in keys:
-            if key in self._slot_of:
+            if key in self._by_key:
                 continue
-            slot = self._take_slot(protect=wanted)
-            if slot is None:
+            if not self._load(key, protect=wanted, prefetch=True):
                 break
-            self._load(key, slot, prefetch=True)
             self.stats.prefetch_loads += 1
             started += 1
         return started
@@ -157,14 +234,12 @@ class DeviceExpertCache:
         I/O queue moves on to what is needed and their slots are free again. Returns how many were dropped."""
         needed = set(needed)
         dropped = 0
-        for key, slot in list(self._slot_of.items()):
-            if key[0] != layer or key in needed or slot not in self._unused:
+        for key, slot in list(self._by_key.items()):
+            if key[0] != layer or key in needed or not slot.prefetched_unused or slot.pending is None:
                 continue
-            handle = self._pending.get(slot)
-            if handle is None or not self.transfer.cancel(handle):
+            if not self.transfer.cancel(slot.pending):
                 continue
-            del self._pending[slot]
-            self._drop(key)
+            self._give_back(slot)  # the copy never started: the slot keeps its last reader's event
             self.stats.prefetch_loads -= 1  # never read: neither a load nor bytes moved
             self.stats.bytes_moved -= self.store.expert_bytes
             self.stats.prefetch_cancelled += 1
@@ -190,13 +265,11 @@ class DeviceExpertCache:
 
     def _start_misses(self, keys: list[ExpertKey]) -> set[ExpertKey]:
         """Start loading every key that is not resident (the layer waits for these: on-demand loads)."""
-        missed = [k for k in dict.fromkeys(keys) if k not in self._slot_of]
+        missed = [k for k in dict.fromkeys(keys) if k not in self._by_key]
         t0 = time.perf_counter()
         for key in missed:
-            slot = self._take_slot(protect=set(keys))
-            if slot is None:
+            if not self._load(key, protect=set(keys)):
                 raise RuntimeError("no evictable slot: too many experts pinned")
-            self._load(key, slot)
             self.stats.on_demand_loads += 1
         if missed:  # copies that complete as they start (RAM on CPU) are all stall
             self._stall(missed[0][0], time.perf_counter() - t0)
@@ -212,20 +285,19 @@ class DeviceExpertCache:
             self.stats.hits += 1
             self.stats.hits_by_layer[layer] += 1
         self.policy.on_access(key)
-        slot = self._slot_of[key]
-        if slot in self._unused:
-            self._unused.discard(slot)
+        slot = self._by_key[key]
+        if slot.take_unused():
             self.stats.prefetch_used_bytes[layer] += self.store.expert_bytes
-        handle = self._pending.pop(slot, None)
-        if handle is not None:  # still loading: compute waits for it; where the host has to wait, a stall
-            late = missed or not self.transfer.done(handle)
+        if slot.state is SlotState.LOADING:  # compute waits for the copy; where the host has to wait, a stall
+            late = missed or not self.transfer.done(slot.pending)
             try:
-                self._stall(layer, self.transfer.wait(handle, block=late))
+                self._stall(layer, self.transfer.wait(slot.pending, block=late))
             except BaseException:
-                self._drop(key)  # the read failed: the slot is free again and the expert not resident
+                self._give_back(slot)  # the read failed: the expert is not resident, the slot free again
                 raise
-        self._pins[key] += 1
-        return self._views[slot]
+            slot.loaded()
+        slot.pin()
+        return slot.views
 
     def _stall(self, layer: int, seconds: float) -> None:
         self.stats.stall_seconds += seconds
@@ -234,66 +306,55 @@ class DeviceExpertCache:
     def release(self, keys: Iterable[ExpertKey]) -> None:
         """Unpin `keys` (once per acquire); unpinned experts stay resident until evicted."""
         for key in keys:
-            if self._pins[key] <= 0:
+            slot = self._by_key.get(key)
+            if slot is None or slot.state is not SlotState.PINNED:
                 raise RuntimeError(f"expert {key} released more often than acquired")
-            self._pins[key] -= 1
-            if self._pins[key] == 0:
-                del self._pins[key]
-            done = self.transfer.reads_done()  # a later copy into this slot waits for these kernels only
-            if done is not None:
-                self._last_read[self._slot_of[key]] = done
+            slot.unpin(self.transfer.reads_done())  # a later copy into this slot waits for these kernels only
 
-    @property
-    def pinned_keys(self) -> list[ExpertKey]:
-        """Experts acquired and not yet released."""
-        return list(self._pins)
+    # ------------------------------------------------------------------ slot bookkeeping
 
-    def _take_slot(self, protect: set[ExpertKey]) -> int | None:
-        if self._free:
-            return self._free.pop()
-        candidates = [k for k in self._slot_of if k not in self._pins and k not in protect]
-        if not candidates:
-            return None
-        victim = self.policy.victim(candidates)
-        slot = self._slot_of.pop(victim)
-        self.policy.on_remove(victim)
-        self._settle(slot)
-        if slot in self._unused:
-            self._unused.discard(slot)
-            self.stats.prefetch_unused_bytes[victim[0]] += self.store.expert_bytes
-        self.stats.evictions += 1
-        return slot
-
-    def _settle(self, slot: int) -> None:
-        """Let a load still writing into `slot` finish before the slot is reused (its outcome no longer matters)."""
-        handle = self._pending.pop(slot, None)
-        if handle is not None:
-            try:
-                self.transfer.wait(handle, block=True)
-            except Exception:  # noqa: BLE001 — the expert it was loading is being evicted anyway
-                pass
-
-    def _drop(self, key: ExpertKey) -> None:
-        """Forget `key` after its load failed: its slot goes back to the free list."""
-        slot = self._slot_of.pop(key)
-        self.policy.on_remove(key)
-        self._unused.discard(slot)
-        self._free.append(slot)
-
-    def _load(self, key: ExpertKey, slot: int, prefetch: bool = False) -> None:
-        """Start loading `key` into `slot`; its handle waits in `_pending` for the first acquire."""
-        try:
-            after = self._last_read.get(slot)
-            handle = self.transfer.load(self.store, key, self._slots[slot], self._raw[slot], after)
-        except BaseException:
-            self._free.append(slot)  # the load could not start: the slot stays usable, empty
-            raise
-        self._last_read.pop(slot, None)
-        self._slot_of[key] = slot
+    def _load(self, key: ExpertKey, protect: set[ExpertKey], prefetch: bool = False) -> bool:
+        """Start loading `key` into a free slot, evicting an unpinned expert outside `protect` when none is free.
+        False when every slot is held; the handle waits in the slot for the first acquire."""
+        if not self._free and not self._evict(protect):
+            return False
+        slot = self._free[-1]
+        # ordered after the slot's last readers; if this raises, the slot stays free, its event kept
+        handle = self.transfer.load(self.store, key, slot.tensor, slot.raw, slot.last_read)
+        self._free.pop()
+        slot.start_load(key, handle, prefetch)
+        if handle is None:  # the copy completed as it started
+            slot.loaded()
+        self._by_key[key] = slot
         self.policy.on_insert(key)
         self.stats.bytes_moved += self.store.expert_bytes
-        self.stats.peak_resident = max(self.stats.peak_resident, len(self._slot_of))
-        if prefetch:
-            self._unused.add(slot)
-        if handle is not None:
-            self._pending[slot] = handle
+        self.stats.peak_resident = max(self.stats.peak_resident, len(self._by_key))
+        return True
+
+    def _evict(self, protect: set[ExpertKey]) -> bool:
+        """Free the slot of the policy's victim among unpinned experts outside `protect`; False if there is none."""
+        candidates = [k for k, slot in self._by_key.items() if slot.state is not SlotState.PINNED and k not in protect]
+        if not candidates:
+            return False
+        victim = self.policy.victim(candidates)
+        slot = self._by_key[victim]
+        if slot.state is SlotState.LOADING:  # let the copy still writing into it finish; its outcome no longer matters
+            try:
+                self.transfer.wait(slot.pending, block=True)
+            except Exception:  # noqa: BLE001 — the expert it was loading is being evicted anyway
+                pass  # the read failed before its copy: the slot keeps its last reader's event
+            else:
+                slot.loaded()
+        if slot.take_unused():
+            self.stats.prefetch_unused_bytes[victim[0]] += self.store.expert_bytes
+        self._give_back(slot)
+        self.stats.evictions += 1
+        return True
+
+    def _give_back(self, slot: Slot) -> None:
+        """Forget the slot's expert (evicted, or its load cancelled or failed): the slot goes back to the free list."""
+        key = slot.key
+        slot.give_back()
+        del self._by_key[key]
+        self.policy.on_remove(key)
+        self._free.append(slot)

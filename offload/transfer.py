@@ -9,7 +9,8 @@
   asynchronous copy, so the host never waits on compute to start a read.
 
 A load returns a handle (None when already complete); `done` polls it and `wait` makes compute wait for it.
-The same calls run on CPU and CUDA, so every rule of the cache is exercised by CPU tests.
+The same calls run on CPU and CUDA, so every rule of the cache is exercised by CPU tests; every stream and event
+call goes through one `StreamOps` object, which a test may replace to record the order of copies and reads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from sida.offload.device import CudaStreams, StreamOps
 from sida.offload.memory import aligned_empty, pinned_reserve
 
 IO_THREADS = 2  # concurrent expert reads from disk
@@ -29,28 +31,34 @@ CUDA_STAGING = IO_THREADS + 1  # pinned staging buffers for disk → CUDA loads
 class Transfer:
     """Starts loads into slots and waits for them: side stream and events on CUDA, an I/O pool for disk."""
 
-    def __init__(self, device: torch.device, expert_numel: int, dtype: torch.dtype):
+    def __init__(self, device: torch.device, expert_numel: int, dtype: torch.dtype, streams: StreamOps | None = None):
+        """`streams`: the stream calls for asynchronous copies (default: CUDA's on a CUDA device, none on CPU)."""
         self.device = device
-        self.cuda = device.type == "cuda"
+        self.streams = streams if streams is not None else CudaStreams(device) if device.type == "cuda" else None
+        self._pin = device.type == "cuda"  # page-locked host buffers exist only beside a CUDA device
         self.dtype = dtype
         self.numel = expert_numel
-        self._stream = torch.cuda.Stream(device) if self.cuda else None
-        self._bounce = torch.empty(expert_numel, dtype=dtype, pin_memory=True) if self.cuda else None
+        self._stream, self._bounce = None, None
+        if self.streams is not None:
+            self._stream = self.streams.side_stream()
+            self._bounce = torch.empty(expert_numel, dtype=dtype, pin_memory=self._pin)  # [numel]
         self._pool: ThreadPoolExecutor | None = None
         self._staging: queue.Queue | None = None
 
     def start_io(self, read_bytes: int) -> None:
-        """The disk tier's reader threads and, on CUDA, its pinned staging buffers: started by the engine at
-        start-up, else by the first disk load."""
+        """The disk tier's reader threads and, with streams, its staging buffers (pinned on CUDA): started by the
+        engine at start-up, else by the first disk load."""
         self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sida-io")
-        if self.cuda:
+        if self.streams is not None:
             self._staging = queue.Queue()
             for _ in range(CUDA_STAGING):
-                self._staging.put(aligned_empty(read_bytes, pin=True))
+                self._staging.put(aligned_empty(read_bytes, pin=self._pin))
 
     @property
     def staging_bytes(self) -> int:
         """Pinned host bytes of the bounce and staging buffers (the pinned allocator reserves a power of two)."""
+        if not self._pin:
+            return 0
         buffers = [] if self._bounce is None else [self._bounce.numel() * self._bounce.element_size()]
         if self._staging is not None:
             buffers += [b.numel() for b in list(self._staging.queue)]
@@ -59,16 +67,16 @@ class Transfer:
     def reads_done(self):
         """An event after the compute kernels queued so far (the last reads of a slot being released); None on
         CPU, where compute has already run."""
-        if not self.cuda:
+        if self.streams is None:
             return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
+        return self.streams.record(self.streams.compute_stream())
 
     def load(self, store, key, dst: torch.Tensor, raw: torch.Tensor | None, after=None):
         """Start filling slot `dst` [numel] with expert `key` of `store` once the event `after` (the slot's last
         reads, from `reads_done`) has passed. `raw` is the CPU slot's aligned bytes, which a disk read fills
-        directly. Returns a handle for `done`/`wait`, or None when the load is already complete."""
+        directly. Returns a handle for `done`/`wait`, or None when the load is already complete. A disk load
+        orders its copy after `after` on the I/O thread, so one cancelled or failed before its copy ordered
+        nothing."""
         if store.tier == "disk":
             if self._pool is None:
                 self.start_io(store.read_bytes)
@@ -76,38 +84,37 @@ class Transfer:
         return self.copy(dst, store.host(key), after)
 
     def _from_disk(self, store, key, dst: torch.Tensor, raw: torch.Tensor | None, after):
-        """On an I/O thread: read the expert into the CPU slot, or into pinned staging and on to the CUDA slot."""
-        if not self.cuda:
+        """On an I/O thread: read the expert into the CPU slot, or into staging and on to the device slot."""
+        if self.streams is None:
             store.read_into(key, raw)
             return None
         staging = self._staging.get()
         try:
             store.read_into(key, staging)
             event = self.copy(dst, staging[: self.numel * dst.element_size()].view(self.dtype), after)
-            event.synchronize()  # the staging buffer is free again once its copy is done
+            self.streams.host_wait(event)  # the staging buffer is free again once its copy is done
         finally:
             self._staging.put(staging)
         return event
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
-        """Start dst ← src from host memory once `after` has passed; a CUDA event, or None (CPU: done)."""
-        if not self.cuda:
+        """Start dst ← src from host memory once `after` has passed; an event, or None (no streams: done)."""
+        streams = self.streams
+        if streams is None:
             dst.copy_(src)
             return None
         # the slot may still be read by compute already queued (the expert it held was evicted, not finished):
         # the copy waits for those kernels, not for everything the compute stream has queued
         if after is not None:
-            self._stream.wait_event(after)
-        with torch.cuda.stream(self._stream):
-            if not src.is_pinned():
-                # the bounce buffer is reused: the previous staged copy must have left it
-                self._stream.synchronize()
-                self._bounce.copy_(src)
-                src = self._bounce
-            dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        return event
+            streams.wait(self._stream, after)
+        if not streams.is_pinned(src):
+            # a non-blocking copy from pageable memory would block: stage it through the pinned bounce buffer,
+            # which the previous staged copy must have left
+            streams.host_wait_stream(self._stream)
+            self._bounce.copy_(src)  # [numel], host → host
+            src = self._bounce
+        streams.copy(self._stream, dst, src)  # [numel], host → device slot
+        return streams.record(self._stream)
 
     def cancel(self, handle) -> bool:
         """Cancel a load whose read has not started (disk tier); False if it cannot be cancelled."""
@@ -119,7 +126,7 @@ class Transfer:
             return True
         if isinstance(handle, Future):
             return handle.done() and (handle.exception() is not None or self.done(handle.result()))
-        return handle.query()
+        return self.streams.done(handle)
 
     def wait(self, handle, block: bool = False) -> float:
         """Make compute wait for a load (a failed read raises here); with block=True the host waits for the copy
@@ -129,7 +136,7 @@ class Transfer:
             handle = handle.result()  # the read itself: the host needs it before compute can be queued
         if handle is not None:
             if block:
-                handle.synchronize()
+                self.streams.host_wait(handle)
             else:
-                torch.cuda.current_stream(self.device).wait_event(handle)
+                self.streams.wait(self.streams.compute_stream(), handle)
         return time.perf_counter() - t0

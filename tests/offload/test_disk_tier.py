@@ -79,7 +79,7 @@ def test_a_corrupted_expert_fails_its_checksum_on_first_read(tmp_path):
     data[info.offset + 100] ^= 0xFF
     path.write_bytes(bytes(data))
     store = ExpertFile(path, cache.store.layout, cache.store.keys, "fp", "direct")
-    buf = cache._raw[0]
+    buf = cache.slots[0].raw
     store.read_into((0, 1), buf)  # an intact expert reads fine
     with pytest.raises(CheckpointError, match=r"expert \(0, 2\) does not match its checksum"):
         store.read_into((0, 2), buf)
@@ -95,7 +95,7 @@ def test_an_unwritable_expert_dir_is_one_clear_line(tmp_path):
 def test_prefetches_are_asynchronous_and_acquire_waits_for_them(tmp_path):
     cache, modules = disk_cache(tmp_path, num_slots=3)
     assert cache.prefetch([(0, 0), (0, 1)]) == 2
-    assert all(h is not None for h in cache._pending.values())  # reads in flight on the I/O pool
+    assert all(s.pending is not None for s in cache.slots if s.key is not None)  # reads in flight on the I/O pool
     views = cache.acquire([(0, 1)])
     torch.testing.assert_close(views[(0, 1)]["weight"], modules[(0, 1)].weight)
     assert cache.stats.prefetch_loads == 2 and cache.stats.on_demand_loads == 0

@@ -1,12 +1,15 @@
 """CUDA only (marked `gpu`, skipped without a device): accounted device bytes against torch's allocator, and the
 ordering of expert copies against the compute that reads the slots."""
 
+import threading
+
 import pytest
 import torch
 
 from sida.offload.engine import OffloadConfig, OffloadEngine
 from sida.offload.model_loader import load_model
 from sida.offload.runner import Runner
+from sida.offload.transfer import IO_THREADS
 
 pytestmark = pytest.mark.gpu
 CYCLES = 200_000_000  # torch.cuda._sleep: long enough that queued compute is still running when checked
@@ -33,9 +36,9 @@ def test_loading_under_the_budget_places_only_dense_weights_and_slots(tiny8_dir)
     assert [c.label for c in Runner(loaded, "cuda", engine=engine).classify(texts)] == expected
 
 
-def cache_of(tiny8_dir, slots):
+def cache_of(tiny8_dir, slots, **cfg):
     loaded = load_model(tiny8_dir, device="cuda", experts="host")
-    engine = OffloadEngine(loaded, OffloadConfig(mode="exact", budget_experts=slots), torch.device("cuda"))
+    engine = OffloadEngine(loaded, OffloadConfig(mode="exact", budget_experts=slots, **cfg), torch.device("cuda"))
     return engine.cache
 
 
@@ -44,7 +47,7 @@ def test_a_copy_into_a_free_slot_does_not_wait_for_queued_compute(tiny8_dir):
     torch.cuda.synchronize()
     torch.cuda._sleep(CYCLES)  # compute queued on the current stream, touching no slot
     cache.prefetch([(0, 1)])
-    handle = cache._pending[cache._slot_of[(0, 1)]]
+    handle = cache.slot_of((0, 1)).pending
     handle.synchronize()  # the copy is done ...
     assert not torch.cuda.current_stream().query()  # ... while the compute queued before it still runs
     torch.cuda.synchronize()
@@ -60,6 +63,38 @@ def test_a_copy_into_a_slot_waits_for_the_kernels_that_read_it(tiny8_dir):
     cache.release([(0, 0)])
     cache.prefetch([(0, 1)])  # evicts (0, 0): the copy must wait for `read`
     torch.cuda.synchronize()
+    for k in expected:
+        torch.testing.assert_close(read[k], expected[k])
+
+
+@pytest.mark.parametrize("give_up", ["cancelled", "read failed"])
+def test_a_disk_prefetch_given_up_leaves_the_next_copy_waiting_for_the_kernels_that_read_the_slot(
+    tiny8_dir, tmp_path, give_up
+):
+    cache = cache_of(tiny8_dir, 1, tier="disk", expert_dir=tmp_path)
+    first = cache.acquire([(0, 0)])[(0, 0)]
+    expected = {k: v.clone() for k, v in first.items()}
+    torch.cuda.synchronize()
+    torch.cuda._sleep(CYCLES)  # the read below runs late
+    read = {k: v * 1 for k, v in first.items()}  # compute reading the slot
+    cache.release([(0, 0)])
+    if give_up == "cancelled":
+        gate = threading.Event()
+        for _ in range(IO_THREADS):  # hold the I/O threads, so the prefetch's read waits in the queue
+            cache.transfer._pool.submit(gate.wait, 5)
+        cache.prefetch([(0, 1)])  # evicts (0, 0)
+        assert cache.cancel_prefetches(0, []) == 1
+        gate.set()
+    else:
+        real = cache.store.read_into
+        cache.store.read_into = lambda key, buf: (_ for _ in ()).throw(OSError("I/O error"))
+        cache.prefetch([(0, 1)])  # evicts (0, 0)
+        with pytest.raises(OSError, match="I/O error"):
+            cache.acquire([(0, 1)])
+        cache.store.read_into = real
+    later = cache.acquire([(0, 2)])[(0, 2)]  # into the same slot: the copy must still wait for `read`
+    torch.cuda.synchronize()
+    assert any(not torch.equal(later[k], expected[k]) for k in expected)  # the slot did change, after `read`
     for k in expected:
         torch.testing.assert_close(read[k], expected[k])
 
