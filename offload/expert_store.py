@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sida.offload.memory import aligned_empty, pinned_reserve
 from sida.offload.expert_file import ExpertFile, open_expert_file
 from sida.offload.expert_layout import ExpertKey, ExpertLayout, ExpertSource, ModuleExperts
+from sida.offload.memory import aligned_empty, pinned_reserve
 
 ARENA_CHUNK_BYTES = 256 << 20  # the ram tier's arena is cut into buffers of about this size
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sida.offload.tasks import LABEL_WORDS
 from sida.demo_model.encoder_routing import balanced_assignment
 from sida.demo_model.recipe import DemoRecipe, make_config, new_model
 from sida.demo_model.tokenizer import train_tokenizer
+from sida.offload.tasks import LABEL_WORDS
 from tests.conftest import TINY_TEXTS
 
 
@@ -71,10 +71,10 @@ def test_demo_model_sst2_dev_accuracy(demo_loaded, data_dir):
 def test_demo_routers_spread(demo_loaded, data_dir):
     """Every expert used and none over half the tokens: encoder layers on SST-2 dev (decoder layers, on
     WikiText-2 continuations, below)."""
+    from sida.demo_model.card import routing_report
     from sida.offload.runner import Runner
     from sida.offload.tasks import get_task
     from sida.predictor.traces import classification_batches
-    from sida.demo_model.card import routing_report
 
     runner = Runner(demo_loaded)
     prompts = [e.prompt for e in get_task("sst2").read(data_dir / "sst2" / "dev.tsv")]
@@ -88,10 +88,10 @@ def test_demo_routers_spread(demo_loaded, data_dir):
 def test_demo_decoder_routers_spread(demo_loaded, data_dir):
     """Decoder layers on WikiText-2 continuations (text never trained on): every expert used (the respread stage
     splits busy experts into idle ones) and none over half the tokens."""
+    from sida.demo_model.card import routing_report
     from sida.offload.runner import Runner
     from sida.predictor.corpora import read_wikitext_paragraphs
     from sida.predictor.traces import lm_batches
-    from sida.demo_model.card import routing_report
 
     runner = Runner(demo_loaded)
     # decoder layers see one token per SST-2 example; they are measured on multi-token continuations
