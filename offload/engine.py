@@ -20,13 +20,14 @@ import torch
 from sida.offload.budget import AUTO_RESERVE, BudgetDecision, auto_budget, explicit_budget
 from sida.offload.contracts import DecodeStepGuesser
 from sida.offload.device_cache import CacheStats, DeviceExpertCache
+from sida.offload.expert_execution import ExpertExecutor
 from sida.offload.expert_file import IO_MODES
 from sida.offload.expert_layout import ModuleExperts
 from sida.offload.expert_store import ExpertStore
 from sida.offload.hash_table import HashTable, rank_depth
 from sida.offload.memory import DeviceMemory, PeakMemory, tensor_bytes
 from sida.offload.model_loader import LoadedModel
-from sida.offload.moe_layer import RoutingContext, RoutingStats, SiDAMoELayer
+from sida.offload.moe_layer import NextLayerExperts, RoutingContext, RoutingStats, SiDAMoELayer
 from sida.offload.policies import make_policy
 from sida.offload.transfer import Transfer
 
@@ -69,6 +70,7 @@ class OffloadEngine:
         self.context = RoutingContext(mode=cfg.mode, prefetch_k=cfg.prefetch_k)
         self.routing_stats = RoutingStats()
         self.cache: DeviceExpertCache | None = None
+        self.executor: ExpertExecutor | None = None  # runs every offloaded layer's experts from the cache
         self.first_layer_stack = layers[0].stack
         self.layer_stack = {la.index: la.stack for la in layers}
         self.decoder_layers = [la.index for la in layers if la.stack == "decoder"]
@@ -147,27 +149,30 @@ class OffloadEngine:
         return peak.bytes
 
     def _replace_layers(self, layers) -> None:
-        """Every sparse MLP becomes a SiDA layer that knows the MoE layer after it (to prefetch for). After the
-        last decoder layer comes the first decoder layer of the next step."""
+        """Every sparse MLP becomes a SiDA layer; all of them run their experts through one `ExpertExecutor`, which
+        loads the next MoE layer's experts while a layer computes. After the last decoder layer comes the first
+        decoder layer of the next step."""
         model, adapter = self.loaded.model, self.loaded.adapter
-        forward = adapter.expert_forward(model)
-        expert_capacity = adapter.expert_capacity(model)
         decoder_first = self.decoder_layers[0] if self.decoder_layers else None
+        following = {}  # layer → (the MoE layer after it, its stack)
         for i, la in enumerate(layers):
             if i + 1 < len(layers):
                 nxt = layers[i + 1]
             else:
                 nxt = layers[decoder_first] if la.stack == "decoder" else None
+            if nxt is not None:
+                following[la.index] = (nxt.index, nxt.stack)
+        lookahead = NextLayerExperts(self.context, following)
+        self.executor = ExpertExecutor(self.cache, adapter.expert_forward(model), self.num_experts, lookahead)
+        expert_capacity = adapter.expert_capacity(model)
+        for la in layers:
             module = SiDAMoELayer(
                 la.index,
                 la.stack,
                 la.mlp.router,
-                forward,
-                self.cache,
+                self.executor,
                 self.context,
                 self.routing_stats,
-                nxt.index if nxt is not None else None,
-                nxt.stack if nxt is not None else None,
                 self.num_experts,
                 expert_capacity,
             )

@@ -1,9 +1,11 @@
-"""The SiDA MoE layer: replaces a model's sparse MLP and runs only the experts its tokens use, from cache slots.
+"""The SiDA MoE layer: replaces a Switch sparse MLP, routes its tokens and has the model's `ExpertExecutor` run only
+the experts they use, from cache slots.
 
 Routing comes from the model's router (`exact`) or from the hash table (`predicted`). Switch semantics are
 kept so that `exact` equals Hugging Face: top-1, router in fp32 with no jitter in eval, per-sequence expert
 capacity (tokens over capacity skip the MoE and pass through the residual), output scaled by α.
 Padding tokens of the encoder are not sent to any expert: no real token can see their output.
+`NextLayerExperts` tells the executor what to load while a layer computes: the next MoE layer's predicted experts.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sida.offload.device_cache import DeviceExpertCache
+from sida.offload.expert_execution import ExpertExecutor
+from sida.offload.expert_layout import ExpertKey
 from sida.offload.hash_table import HashTable
 
 
@@ -48,21 +51,28 @@ class RoutingContext:
     # decoder layers are always routed by their router, the guess only prefetches and is scored
     decoder_guesses: dict = field(default_factory=dict)
 
+    def decoder_guess(self, layer: int, position: int) -> torch.Tensor | None:
+        """[batch, positions from `position` on, k] guessed experts of a decoder layer, if this step has them."""
+        got = self.decoder_guesses.get(layer)
+        if got is None:
+            return None
+        first, guess = got
+        pos = position - first
+        return guess[:, pos:] if 0 <= pos < guess.shape[1] else None
+
 
 class SiDAMoELayer(nn.Module):
-    """A Switch sparse MLP that runs its experts from cache slots, routed by the router or the hash table."""
+    """A Switch sparse MLP: routes by the router or the hash table, then runs its experts through the model's
+    `ExpertExecutor` with k = 1."""
 
     def __init__(
         self,
         index: int,
         stack: str,
         router: nn.Module,
-        expert_forward,
-        cache: DeviceExpertCache,
+        executor: ExpertExecutor,
         context: RoutingContext,
         stats: RoutingStats,
-        next_layer: int | None,
-        next_stack: str | None,
         num_experts: int,
         expert_capacity: int,
     ):
@@ -70,12 +80,9 @@ class SiDAMoELayer(nn.Module):
         self.index = index
         self.stack = stack
         self.router = router  # kept in both modes; `predicted` calls it only where the table has no rows
-        self.expert_forward = expert_forward
-        self.cache = cache
+        self.executor = executor  # shared by every SiDA layer of the model
         self.context = context
         self.stats = stats
-        self.next_layer = next_layer
-        self.next_stack = next_stack
         self.num_experts = num_experts
         self.expert_capacity = expert_capacity  # Switch: tokens one expert takes per sequence
 
@@ -88,35 +95,10 @@ class SiDAMoELayer(nn.Module):
         expert, alpha = self._route(hidden_states, start)  # [batch, seq] (-1 = no expert), [batch, seq]
         if self.stack == "encoder" and ctx.token_mask is not None:
             expert = expert.masked_fill(~ctx.token_mask.bool(), -1)
-
         flat = hidden_states.reshape(-1, d_model)  # [tokens, d_model]
-        flat_expert = expert.reshape(-1)
-        flat_alpha = alpha.reshape(-1, 1).to(hidden_states.dtype)
-        out = torch.zeros_like(flat)
-        needed = torch.unique(flat_expert[flat_expert >= 0]).tolist()
-        keys = [(self.index, e) for e in needed]
-        self.cache.cancel_prefetches(self.index, keys)  # guesses this layer turned out not to need
-        upcoming = self._next_keys()
-        waves = self.cache.waves(keys)
-        for i, wave in enumerate(waves):
-            params = self.cache.acquire(wave)
-            held = list(wave)  # released whatever happens, so a failed batch leaves no expert pinned
-            try:
-                later = [k for w in waves[i + 1 :] for k in w]  # this layer's experts of the waves still to come
-                if i == 0:  # copies for the next layer overlap this layer's compute, never evicting its experts
-                    self.cache.prefetch(upcoming, protect=set(keys))
-                for j, key in enumerate(wave):
-                    tokens = torch.nonzero(flat_expert == key[1]).squeeze(1)  # ascending token order, as HF
-                    y = self.expert_forward(params[key], flat[tokens])  # [n, d_model]
-                    out.index_add_(0, tokens, (y * flat_alpha[tokens]).to(out.dtype))
-                    # The expert is done: its slot may take what comes next (this layer's later waves first,
-                    # then the next layer's predicted experts) while the rest of the wave computes.
-                    held.remove(key)
-                    self.cache.release([key])
-                    if later or upcoming:
-                        self.cache.prefetch(later + upcoming, protect=set(wave[j + 1 :]))
-            finally:
-                self.cache.release(held)
+        top_k_index = expert.reshape(-1, 1)  # [tokens, 1]
+        top_k_weights = alpha.reshape(-1, 1).to(hidden_states.dtype)  # [tokens, 1]
+        out = self.executor(flat, top_k_index, top_k_weights, self.index)  # [tokens, d_model]
         return out.view(batch, seq, d_model)
 
     def _route(self, hidden_states: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,21 +117,12 @@ class SiDAMoELayer(nn.Module):
         expert = torch.where(one_hot.sum(-1) > 0, one_hot.argmax(-1), -1)
         guess = predicted[0] if predicted is not None else None
         if guess is None and self.stack == "decoder":
-            guess = self._decoder_guess(self.index, start)
+            guess = ctx.decoder_guess(self.index, start)
             seq = hidden_states.shape[1]
             guess = guess[:, :seq] if guess is not None and guess.shape[1] >= seq else None
         if guess is not None:
             self._count_hits(logits.argmax(-1), guess)  # the router's choice before any capacity drop
         return expert, top_prob.squeeze(-1)
-
-    def _decoder_guess(self, layer: int, position: int) -> torch.Tensor | None:
-        """[batch, positions from `position` on, k] guessed experts of a decoder layer, if this step has them."""
-        got = self.context.decoder_guesses.get(layer)
-        if got is None:
-            return None
-        first, guess = got
-        pos = position - first
-        return guess[:, pos:] if 0 <= pos < guess.shape[1] else None
 
     def _apply_capacity(self, expert: torch.Tensor) -> torch.Tensor:
         """Switch's rule: per sequence, an expert takes its first `capacity` tokens; later ones are dropped."""
@@ -170,19 +143,28 @@ class SiDAMoELayer(nn.Module):
         for k in range(1, pred.shape[1] + 1):
             self.stats.hash_hits[(self.index, k)] += int(match[:, :k].any(-1).sum())
 
-    def _next_keys(self) -> list:
-        """The next MoE layer's predicted experts (top-k of its real tokens), to load ahead of it."""
+
+class NextLayerExperts:
+    """What to load while a Switch MoE layer computes: the next MoE layer's predicted experts (top-k of its real
+    tokens), from the hash table or, for a decoder layer, the step's decoder guess. The executor's `next_keys`."""
+
+    def __init__(self, context: RoutingContext, following: dict[int, tuple[int, str]]):
+        self.context = context
+        self.following = following  # layer → (the MoE layer after it, its stack); absent after the last
+
+    def __call__(self, layer: int) -> list[ExpertKey]:
+        """The keys of the experts to load for the MoE layer after `layer`."""
         ctx = self.context
-        nxt = self.next_layer
-        if nxt is None:
+        if layer not in self.following:
             return []
+        nxt, stack = self.following[layer]
         table = ctx.hash_table
-        if self.next_stack == "encoder":
+        if stack == "encoder":
             experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, mask=ctx.token_mask)
         else:  # the next decoder call processes the positions from its offset on
             start = ctx.offsets[nxt]
             experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, start=start)
-            guess = self._decoder_guess(nxt, start) if not experts else None
+            guess = ctx.decoder_guess(nxt, start) if not experts else None
             if guess is not None:
                 experts = sorted(set(guess[..., : ctx.prefetch_k].reshape(-1).tolist()))
         return [(nxt, e) for e in experts]

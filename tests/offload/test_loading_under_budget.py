@@ -144,7 +144,7 @@ def test_a_failed_batch_leaves_no_expert_pinned(tiny8_dir):
     runner = Runner(loaded, engine=engine)
     expected = probs(runner)
     layer = next(m for m in loaded.model.modules() if isinstance(m, SiDAMoELayer))
-    forward, calls = layer.expert_forward, []
+    forward, calls = layer.executor.expert_forward, []
 
     def failing(params, x):
         calls.append(1)
@@ -152,10 +152,10 @@ def test_a_failed_batch_leaves_no_expert_pinned(tiny8_dir):
             raise RuntimeError("injected expert failure")
         return forward(params, x)
 
-    layer.expert_forward = failing
+    layer.executor.expert_forward = failing  # the executor is shared: every layer fails
     with pytest.raises(RuntimeError, match="injected"):
         probs(runner)
     assert engine.cache.pinned_keys == []
-    layer.expert_forward = forward
+    layer.executor.expert_forward = forward
     assert same(probs(runner), expected)  # the whole budget is usable again: a full-budget wave fits
     assert engine.cache.num_slots == 16 and engine.cache.pinned_keys == []

@@ -1,0 +1,115 @@
+"""Expert execution: one call runs a MoE layer's routed experts from the cache's slots, for every model family.
+
+Contract, the experts call of transformers' `ExpertsInterface`: `executor(hidden [T, H], top_k_index [T, k],
+top_k_weights [T, k], layer) -> [T, H]`. Each (token, choice) pair adds `weight × expert(hidden[token])` to the
+token's row, cast to the hidden dtype after the product; an index outside [0, num_experts) means no expert for that
+pair, and a token with no expert gets zeros (a residual, where the family has one, is added by the caller). Routing
+(router, hash table, capacity, padding) is the caller's: the executor only runs experts.
+
+Order of one call:
+1. `cancel_prefetches`: this layer's prefetched experts it does not need give their unstarted reads back;
+2. `waves`: the needed experts, ascending by id, split into groups that fit the budget, resident ones first;
+3. per wave, `acquire` pins its experts (loading misses); after the first acquire, `prefetch` the experts of what
+   runs next (from `next_keys(layer)`), protecting this layer's experts;
+4. per expert of the wave, in the wave's order: compute and accumulate its pairs (choice-major, tokens ascending),
+   `release` it, then `prefetch` this layer's later waves and what runs next into its slot, protecting the rest of
+   the wave;
+5. `release` whatever the wave still holds, also when an expert forward raises: a failed batch pins nothing.
+Pairs are grouped by expert with one stable sort; reading where each expert's pairs begin (`.tolist()`) is the one
+host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import torch
+
+from sida.offload.expert_layout import ExpertKey
+
+ExpertForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]  # (params, x [n, H]) → [n, H]
+NextKeys = Callable[[int], list[ExpertKey]]  # layer → experts to load while it computes, for what runs after it
+
+
+class ExpertSlots(Protocol):
+    """What expert execution needs from the device cache (`DeviceExpertCache`)."""
+
+    def waves(self, keys: list[ExpertKey]) -> list[list[ExpertKey]]: ...
+
+    def acquire(self, keys: list[ExpertKey]) -> dict[ExpertKey, dict[str, torch.Tensor]]: ...
+
+    def release(self, keys: Iterable[ExpertKey]) -> None: ...
+
+    def prefetch(self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = ()) -> int: ...
+
+    def cancel_prefetches(self, layer: int, needed: Iterable[ExpertKey]) -> int: ...
+
+
+class ExpertExecutor:
+    """Runs any layer's routed experts of one model from `cache`; `expert_forward` computes one expert from its slot's
+    parameter views, and `next_keys` names what to load ahead, so the executor holds no routing knowledge."""
+
+    def __init__(self, cache: ExpertSlots, expert_forward: ExpertForward, num_experts: int, next_keys: NextKeys):
+        self.cache = cache
+        self.expert_forward = expert_forward
+        self.num_experts = num_experts
+        self.next_keys = next_keys
+
+    def __call__(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        """hidden [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k] → [tokens, H], the weighted sum of
+        each token's experts (zeros for a token with none)."""
+        out = torch.zeros_like(hidden)  # [tokens, H]
+        pairs, starts = self._group(top_k_index)
+        needed = [e for e in range(self.num_experts) if starts[e + 1] > starts[e]]
+        keys = [(layer, e) for e in needed]
+        self.cache.cancel_prefetches(layer, keys)  # guesses this layer turned out not to need
+        upcoming = self.next_keys(layer)
+        waves = self.cache.waves(keys)
+        for i, wave in enumerate(waves):
+            params = self.cache.acquire(wave)
+            held = list(wave)  # released whatever happens, so a failed batch leaves no expert pinned
+            try:
+                later = [k for w in waves[i + 1 :] for k in w]  # this layer's experts of the waves still to come
+                if i == 0:  # copies for what runs next overlap this layer's compute, never evicting its experts
+                    self.cache.prefetch(upcoming, protect=set(keys))
+                for j, key in enumerate(wave):
+                    e = key[1]
+                    pair = pairs[starts[e] : starts[e + 1]]  # [n] this expert's pairs
+                    self._accumulate(out, hidden, top_k_weights, pair, params[key])
+                    # The expert is done: its slot may take what comes next (this layer's later waves first,
+                    # then what runs next) while the rest of the wave computes.
+                    held.remove(key)
+                    self.cache.release([key])
+                    if later or upcoming:
+                        self.cache.prefetch(later + upcoming, protect=set(wave[j + 1 :]))
+            finally:
+                self.cache.release(held)
+        return out
+
+    def _group(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(pairs [tokens × k]: the flat choice-major positions `choice × tokens + token`, stably sorted by expert;
+        starts: where expert e's pairs begin in `pairs`, for e in 0..num_experts, the last where the pairs with no
+        expert begin)."""
+        by_choice = top_k_index.T.reshape(-1)  # [k × tokens], choice-major: tokens ascending within a choice
+        valid = (by_choice >= 0) & (by_choice < self.num_experts)
+        expert = torch.where(valid, by_choice, self.num_experts)  # no expert → the id after the last
+        sorted_expert, pairs = torch.sort(expert, stable=True)  # [k × tokens] each
+        ids = torch.arange(self.num_experts + 1, dtype=expert.dtype, device=expert.device)
+        return pairs, torch.searchsorted(sorted_expert, ids).tolist()  # the one host sync
+
+    def _accumulate(
+        self,
+        out: torch.Tensor,
+        hidden: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        pair: torch.Tensor,
+        params: dict[str, torch.Tensor],
+    ) -> None:
+        """Add weight × expert(x) of one expert's pairs [n] (flat choice-major positions) to `out` [tokens, H]."""
+        tokens = hidden.shape[0]
+        token, choice = pair % tokens, pair // tokens  # [n], [n]
+        y = self.expert_forward(params, hidden[token])  # [n, H]
+        out.index_add_(0, token, (y * top_k_weights[token, choice, None]).to(out.dtype))
