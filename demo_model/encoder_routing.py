@@ -16,19 +16,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sida.offload.adapters import MoELayer, SwitchAdapter, capture_routing
+from sida.offload.adapters import SparseBlock, SwitchAdapter, capture_routing
 
 from .data import Prepared, make_batches
 
 
-def encoder_layers(model: nn.Module) -> list[MoELayer]:
+def encoder_layers(model: nn.Module) -> list[SparseBlock]:
     """The model's encoder MoE layers."""
     return [la for la in SwitchAdapter().moe_layers(model) if la.stack == "encoder"]
 
 
 @torch.no_grad()
 def token_routing(
-    model: nn.Module, prep: Prepared, layers: list[MoELayer], sequences: int
+    model: nn.Module, prep: Prepared, layers: list[SparseBlock], sequences: int
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per encoder MoE block, over real tokens of up to `sequences` training inputs (SST-2, MRPC and the C4
     prefixes, mixed): ([vocab, experts] counts of the router's choice per token id, [vocab, experts] sums of
@@ -92,7 +92,7 @@ class TokenAssignment:
     slack: float
 
     @classmethod
-    def count(cls, model: nn.Module, prep: Prepared, layers: list[MoELayer], sequences: int, slack: float):
+    def count(cls, model: nn.Module, prep: Prepared, layers: list[SparseBlock], sequences: int, slack: float):
         """Count the model's routing on `sequences` training inputs and assign each token id an expert."""
         stats = token_routing(model, prep, layers, sequences)
         assignment = cls({b: c for b, (c, _) in stats.items()}, {b: z for b, (_, z) in stats.items()}, {}, slack)
@@ -103,7 +103,7 @@ class TokenAssignment:
         """Derive `targets` from the current counts."""
         self.targets = {b: balanced_assignment(self.counts[b], self.sums[b], self.slack) for b in self.counts}
 
-    def recount(self, model: nn.Module, prep: Prepared, layers: list[MoELayer], sequences: int) -> None:
+    def recount(self, model: nn.Module, prep: Prepared, layers: list[SparseBlock], sequences: int) -> None:
         """Add a fresh count of the routing, the older counts weighing half as much, and re-derive the targets."""
         for block, (c, z) in token_routing(model, prep, layers, sequences).items():
             self.counts[block] = self.counts[block] // 2 + c
@@ -134,7 +134,7 @@ class TokenAssignment:
 
 
 @contextmanager
-def training_router_logits(layers: list[MoELayer]) -> Iterator[list[tuple[int, torch.Tensor]]]:
+def training_router_logits(layers: list[SparseBlock]) -> Iterator[list[tuple[int, torch.Tensor]]]:
     """A list that receives (block, [batch, seq, experts] router logits) from every training-mode forward of these
     layers' routers (fit()'s held-out evaluations run in eval mode and are not kept); the hooks go when the
     block ends."""
@@ -153,7 +153,7 @@ def training_router_logits(layers: list[MoELayer]) -> Iterator[list[tuple[int, t
 
 
 @torch.no_grad()
-def router_confidence(model: nn.Module, prep: Prepared, layers: list[MoELayer]) -> dict:
+def router_confidence(model: nn.Module, prep: Prepared, layers: list[SparseBlock]) -> dict:
     """Per encoder MoE block, on the held-out rows: mean top-1 router probability, mean top-1 − top-2 margin,
     experts used and the largest expert's share of tokens."""
     model.eval()

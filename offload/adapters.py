@@ -17,8 +17,9 @@ from transformers.activations import ACT2FN
 
 
 @dataclass(frozen=True)
-class MoELayer:
-    """One MoE layer of a model: where it sits and its router and experts."""
+class SparseBlock:
+    """One of the model's own MoE layers (the sparse MLP a `SiDAMoELayer` replaces): where it sits, its router and
+    experts."""
 
     index: int  # 0..L-1 over the whole model, encoder layers first
     name: str  # module path of the sparse MLP, e.g. "encoder.block.1.layer.1.mlp"
@@ -38,7 +39,7 @@ class MoEAdapter(Protocol):
         """The input token embeddings [vocab, d_model]."""
         ...
 
-    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+    def moe_layers(self, model: nn.Module) -> list[SparseBlock]:
         """Every MoE layer, encoder first, indexed 0..L-1."""
         ...
 
@@ -54,7 +55,7 @@ class MoEAdapter(Protocol):
         """f(params, x [tokens, d_model]) → [tokens, d_model]: one expert computed from its parameter views."""
         ...
 
-    def replace_moe(self, model: nn.Module, layer: MoELayer, module: nn.Module) -> None:
+    def replace_moe(self, model: nn.Module, layer: SparseBlock, module: nn.Module) -> None:
         """Put `module` in the model where `layer`'s sparse MLP was."""
         ...
 
@@ -95,12 +96,12 @@ class SwitchAdapter:
         """[rows, 1] the decoder's first input: the config's decoder start token."""
         return torch.full((rows, 1), int(model.config.decoder_start_token_id), dtype=torch.long, device=device)
 
-    def replace_moe(self, model: nn.Module, layer: MoELayer, module: nn.Module) -> None:
+    def replace_moe(self, model: nn.Module, layer: SparseBlock, module: nn.Module) -> None:
         """Set `module` as the sparse MLP at `layer.name`."""
         parent_name, _, child = layer.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
 
-    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+    def moe_layers(self, model: nn.Module) -> list[SparseBlock]:
         """The sparse blocks' MLPs, encoder then decoder; an error if the model has none."""
         layers = []
         for stack_name in ("encoder", "decoder"):
@@ -112,7 +113,7 @@ class SwitchAdapter:
                 mlp = ff.mlp
                 experts = tuple(mlp.experts[f"expert_{i}"] for i in range(self.num_experts(model)))
                 name = f"{stack_name}.block.{b}.layer.{len(block.layer) - 1}.mlp"
-                layers.append(MoELayer(len(layers), name, stack_name, b, mlp, mlp.router, experts))
+                layers.append(SparseBlock(len(layers), name, stack_name, b, mlp, mlp.router, experts))
         if not layers:
             raise ValueError("this Switch model has no sparse (MoE) blocks")
         return layers
@@ -146,7 +147,7 @@ class RoutingCapture:
 
 
 @contextmanager
-def capture_routing(layers: list[MoELayer]) -> Iterator[RoutingCapture]:
+def capture_routing(layers: list[SparseBlock]) -> Iterator[RoutingCapture]:
     """Record every router call of `layers` while the block runs (one record per forward call; decoding appends
     one per step)."""
     capture = RoutingCapture({layer.index: [] for layer in layers})
