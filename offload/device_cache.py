@@ -150,6 +150,7 @@ class DeviceExpertCache:
         if num_slots < 1:
             raise ValueError("the expert budget must hold at least one expert")
         self.store = store
+        self.expert_bytes = store.expert_bytes  # every expert is this size: read once, counted on every move
         self.policy = policy
         self.device = device
         self.transfer = transfer
@@ -195,7 +196,7 @@ class DeviceExpertCache:
 
     @property
     def budget_bytes(self) -> int:
-        return self.num_slots * self.store.expert_bytes
+        return self.num_slots * self.expert_bytes
 
     @property
     def pinned_keys(self) -> list[ExpertKey]:
@@ -241,7 +242,7 @@ class DeviceExpertCache:
                 continue
             self._give_back(slot)  # the copy never started: the slot keeps its last reader's event
             self.stats.prefetch_loads -= 1  # never read: neither a load nor bytes moved
-            self.stats.bytes_moved -= self.store.expert_bytes
+            self.stats.bytes_moved -= self.expert_bytes
             self.stats.prefetch_cancelled += 1
             dropped += 1
         return dropped
@@ -287,7 +288,7 @@ class DeviceExpertCache:
         self.policy.on_access(key)
         slot = self._by_key[key]
         if slot.take_unused():
-            self.stats.prefetch_used_bytes[layer] += self.store.expert_bytes
+            self.stats.prefetch_used_bytes[layer] += self.expert_bytes
         if slot.state is SlotState.LOADING:  # compute waits for the copy; where the host has to wait, a stall
             late = missed or not self.transfer.done(slot.pending)
             try:
@@ -327,7 +328,7 @@ class DeviceExpertCache:
             slot.loaded()
         self._by_key[key] = slot
         self.policy.on_insert(key)
-        self.stats.bytes_moved += self.store.expert_bytes
+        self.stats.bytes_moved += self.expert_bytes
         self.stats.peak_resident = max(self.stats.peak_resident, len(self._by_key))
         return True
 
@@ -346,7 +347,7 @@ class DeviceExpertCache:
             else:
                 slot.loaded()
         if slot.take_unused():
-            self.stats.prefetch_unused_bytes[victim[0]] += self.store.expert_bytes
+            self.stats.prefetch_unused_bytes[victim[0]] += self.expert_bytes
         self._give_back(slot)
         self.stats.evictions += 1
         return True
