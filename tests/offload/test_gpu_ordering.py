@@ -53,14 +53,20 @@ def test_a_copy_into_a_free_slot_does_not_wait_for_queued_compute(tiny8_dir):
     torch.cuda.synchronize()
 
 
-def test_a_copy_into_a_slot_waits_for_the_kernels_that_read_it(tiny8_dir):
-    cache = cache_of(tiny8_dir, 1)
-    first = cache.acquire([(0, 0)])[(0, 0)]
+def read_late(cache, key) -> tuple[dict, dict]:
+    """Acquire `key`, queue a read of its slot behind a long sleep kernel, release it: (its weights, the read)."""
+    first = cache.acquire([key])[key]
     expected = {k: v.clone() for k, v in first.items()}
     torch.cuda.synchronize()
     torch.cuda._sleep(CYCLES)  # the read below runs late
     read = {k: v * 1 for k, v in first.items()}  # compute reading the slot
-    cache.release([(0, 0)])
+    cache.release([key])
+    return expected, read
+
+
+def test_a_copy_into_a_slot_waits_for_the_kernels_that_read_it(tiny8_dir):
+    cache = cache_of(tiny8_dir, 1)
+    expected, read = read_late(cache, (0, 0))
     cache.prefetch([(0, 1)])  # evicts (0, 0): the copy must wait for `read`
     torch.cuda.synchronize()
     for k in expected:
@@ -72,12 +78,7 @@ def test_a_disk_prefetch_given_up_leaves_the_next_copy_waiting_for_the_kernels_t
     tiny8_dir, tmp_path, give_up
 ):
     cache = cache_of(tiny8_dir, 1, tier="disk", expert_dir=tmp_path)
-    first = cache.acquire([(0, 0)])[(0, 0)]
-    expected = {k: v.clone() for k, v in first.items()}
-    torch.cuda.synchronize()
-    torch.cuda._sleep(CYCLES)  # the read below runs late
-    read = {k: v * 1 for k, v in first.items()}  # compute reading the slot
-    cache.release([(0, 0)])
+    expected, read = read_late(cache, (0, 0))
     if give_up == "cancelled":
         gate = threading.Event()
         for _ in range(IO_THREADS):  # hold the I/O threads, so the prefetch's read waits in the queue
