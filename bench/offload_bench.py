@@ -518,8 +518,8 @@ def run(args, log=print) -> dict:
     if args.limit:
         preset = dataclasses.replace(preset, limit={m: args.limit for m in preset.models})
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     models = args.models or preset.models
     methods = [m for m in METHODS if (not args.methods or m[0] in args.methods)]
     methods = [m for m in methods if m[0] in preset.methods]
@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="JSON file; with --append, rows are added to those already there")
     p.add_argument("--append", action="store_true", help="add to --out (GPU chunks) instead of replacing it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--models", nargs="+", help="subset of the preset's models (demo, switch-base-N)")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASK_FILES))
     p.add_argument("--batch-sizes", nargs="+", type=int)

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
     p.add_argument("--out", type=Path, default=Path("models/sida-switch-demo"))
     p.add_argument("--epochs", type=int, default=DemoRecipe.epochs)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--torch-threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument(
         "--stage",
         choices=STAGES,
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the chosen stages on --out, then save it as fp16 with its training.json (or, `--stage card`, the card)."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads)
     if args.stage == "card":
         m = write_card(args.out, args.data)
         print(json.dumps({k: m[k] for k in ("sst2_dev_accuracy", "mrpc_dev_accuracy", "fingerprint")}))

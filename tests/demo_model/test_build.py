@@ -170,8 +170,8 @@ def test_build_demo_runs_stage5_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "OPTIONAL_STAGES", [("stage5", "lm", lambda *a: ran.append("stage5") or {"best": {}})])
     monkeypatch.setattr(build, "finalize", lambda out, reports, recipe: ran.append("finalize"))
     (tmp_path / "training.json").write_text(json.dumps({"recipe": {}, "stage1": {"best": {}}}))
-    build.main(["--stage", "lm", "--out", str(tmp_path), "--threads", "1"])
+    build.main(["--stage", "lm", "--out", str(tmp_path), "--torch-threads", "1"])
     assert ran == ["stage5", "finalize"]
     ran.clear()
-    build.main(["--stage", "respread", "--out", str(tmp_path), "--threads", "1"])
+    build.main(["--stage", "respread", "--out", str(tmp_path), "--torch-threads", "1"])
     assert ran == ["stage4", "finalize"]
