@@ -27,6 +27,7 @@ COPY pyproject.toml README.md /src/
 COPY server /src/server
 COPY predictor /src/predictor
 COPY offload /src/offload
+COPY demo_model /src/demo_model
 RUN pip install /src
 
 FROM ${BASE}

@@ -109,8 +109,8 @@ loadtest: $(STAMP)
 		--out runs/loadtest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server predictor offload tests bench docker loadtest
-	$(VENV)/bin/ruff format --check server predictor offload tests bench docker loadtest
+	$(VENV)/bin/ruff check server predictor offload demo_model tests bench docker loadtest
+	$(VENV)/bin/ruff format --check server predictor offload demo_model tests bench docker loadtest
 	$(VENV)/bin/hadolint Dockerfile
 
 # Prometheus and promtool for tests/ops/test_prometheus.py (Debian's package, installed where missing). Without

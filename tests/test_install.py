@@ -18,7 +18,7 @@ def test_wheel_installs_under_one_sida_namespace(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for package in ("server", "predictor", "offload"):
+    for package in ("server", "predictor", "offload", "demo_model"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     subprocess.run(
