@@ -24,7 +24,7 @@ ROW_FIELDS = (
 
 def bench_args(**given) -> argparse.Namespace:
     """The bench's command line for the demo model, with `given` options."""
-    defaults = dict(preset="cpu", device="cpu", threads=None, models=["demo"], tasks=None, batch_sizes=None)
+    defaults = dict(preset="cpu", device="cpu", torch_threads=None, models=["demo"], tasks=None, batch_sizes=None)
     return argparse.Namespace(**{**defaults, "dtypes": None, "methods": None, **given})
 
 
