@@ -53,6 +53,11 @@ def invalid(message: str, param: str | None = None, code: str | None = None, sta
     return APIError(status, message, "invalid_request_error", param, code)
 
 
+def unavailable(message: str, code: str | None = None) -> APIError:
+    """This process cannot answer now (`service_unavailable`, 503); the client may retry after a second."""
+    return APIError(503, message, "service_unavailable", code=code, headers={"Retry-After": "1"})
+
+
 async def api_error_handler(request: Request, err: APIError) -> JSONResponse:
     """An `APIError` raised in a handler, as its envelope."""
     return envelope(err)
@@ -60,7 +65,7 @@ async def api_error_handler(request: Request, err: APIError) -> JSONResponse:
 
 async def pipeline_failed_handler(request: Request, err: PipelineFailed) -> JSONResponse:
     """A worker stopped before the request was answered: 503, and a restart is due."""
-    return envelope(APIError(503, str(err), "service_unavailable", code="worker_failed", headers={"Retry-After": "1"}))
+    return envelope(unavailable(str(err), "worker_failed"))
 
 
 def _code_of(pydantic_type: str) -> str:

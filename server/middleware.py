@@ -13,7 +13,7 @@ import time
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sida.server.errors import APIError, envelope, invalid
+from sida.server.errors import APIError, envelope, invalid, unavailable
 from sida.server.state import State
 
 UNMATCHED = "unmatched"  # the endpoint label of every path no route serves: one series, not one per path
@@ -85,7 +85,7 @@ class Guard:
             if not hmac.compare_digest(token.encode(), opts.api_key.encode()):
                 return APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
         if path.startswith("/v1/") and scope["method"] == "POST" and not self.state.ready:
-            return APIError(503, "server is starting or draining", "service_unavailable", headers={"Retry-After": "1"})
+            return unavailable("server is starting or draining")
         return None
 
     async def read_body(self, receive: Receive) -> tuple[bytes | None, APIError | None]:

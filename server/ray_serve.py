@@ -20,7 +20,7 @@ from ray.serve import metrics as serve_metrics
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sida.server.errors import APIError, envelope
+from sida.server.errors import envelope, unavailable
 
 if TYPE_CHECKING:
     from sida.server.settings import Settings
@@ -98,16 +98,11 @@ class Attempt:
             self.ray_503.append(message.get("body", b""))
             if not message.get("more_body", False):
                 text = b"".join(self.ray_503).decode(errors="replace").strip() or "no replica can take the call"
-                await unavailable(text, "replicas_busy")(self.scope, self.no_receive, self.out)
+                await envelope(unavailable(text, "replicas_busy"))(self.scope, self.no_receive, self.out)
 
     @staticmethod
     async def no_receive() -> Message:
         return {"type": "http.disconnect"}
-
-
-def unavailable(message: str, code: str):
-    """A 503 in sida's error envelope, with Retry-After."""
-    return envelope(APIError(503, message, "service_unavailable", code=code, headers={"Retry-After": "1"}))
 
 
 class ProxyRetry:
@@ -140,7 +135,8 @@ class ProxyRetry:
             if not tape.replayable:
                 break
             log.warning("no response for %s from its replica (attempt %d of %d)", scope["path"], attempt, self.attempts)
-        await unavailable("the replica serving this call stopped; retry", "replica_failed")(scope, receive, send)
+        failed = unavailable("the replica serving this call stopped; retry", "replica_failed")
+        await envelope(failed)(scope, receive, send)
 
 
 def proxy_middlewares() -> list[Middleware]:
