@@ -97,13 +97,21 @@ class Checkpoint:
         read_into(info, out)
         return out if dtype is None or dtype == info.dtype else out.to(dtype)
 
-    def read_flat(self, name: str, out: torch.Tensor) -> None:
-        """Fill the contiguous CPU tensor `out` [numel] with `name`'s values, converting dtype if they differ."""
+    def read_range(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Fill the contiguous CPU tensor `out` [n] with elements [start, start + n) of `name` (flattened),
+        converting dtype if they differ: one contiguous byte range of the file, nothing else read."""
         info = self.tensors[name]
+        n = out.numel()
+        if start < 0 or start + n > info.numel:
+            raise CheckpointError(f"{info.path}: elements {start}..{start + n} lie outside tensor {name} {info.shape}")
+        size = _itemsize(info.dtype)
+        part = TensorInfo(info.path, info.offset + start * size, n * size, info.dtype, (n,))
         if out.dtype == info.dtype:
-            read_into(info, out)
+            read_into(part, out)
         else:
-            out.copy_(self.read(name).reshape(-1))
+            staged = torch.empty(n, dtype=info.dtype)
+            read_into(part, staged)
+            out.copy_(staged)
 
 
 def read_into(info: TensorInfo, out: torch.Tensor) -> None:

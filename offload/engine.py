@@ -27,7 +27,7 @@ from sida.offload.expert_store import ExpertStore
 from sida.offload.hash_table import HashTable, rank_depth
 from sida.offload.memory import DeviceMemory, PeakMemory, tensor_bytes
 from sida.offload.model_loader import LoadedModel
-from sida.offload.moe_layer import NextLayerExperts, RoutingContext, RoutingStats, SiDAMoELayer
+from sida.offload.moe_layer import NextLayerExperts, RoutingContext, RoutingStats
 from sida.offload.policies import make_policy
 from sida.offload.transfer import Transfer
 
@@ -67,7 +67,7 @@ class OffloadEngine:
         self.num_layers = len(layers)
         self.num_experts = adapter.num_experts(model)
         self.total_experts = self.num_layers * self.num_experts
-        self.context = RoutingContext(mode=cfg.mode, prefetch_k=cfg.prefetch_k)
+        self.context = RoutingContext(mode=cfg.mode, prefetch_k=cfg.prefetch_k, causal=not adapter.is_encoder_decoder)
         self.routing_stats = RoutingStats()
         self.cache: DeviceExpertCache | None = None
         self.executor: ExpertExecutor | None = None  # runs every offloaded layer's experts from the cache
@@ -102,7 +102,10 @@ class OffloadEngine:
         self.budget = decision if decision is not None else self._auto_budget()
         self.cache.grow(self.budget.slots - self.cache.num_slots)
         self.num_slots = self.cache.num_slots
-        log.info("expert budget: %s", self.budget.reason)
+        log.info(
+            "%s: %d MoE layers × %d experts of %d bytes; expert budget: %s",
+            adapter.family, self.num_layers, self.num_experts, self.expert_bytes, self.budget.reason,
+        )  # fmt: skip
 
     def _build_store(self, layers) -> ExpertStore:
         """Every expert in the host tier: from the checkpoint when the model was loaded without them, else copied
@@ -138,20 +141,21 @@ class OffloadEngine:
         ids = torch.zeros(b, s, dtype=torch.long, device=self.device)
         mask = torch.ones_like(ids)
         start = self.loaded.decoder_start_ids(b, self.device)
+        extra = {} if start is None else {"decoder_input_ids": start}
         mode, self.context.mode = self.context.mode, "exact"  # the router routes it: no hash table is needed
         try:
             self.begin_batch(mask)
             with torch.inference_mode(), PeakMemory(self.device) as peak:
-                self.loaded.model(input_ids=ids, attention_mask=mask, decoder_input_ids=start)
+                self.loaded.model(input_ids=ids, attention_mask=mask, **extra)
         finally:
             self.context.mode = mode
         self.reset_stats()
         return peak.bytes
 
     def _replace_layers(self, layers) -> None:
-        """Every sparse MLP becomes a SiDA layer; all of them run their experts through one `ExpertExecutor`, which
-        loads the next MoE layer's experts while a layer computes. After the last decoder layer comes the first
-        decoder layer of the next step."""
+        """Every MoE layer runs its experts through one `ExpertExecutor` (the adapter puts it in place), which loads
+        the next MoE layer's experts while a layer computes. After the last decoder layer comes the first decoder
+        layer of the next step."""
         model, adapter = self.loaded.model, self.loaded.adapter
         decoder_first = self.decoder_layers[0] if self.decoder_layers else None
         following = {}  # layer → (the MoE layer after it, its stack)
@@ -164,19 +168,7 @@ class OffloadEngine:
                 following[la.index] = (nxt.index, nxt.stack)
         lookahead = NextLayerExperts(self.context, following)
         self.executor = ExpertExecutor(self.cache, adapter.expert_forward(model), self.num_experts, lookahead)
-        expert_capacity = adapter.expert_capacity(model)
-        for la in layers:
-            module = SiDAMoELayer(
-                la.index,
-                la.stack,
-                la.mlp.router,
-                self.executor,
-                self.context,
-                self.routing_stats,
-                self.num_experts,
-                expert_capacity,
-            )
-            adapter.replace_moe(model, la, module.to(self.device))
+        adapter.attach(model, layers, self.executor, self.context, self.routing_stats)
 
     def set_decoder_guess(self, guess: DecodeStepGuesser) -> None:
         """Use `guess` to prefetch and score each decoder step's experts."""
@@ -223,7 +215,7 @@ class OffloadEngine:
             self._guess_decoder_step(decoder_input_ids)
         first = min(hash_table.experts) if hash_table is not None and hash_table.experts else None
         if first is not None:
-            mask = token_mask if self.first_layer_stack == "encoder" else None
+            mask = token_mask if self.first_layer_stack == "encoder" or ctx.causal else None
             keys = hash_table.candidates(first, ctx.prefetch_k, mask=mask)
             self.cache.prefetch([(first, e) for e in keys])
 

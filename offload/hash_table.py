@@ -6,7 +6,7 @@ route (`predicted` mode). `from_router_logits` builds a perfect one from the rou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,8 @@ class HashTable:
 
     experts: dict[int, torch.Tensor]  # MoE layer → [batch, seq, k] expert ids, best first
     alphas: dict[int, torch.Tensor]  # MoE layer → [batch, seq] scaling factor of the top-1 expert
+    # MoE layer → [batch, seq, k] the predicted probability of each ranked expert (routes top-k families)
+    probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def positions(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(experts [batch, length, k], α [batch, length]) of positions [start, start+length) of a layer, or None
@@ -33,13 +35,25 @@ class HashTable:
             return None
         return experts[:, start : start + length], self.alphas[layer][:, start : start + length]
 
+    def probabilities(self, layer: int, start: int, length: int) -> torch.Tensor | None:
+        """[batch, length, k] the ranked experts' probabilities at positions [start, start+length), if the table
+        has them."""
+        probs = self.probs.get(layer)
+        if probs is None or start + length > probs.shape[1]:
+            return None
+        return probs[:, start : start + length]
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the table (to mark them used by another CUDA stream)."""
-        return [*self.experts.values(), *self.alphas.values()]
+        return [*self.experts.values(), *self.alphas.values(), *self.probs.values()]
 
     def select_sequences(self, keep: list[int]) -> HashTable:
         """The table of the batch's sequences `keep` (the others were dropped: their deadline passed)."""
-        return HashTable({k: v[keep] for k, v in self.experts.items()}, {k: v[keep] for k, v in self.alphas.items()})
+
+        def rows(by_layer: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+            return {layer: t[keep] for layer, t in by_layer.items()}
+
+        return HashTable(rows(self.experts), rows(self.alphas), rows(self.probs))
 
     def candidates(self, layer: int, k: int, start: int = 0, length: int | None = None, mask=None) -> list[int]:
         """Distinct experts among the top-k predictions of real tokens (`mask` [batch, seq]) at positions from
@@ -64,10 +78,11 @@ class HashTable:
     @classmethod
     def from_router_logits(cls, logits: dict[int, torch.Tensor], k: int = HIT_RANKS) -> HashTable:
         """A perfect table: the router's own ranking (used as an oracle and in tests)."""
-        experts, alphas = {}, {}
+        experts, alphas, ranked = {}, {}, {}
         for layer, lg in logits.items():
             probs = lg.float().softmax(-1)
             top = probs.topk(min(k, probs.shape[-1]), dim=-1)
             experts[layer] = top.indices
             alphas[layer] = top.values[..., 0]
-        return cls(experts, alphas)
+            ranked[layer] = top.values
+        return cls(experts, alphas, ranked)

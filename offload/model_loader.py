@@ -12,20 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, SwitchTransformersForConditionalGeneration
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SwitchTransformersForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
 from sida.offload.adapters import MoEAdapter, adapter_for
 from sida.offload.checkpoint import Checkpoint, CheckpointError
 from sida.offload.expert_layout import CheckpointExperts, ExpertLayout
-
-FAMILIES = {"switch_transformers": SwitchTransformersForConditionalGeneration}
+from sida.offload.weight_map import WeightMapError, expert_targets, map_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -51,8 +52,17 @@ class LoadedModel:
         """The model folder's name."""
         return self.path.name
 
-    def decoder_start_ids(self, rows: int, device=None) -> torch.Tensor:
-        """[rows, 1] the decoder's first input for a batch of `rows` sequences."""
+    @property
+    def family(self) -> str:
+        """The config's `model_type`, e.g. "switch_transformers", "olmoe"."""
+        return self.adapter.family
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.adapter.is_encoder_decoder
+
+    def decoder_start_ids(self, rows: int, device=None) -> torch.Tensor | None:
+        """[rows, 1] the decoder's first input for a batch of `rows` sequences (None for a decoder-only model)."""
         return self.adapter.decoder_start_ids(self.model, rows, device)
 
 
@@ -134,7 +144,10 @@ def check_model_dir(model_dir: str | Path) -> dict:
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelLoadError(f"{config_path} has no 'model_type'")
     try:
-        adapter_for(config["model_type"])
+        adapter = adapter_for(config["model_type"])
+        if not adapter.is_encoder_decoder:  # whether it has MoE layers shows in its modules, built here on meta
+            with torch.device("meta"):
+                adapter.moe_layers(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
     except ValueError as e:
         raise ModelLoadError(f"{config_path}: {e}") from None
     if not list(model_dir.glob("*.safetensors")):
@@ -161,7 +174,7 @@ def load_model(
 
     model_dir = Path(model_dir)
     config = check_model_dir(model_dir)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = resolve_dtype(dtype, config)
     source = None
     try:
         if experts == "host":
@@ -182,9 +195,25 @@ def load_model(
     return LoadedModel(model, tokenizer, adapter_for(config["model_type"]), model.config, model_dir, fp, source)
 
 
+def resolve_dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
+    """A dtype name, or "auto": a bfloat16 checkpoint stays bfloat16 (its experts keep half the bytes); anything else
+    runs in float32 (float16 kernels are slow or missing on CPU, and Switch overflows in float16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        stored = config.get("dtype") or config.get("torch_dtype")
+        return torch.bfloat16 if stored == "bfloat16" else torch.float32
+    return getattr(torch, dtype)
+
+
+def model_class(model_type: str) -> type:
+    """The Hugging Face class that loads a family: Switch's own, or the causal LM class of `model_type`."""
+    return SwitchTransformersForConditionalGeneration if model_type == "switch_transformers" else AutoModelForCausalLM
+
+
 def _load_whole(model_dir: Path, model_type: str, dtype: torch.dtype) -> nn.Module:
     """The whole model, by Hugging Face's loader."""
-    model, info = FAMILIES[model_type].from_pretrained(
+    model, info = model_class(model_type).from_pretrained(
         model_dir, dtype=dtype, local_files_only=True, output_loading_info=True
     )
     # from_pretrained silently random-initialises missing tensors: a truncated checkpoint must fail instead.
@@ -194,40 +223,64 @@ def _load_whole(model_dir: Path, model_type: str, dtype: torch.dtype) -> nn.Modu
     return model
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built in this block get their parameters on the meta device (no memory, no initialisation cost) and
+    their buffers real: a rotary embedding's `inv_freq` is computed in `__init__` and stored in no checkpoint."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _skeleton(model_dir: Path, model_type: str, dtype: torch.dtype) -> nn.Module:
+    """The model with every parameter on meta, in `dtype`; buffers real and in the dtype Hugging Face gives them."""
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    cls = model_class(model_type)
+    with parameters_on_meta():
+        model = cls(config) if cls is not AutoModelForCausalLM else cls.from_config(config)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad))
+    return model
+
+
 def _load_dense(
     model_dir: Path, model_type: str, dtype: torch.dtype, device: torch.device
 ) -> tuple[nn.Module, CheckpointExperts]:
     """The model with its dense weights on `device` and its experts on meta, and the experts' checkpoint."""
-    cls = FAMILIES[model_type]
-    with torch.device("meta"):
-        model = cls(AutoConfig.from_pretrained(model_dir, local_files_only=True)).to(dtype)
+    model = _skeleton(model_dir, model_type, dtype)
     adapter = adapter_for(model_type)
     layers = adapter.moe_layers(model)
+    experts = {(la.index, e): m for la in layers for e, m in enumerate(la.experts)}
     layout = ExpertLayout.of(layers[0].experts[0])
-    module_names = {id(m): n for n, m in model.named_modules()}
-    expert_names = {
-        (la.index, e): tuple(f"{module_names[id(m)]}.{p}" for p in layout.names)
-        for la in layers
-        for e, m in enumerate(la.experts)
-    }
     try:
         checkpoint = Checkpoint(model_dir)
-    except CheckpointError as e:
-        raise ModelLoadError(str(e)) from None
-    in_experts = {n for names in expert_names.values() for n in names}
-    wanted = set(model.state_dict())
-    absent = sorted(in_experts - set(checkpoint.tensors))
-    if absent:
-        raise ModelLoadError(f"{model_dir}: weights missing for {len(absent)} expert tensors, e.g. {absent[0]}")
+        weights = map_weights(model, experts, layout, checkpoint)
+    except (CheckpointError, WeightMapError) as e:
+        raise ModelLoadError(f"{model_dir}: {e}") from None
     dense = {}
-    for name, info in checkpoint.tensors.items():
-        if name in in_experts or name not in wanted:
-            continue
+    for target, name in weights.dense.items():
+        info = checkpoint.tensors[name]
         cast = dtype if info.dtype.is_floating_point else None
-        dense[name] = checkpoint.read(name, cast).to(device)
+        dense[target] = checkpoint.read(name, cast).to(device)
     model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()  # the embeddings (and a tied lm_head) share the one tensor the checkpoint stores
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in in_experts]
+    in_experts = set(expert_targets(model, experts, layout))
+    left = [n for n, t in model.named_parameters() if t.is_meta and n not in in_experts]
     if left:
         raise ModelLoadError(f"{model_dir}: weights missing for {len(left)} tensors, e.g. {left[0]}")
-    return model, CheckpointExperts(checkpoint, layout, expert_names)
+    for module in model.modules():  # buffers were built on the host
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+    return model, CheckpointExperts(checkpoint, layout, weights.experts)

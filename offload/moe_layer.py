@@ -36,6 +36,19 @@ class RoutingStats:
         self.hash_hits.clear()
         self.router_fallbacks = 0
 
+    def count(
+        self, layer: int, router_choice: torch.Tensor, predicted: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> None:
+        """Count the real tokens (`mask` [batch, seq], all where None) whose router choice [batch, seq] is among
+        the top-1..k of `predicted` [batch, seq, k]."""
+        choice = router_choice if mask is None else router_choice[mask]  # [real tokens]
+        pred = predicted if mask is None else predicted[mask]  # [real tokens, k]
+        choice, pred = choice.reshape(-1), pred.reshape(choice.numel(), -1)
+        self.hash_lookups[layer] += choice.numel()
+        match = pred == choice[:, None]  # [real tokens, k]
+        for k in range(1, pred.shape[1] + 1):
+            self.hash_hits[(layer, k)] += int(match[:, :k].any(-1).sum())
+
 
 @dataclass
 class RoutingContext:
@@ -47,6 +60,7 @@ class RoutingContext:
     token_mask: torch.Tensor | None = None  # [batch, enc_seq] encoder attention mask
     offsets: Counter = field(default_factory=Counter)  # layer → positions already processed (decoder steps)
     shadow: bool = False  # predicted mode: also run the router (output unused) to count live hits
+    causal: bool = False  # a decoder-only model: `token_mask` is the prompt's, read by its first call of a layer
     # the decoder guess of the current decoder step: layer → (its first position, experts [batch, steps, k]);
     # decoder layers are always routed by their router, the guess only prefetches and is scored
     decoder_guesses: dict = field(default_factory=dict)
@@ -135,13 +149,7 @@ class SiDAMoELayer(nn.Module):
         mask = None
         if self.stack == "encoder" and self.context.token_mask is not None:
             mask = self.context.token_mask.bool()
-        choice = router_choice if mask is None else router_choice[mask]  # [real tokens]
-        pred = predicted if mask is None else predicted[mask]  # [real tokens, k]
-        choice, pred = choice.reshape(-1), pred.reshape(choice.numel(), -1)
-        self.stats.hash_lookups[self.index] += choice.numel()
-        match = pred == choice[:, None]  # [real tokens, k]
-        for k in range(1, pred.shape[1] + 1):
-            self.stats.hash_hits[(self.index, k)] += int(match[:, :k].any(-1).sum())
+        self.stats.count(self.index, router_choice, predicted, mask)
 
 
 class NextLayerExperts:
@@ -163,7 +171,8 @@ class NextLayerExperts:
             experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, mask=ctx.token_mask)
         else:  # the next decoder call processes the positions from its offset on
             start = ctx.offsets[nxt]
-            experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, start=start)
+            mask = ctx.token_mask if ctx.causal and start == 0 else None  # a decoder-only prompt: its real tokens
+            experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, start=start, mask=mask)
             guess = ctx.decoder_guess(nxt, start) if not experts else None
             if guess is not None:
                 experts = sorted(set(guess[..., : ctx.prefetch_k].reshape(-1).tolist()))

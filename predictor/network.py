@@ -202,4 +202,5 @@ class PredictorHash:
         top = probs.topk(self.k, dim=-1)
         experts = {layer: top.indices[i] for i, layer in enumerate(self.pred.arch.layers)}
         alphas = {layer: top.values[i][..., 0] for i, layer in enumerate(self.pred.arch.layers)}
-        return HashTable(experts, alphas)
+        probs = {layer: top.values[i] for i, layer in enumerate(self.pred.arch.layers)}
+        return HashTable(experts, alphas, probs)

@@ -23,8 +23,15 @@ class OracleHash:
         self.k = k
 
     @torch.inference_mode()
-    def __call__(self, input_ids, attention_mask, decoder_input_ids) -> HashTable:
-        """One full forward of the resident model, its routers' choices recorded."""
+    def __call__(self, input_ids, attention_mask, decoder_input_ids=None) -> HashTable:
+        """One full forward of the resident model, its routers' choices recorded (the router's softmax ranking:
+        DeepSeek-V3's bias-corrected choice can differ from it)."""
+        extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
         with capture_routing(self.layers) as cap:
-            self.loaded.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
-        return HashTable.from_router_logits({i: recs[0].logits for i, recs in cap.records.items()}, self.k)
+            self.loaded.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        rows, seq = input_ids.shape  # a decoder-only model's routers see the tokens flattened: [rows × seq, E]
+        logits = {
+            i: r[0].logits.reshape(rows, seq, -1) if r[0].logits.dim() == 2 else r[0].logits
+            for i, r in cap.records.items()
+        }
+        return HashTable.from_router_logits(logits, self.k)

@@ -52,5 +52,6 @@ def test_hooks_are_removed(tiny_dir):
 def test_unknown_family():
     import pytest
 
-    with pytest.raises(ValueError, match="unsupported model_type"):
-        adapter_for("mixtral")
+    with pytest.raises(ValueError, match="unsupported model_type 'resnet'"):
+        adapter_for("resnet")  # not a causal LM: no experts interface to plug into
+    assert adapter_for("mixtral").family == "mixtral"  # a causal LM: its modules say whether it has MoE layers
