@@ -77,7 +77,7 @@ class ServingRunner(Protocol):
         ...
 
     def pad(self, ids: list[list[int]]) -> Encoded:
-        """Right-padded batch on the runner's device."""
+        """Padded batch on the runner's device (right-padded for an encoder, left for a decoder-only model)."""
         ...
 
     def build_hash_table(self, enc: Encoded, decoder_input_ids: torch.Tensor | None = None) -> HashTable | None:

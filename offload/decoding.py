@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 class TextWatch(StoppingCriteria):
     """Streams the new text of each row (`on_text(row, delta)`) and ends rows at eos or at a stop string (the text
     kept ends before it). `texts` and `stopped` hold each row's text so far and whether a stop string ended it;
-    `done` [batch] is the verdict of the latest call."""
+    `done` [batch] is the verdict of the latest call. `prefix`: the tokens before the generated ones in `generate`'s
+    sequences (an encoder-decoder's start token, a decoder-only model's padded prompt)."""
 
     def __init__(
         self,
@@ -27,8 +28,10 @@ class TextWatch(StoppingCriteria):
         rows: int,
         stops: list[str],
         on_text: Callable[[int, str], None] | None,
+        prefix: int = 1,
     ):
         self.tokenizer = tokenizer
+        self.prefix = prefix
         self.eos = eos_token_id
         self.stops = stops
         self.on_text = on_text
@@ -37,9 +40,9 @@ class TextWatch(StoppingCriteria):
         self.done: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        """input_ids [batch, 1 + generated] → done [batch] (bool)."""
+        """input_ids [batch, prefix + generated] → done [batch] (bool)."""
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for r, row in enumerate(input_ids[:, 1:].tolist()):
+        for r, row in enumerate(input_ids[:, self.prefix :].tolist()):
             if self.stopped[r]:
                 done[r] = True
                 continue
@@ -68,8 +71,8 @@ class PrefetchNextStep(StoppingCriteria):
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        """input_ids [batch, 1 + generated] → not done [batch]."""
+        """input_ids [batch, prefix + generated] → not done [batch]."""
         finished = self.watch.done is not None and bool(self.watch.done.all())
-        if not finished and input_ids.shape[1] - 1 < self.max_new_tokens:
+        if not finished and input_ids.shape[1] - self.watch.prefix < self.max_new_tokens:
             self.engine.begin_decoder_step(input_ids[:, -1:])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -1,8 +1,9 @@
 """Classification and completion over a loaded model: what `sida classify|complete|eval` and the server's
 inference worker run.
 
-Classification is text-to-text: the label is the task's label word with the highest first-decoder-step
-logit, so every label costs one decoder step and comes with a probability over the label set.
+Classification scores the task's label words: at the first decoder step of an encoder-decoder (text-to-text),
+after the prompt's last token of a decoder-only model; every label costs one step and comes with a probability
+over the label set. A decoder-only model's prompts are left-padded, so that every row's next token comes last.
 A batch's hash table is built by `build_hash_table` (the server's batch worker calls it ahead; the one-shot
 calls here call it just before) and handed to the engine with the batch. How tokens are chosen is in
 sampling.py; the hooks `generate` calls after each token are in decoding.py.
@@ -65,16 +66,23 @@ class Runner:
         self.max_input_tokens = max_input_tokens
         self.engine = engine
         self.hash_fn = hash_fn
+        self.causal = not loaded.is_encoder_decoder
         self._label_ids: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ inputs
 
     def label_ids(self, task: Task) -> list[int]:
-        """Token id of each label word; every label word must be a single token of this tokenizer."""
+        """Token id of each label word; every label word must be a single token of this tokenizer (after a space,
+        as it follows a decoder-only prompt, where the tokenizer marks word starts)."""
         if task.name not in self._label_ids:
             ids = []
             for word in task.labels:
-                pieces = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+                spaced = self.tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
+                pieces = (
+                    spaced
+                    if self.causal and len(spaced) == 1
+                    else self.tokenizer(word, add_special_tokens=False)["input_ids"]
+                )
                 if len(pieces) != 1:
                     raise ValueError(f"label word {word!r} of task {task.name} is not one token in this tokenizer")
                 ids.append(pieces[0])
@@ -82,21 +90,47 @@ class Runner:
         return self._label_ids[task.name]
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids with the eos the model was trained with, not truncated (the server checks lengths)."""
-        return self.tokenizer(texts)["input_ids"]
+        """Token ids as the model was trained on them, not truncated (the server checks lengths): with the eos an
+        encoder reads last; a decoder-only prompt without one (the model continues it)."""
+        ids = self.tokenizer(texts)["input_ids"]
+        eos = self.model.config.eos_token_id
+        if self.causal:
+            ids = [x[:-1] if len(x) > 1 and x[-1] == eos else x for x in ids]
+        return ids
+
+    @property
+    def pad_id(self) -> int:
+        """The padding token: the config's, else the tokenizer's, else eos (decoder-only models often have none)."""
+        for pad in (self.model.config.pad_token_id, self.tokenizer.pad_token_id, self.model.config.eos_token_id):
+            if pad is not None:
+                return int(pad)
+        return 0
 
     def pad(self, ids: list[list[int]]) -> Encoded:
-        """Right-pad token id lists into a batch on the runner's device."""
-        width = max(len(x) for x in ids)
-        pad = self.model.config.pad_token_id
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
-        return {"input_ids": input_ids, "attention_mask": mask}
+        """Pad token id lists into a batch on the runner's device: right for an encoder, left for a decoder-only
+        model (its next token is then the last position of every row)."""
+        width, pad = max(len(x) for x in ids), self.pad_id
+        rows = [([pad] * (width - len(x)), x, [0] * (width - len(x)), [1] * len(x)) for x in ids]
+        if self.causal:
+            input_ids = [fill + x for fill, x, _, _ in rows]
+            mask = [zeros + ones for _, _, zeros, ones in rows]
+        else:
+            input_ids = [x + fill for fill, x, _, _ in rows]
+            mask = [ones + zeros for _, _, zeros, ones in rows]
+        return {
+            "input_ids": torch.tensor(input_ids, device=self.device),
+            "attention_mask": torch.tensor(mask, device=self.device),
+        }
 
     def encode(self, prompts: list[str]) -> Encoded:
         """Tokenize and pad; inputs over `max_input_tokens` are cut (keeping the eos), as the CLI documents."""
         limit = self.max_input_tokens
-        return self.pad([x if len(x) <= limit else x[: limit - 1] + x[-1:] for x in self.tokenize(prompts)])
+        return self.pad([x if len(x) <= limit else self._cut(x) for x in self.tokenize(prompts)])
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        """The first `max_input_tokens` of a prompt (an encoder's keeping its eos last)."""
+        limit = self.max_input_tokens
+        return ids[:limit] if self.causal else ids[: limit - 1] + ids[-1:]
 
     # ------------------------------------------------------------------ routing
 
@@ -105,16 +139,20 @@ class Runner:
         engine has no use for one. `decoder_input_ids` [batch, steps] default to the start token."""
         if self.hash_fn is None or self.engine is None or not self.engine.wants_hash_table:
             return None
-        if decoder_input_ids is None:
+        if decoder_input_ids is None:  # stays None for a decoder-only model
             decoder_input_ids = self.loaded.decoder_start_ids(enc["input_ids"].shape[0], self.device)
         return self.hash_fn(enc["input_ids"], enc["attention_mask"], decoder_input_ids)
 
     def begin_batch(
-        self, enc: Encoded, decoder_input_ids: torch.Tensor, hash_table: HashTable | None = None, shadow: bool = False
+        self,
+        enc: Encoded,
+        decoder_input_ids: torch.Tensor | None,
+        hash_table: HashTable | None = None,
+        shadow: bool = False,
     ) -> None:
         """Hand the batch's routing state to the engine (nothing without one)."""
         if self.engine is not None:
-            first = enc["input_ids"][:, 0]  # [batch] keys the decoder guess of the first step
+            first = None if self.causal else enc["input_ids"][:, 0]  # [batch] keys the first decoder step's guess
             self.engine.begin_batch(enc["attention_mask"], hash_table, decoder_input_ids, first, shadow)
 
     # ------------------------------------------------------------------ classification
@@ -133,12 +171,14 @@ class Runner:
     def classify_ids(
         self, enc: Encoded, task: Task, hash_table: HashTable | None = None, shadow: bool = False
     ) -> list[Classification]:
-        """One forward (encoder + first decoder step) of a padded batch; the label words' softmax per row."""
+        """One forward of a padded batch (encoder + first decoder step, or a decoder-only prompt); the label words'
+        softmax per row, at the position that predicts the next token."""
         ids = self.label_ids(task)
-        start = self.loaded.decoder_start_ids(enc["input_ids"].shape[0], self.device)  # [batch, 1]
+        start = self.loaded.decoder_start_ids(enc["input_ids"].shape[0], self.device)  # [batch, 1] or None
         self.begin_batch(enc, start, hash_table, shadow)
-        logits = self.model(**enc, decoder_input_ids=start).logits  # [batch, 1, vocab]
-        probs = logits[:, 0, ids].float().softmax(-1).cpu()  # [batch, labels]
+        extra = {} if start is None else {"decoder_input_ids": start}
+        logits = self.model(**enc, **extra).logits  # [batch, 1 or seq, vocab]
+        probs = logits[:, -1, ids].float().softmax(-1).cpu()  # [batch, labels]
         return [
             Classification(task.labels[int(row.argmax())], {w: round(float(p), 6) for w, p in zip(task.labels, row)})
             for row in probs
@@ -182,11 +222,12 @@ class Runner:
         rows = enc["input_ids"].shape[0]
         sampling = sampling or Sampling()
         self.begin_batch(enc, self.loaded.decoder_start_ids(rows, self.device), hash_table, shadow)
-        watch = TextWatch(self.tokenizer, self.model.config.eos_token_id, rows, stops or [], on_text)
+        prefix = enc["input_ids"].shape[1] if self.causal else 1  # what generate's sequences hold before new tokens
+        watch = TextWatch(self.tokenizer, self.model.config.eos_token_id, rows, stops or [], on_text, prefix)
         hooks = [watch] if self.engine is None else [watch, PrefetchNextStep(self.engine, watch, max_new_tokens)]
         sampler = None
         if not sampling.plain_greedy:
-            sampler = Sampler(sampling, enc["input_ids"], seeds or [None] * rows, self.unpenalized_ids)
+            sampler = Sampler(sampling, enc["input_ids"], seeds or [None] * rows, self.unpenalized_ids, prefix)
         out = self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -196,11 +237,12 @@ class Runner:
             top_k=None,
             logits_processor=LogitsProcessorList([sampler] if sampler else []),
             stopping_criteria=StoppingCriteriaList(hooks),
-        )  # [batch, 1 + generated], starts with the decoder start token
+            pad_token_id=self.pad_id,
+        )  # [batch, prefix + generated]
         eos = self.model.config.eos_token_id
         steps = sampler.recorded() if sampler is not None and sampling.logprobs is not None else None
         results = []
-        for r, (row, mask) in enumerate(zip(out[:, 1:].tolist(), enc["attention_mask"])):
+        for r, (row, mask) in enumerate(zip(out[:, prefix:].tolist(), enc["attention_mask"])):
             finished = eos in row  # after eos, generate pads the row
             tokens = row[: row.index(eos)] if finished else row
             text = watch.texts[r] if watch.stopped[r] else self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -214,7 +256,7 @@ class Runner:
     @property
     def unpenalized_ids(self) -> set[int]:
         """Token ids a repetition penalty leaves alone: eos and padding, which every prompt carries."""
-        return {self.model.config.eos_token_id, self.model.config.pad_token_id}
+        return {self.model.config.eos_token_id, self.pad_id}
 
     def token_logprobs(self, tokens: list[int], text: str, steps: list[tuple]) -> TokenLogprobs:
         """The log-probs of a row's `tokens`, from what `Sampler` recorded at each step ((logprob, top ids, top

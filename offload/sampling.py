@@ -49,10 +49,14 @@ class Sampler(LogitsProcessor):
     model's own log-probs (before penalties and temperature) of the chosen and the top-k tokens at each step.
 
     `prompt_ids` [batch, seq]: the padded prompts (padding must be among `unpenalized`); row r draws from a
-    generator seeded with `seeds[r]` (random where None)."""
+    generator seeded with `seeds[r]` (random where None). `prefix`: the tokens `generate`'s sequences hold before
+    the generated ones (an encoder-decoder's start token; a decoder-only model's padded prompt)."""
 
-    def __init__(self, s: Sampling, prompt_ids: torch.Tensor, seeds: list[int | None], unpenalized: set[int]):
+    def __init__(
+        self, s: Sampling, prompt_ids: torch.Tensor, seeds: list[int | None], unpenalized: set[int], prefix: int = 1
+    ):
         self.s = s
+        self.prefix = prefix
         device = prompt_ids.device
         self.generators = []
         if s.temperature > 0:
@@ -63,9 +67,9 @@ class Sampler(LogitsProcessor):
         self.steps: list[tuple[torch.Tensor, ...]] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """input_ids [batch, 1 + generated] (decoder start first), scores [batch, vocab] → scores with one finite."""
+        """input_ids [batch, prefix + generated], scores [batch, vocab] → scores with one finite."""
         raw = scores.float()
-        x = self.penalize(input_ids[:, 1:], raw)
+        x = self.penalize(input_ids[:, self.prefix :], raw)
         if self.s.temperature == 0:
             chosen = x.argmax(-1)  # [batch]
         else:

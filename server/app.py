@@ -95,10 +95,11 @@ def serving_setup(settings: Settings, name: str, hash_source: str) -> tuple[Runn
         shadow_sample_rate=settings.shadow_sample_rate,
         torch_threads=torch_threads,
     )
-    runner.classify(["warm-up"])  # the first forward happens outside any request's latency
+    runner.complete(["warm-up"], max_new_tokens=1)  # the first forward happens outside any request's latency
     engine.reset_stats()
     info = {
         "model": name,
+        "family": runner.loaded.family,
         "model_dir": str(settings.model_dir),
         "fingerprint": runner.loaded.fingerprint,
         "device": str(runner.device),

@@ -38,7 +38,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="YAML settings file (or SIDA_CONFIG)")
     g.add_argument("--model", dest="model_dir", help="local Hugging Face model folder")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights' dtype: auto (the default) keeps a bfloat16 checkpoint in bfloat16, anything else in float32",
+    )
     g.add_argument("--torch-threads", type=int, help="torch intra-op threads")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--max-input-tokens", type=int)

@@ -252,7 +252,8 @@ async def models(http: HTTPRequest) -> ModelList:
     """The one served model and the classification tasks it serves (none listed before setup)."""
     state: State = http.app.state.sida
     tasks = state.runner.tasks if state.runner is not None else []
-    return ModelList(data=[ModelCard(id=state.opts.model_name, tasks=tasks)])
+    family = state.info.get("family") if state.info else None  # what setup reported
+    return ModelList(data=[ModelCard(id=state.opts.model_name, family=family, tasks=tasks)])
 
 
 # ---------------------------------------------------------------------------------------------- operations

@@ -214,6 +214,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     owned_by: str = "sida"
     created: int = 0
+    family: str | None = None  # the config's model_type, e.g. "switch_transformers", "olmoe"
     tasks: list[str] = []
 
 

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
 
     model_dir: Path = DEFAULT_MODEL_DIR
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: a bfloat16 checkpoint's own, else float32
     torch_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     max_input_tokens: int = 512
     max_new_tokens: int = 32
