@@ -9,7 +9,7 @@ MODEL ?= models/sida-switch-demo
 # CPU machines: this exact pin resolves to a CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-memory bench-gpu test-gpu bench-http soak lint clean
+.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-memory bench-serve-memory replicas bench-gpu test-gpu bench-http soak lint clean
 
 install: $(STAMP)
 
@@ -72,6 +72,18 @@ bench: $(STAMP)
 # switch-base-8 shape with random weights written once under runs/ (about 3 minutes on 2 cores).
 bench-memory: $(STAMP)
 	$(PY) bench/memory_bench.py --experts 8 --budget-experts 24 --out bench/results/memory.json
+
+# Random-weight bf16 replicas of OLMoE-1B-7B (8 of its 16 layers, 7.1 GB) and Qwen3-30B-A3B (4 of its 48 layers,
+# 6.2 GB) under runs/replicas/, written streaming (about 1 minute; skipped when already written).
+replicas: $(STAMP)
+	$(PY) bench/replicas.py olmoe-1b-7b
+	$(PY) bench/replicas.py qwen3-30b-a3b
+
+# `sida serve` on the OLMoE replica: peak RSS offloaded (disk tier, 64 of 512 experts) against all-resident, and
+# the same greedy tokens from /v1/completions (about 5 minutes on 2 cores).
+bench-serve-memory: replicas
+	$(PY) bench/serve_memory.py --model runs/replicas/olmoe-1b-7b-8l --budget-experts 64 \
+		--out bench/results/serve-memory-olmoe.json
 
 # On a GPU box: the CUDA tests (marked `gpu`), after the device, torch and CUDA versions.
 test-gpu: $(STAMP)
