@@ -187,8 +187,9 @@ def sparsemax_small_support(scores: torch.Tensor, full: Sparsemax, ks: tuple[int
 
 class PredictorHash:
     """The runner's `HashFunction` (offload/contracts.py) from a trained predictor: input_ids and attention_mask
-    [batch, seq] → HashTable of the encoder MoE layers (top-k experts [batch, seq, k] and α [batch, seq] per
-    layer). Decoder layers are not in the table: the router routes them."""
+    [batch, seq] → HashTable of the MoE layers it was trained for (top-k experts [batch, seq, k], their
+    probabilities, and α [batch, seq] per layer): a Switch model's encoder layers (its decoder layers are routed
+    by the router), every layer of a decoder-only model over the prompt's tokens."""
 
     def __init__(self, pred: HashPredictor, k: int = 3):
         self.pred = pred
@@ -196,8 +197,18 @@ class PredictorHash:
 
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask, decoder_input_ids=None) -> HashTable:
-        """The HashTable of one batch; `decoder_input_ids` is accepted for the runner's signature and unused."""
-        logits = self.pred(input_ids, attention_mask)  # [layers, batch, seq, E]
+        """The HashTable of one batch; `decoder_input_ids` is accepted for the runner's signature and unused. A
+        decoder-only model's left-padded rows are read right-padded (the network's LSTM wants the padding last)
+        and their predictions put back in place."""
+        lead = (attention_mask.cumsum(1) == 0).sum(1, keepdim=True)  # [batch, 1] leading padding per row
+        if not lead.any():
+            logits = self.pred(input_ids, attention_mask)  # [layers, batch, seq, E]
+        else:
+            t = torch.arange(input_ids.shape[1], device=input_ids.device)
+            right = (t + lead) % input_ids.shape[1]  # [batch, seq] position j reads position j + lead
+            logits = self.pred(input_ids.gather(1, right), attention_mask.gather(1, right))
+            back = ((t - lead) % input_ids.shape[1])[None, :, :, None].expand_as(logits)
+            logits = logits.gather(2, back)
         probs = logits.float().softmax(-1)
         top = probs.topk(self.k, dim=-1)
         experts = {layer: top.indices[i] for i, layer in enumerate(self.pred.arch.layers)}

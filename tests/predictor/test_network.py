@@ -118,3 +118,18 @@ def test_torch_threads_sets_and_restores_the_count():
             assert torch.get_num_threads() == 1
             raise RuntimeError
     assert torch.get_num_threads() == before
+
+
+def test_hash_of_left_padded_prompts_equals_the_right_padded_one():
+    """A decoder-only model's prompts come left-padded: each real token gets the table rows it gets right-padded."""
+    from sida.predictor.network import PredictorHash
+
+    hash_fn = PredictorHash(make(), k=3)
+    ids, mask = batch()
+    right = hash_fn(ids, mask)
+    left_ids = torch.stack([torch.cat([ids[0, 5:], ids[0, :5]]), ids[1]])  # row 0: two pads first
+    left = hash_fn(left_ids, (left_ids != 0).long())
+    for layer in (0, 1):
+        assert torch.equal(left.experts[layer][0, 2:], right.experts[layer][0, :5])
+        assert torch.equal(left.experts[layer][1], right.experts[layer][1])
+        torch.testing.assert_close(left.probs[layer][0, 2:], right.probs[layer][0, :5])
