@@ -245,7 +245,8 @@ def capture_routing(layers: list[SparseBlock]) -> Iterator[RoutingCapture]:
             top_prob, expert = probs.max(-1)
             capture.records[index].append(RoutingRecord(expert, top_prob, logits))
 
-        handles.append(layer.router.register_forward_hook(hook))
+        # Switch's logits come from its router's classifier: the router's own outputs differ between releases
+        handles.append(getattr(layer.router, "classifier", layer.router).register_forward_hook(hook))
     try:
         yield capture
     finally:

@@ -94,6 +94,7 @@ class SiDAMoELayer(nn.Module):
         self.index = index
         self.stack = stack
         self.router = router  # kept in both modes; `predicted` calls it only where the table has no rows
+        router.classifier.to(router.dtype)  # the router computes in its own dtype (fp32), as Hugging Face casts it
         self.executor = executor  # shared by every SiDA layer of the model
         self.context = context
         self.stats = stats
@@ -123,12 +124,11 @@ class SiDAMoELayer(nn.Module):
         if ctx.mode == "predicted" and predicted is not None:
             experts, alpha = predicted
             if ctx.shadow:
-                self._count_hits(self.router(hidden_states)[2].argmax(-1), experts)
+                self._count_hits(self._router(hidden_states)[2].argmax(-1), experts)
             return self._apply_capacity(experts[..., 0]), alpha
         if ctx.mode == "predicted":
             self.stats.router_fallbacks += 1
-        one_hot, top_prob, logits = self.router(hidden_states)  # capacity already applied by the router
-        expert = torch.where(one_hot.sum(-1) > 0, one_hot.argmax(-1), -1)
+        expert, top_prob, logits = self._router(hidden_states)
         guess = predicted[0] if predicted is not None else None
         if guess is None and self.stack == "decoder":
             guess = ctx.decoder_guess(self.index, start)
@@ -136,7 +136,18 @@ class SiDAMoELayer(nn.Module):
             guess = guess[:, :seq] if guess is not None and guess.shape[1] >= seq else None
         if guess is not None:
             self._count_hits(logits.argmax(-1), guess)  # the router's choice before any capacity drop
-        return expert, top_prob.squeeze(-1)
+        return expert, top_prob
+
+    def _router(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Switch's top-1 router from its classifier, as transformers computes it: (expert [batch, seq] with the
+        capacity applied, -1 where dropped; its probability [batch, seq]; logits [batch, seq, experts]). Computed
+        here, not by calling the router module, whose outputs changed between transformers 5 releases (5.17
+        returns the top probability where the logits should be, and applies no capacity)."""
+        r = self.router
+        logits = r.classifier(hidden_states.to(r.dtype))  # [batch, seq, experts]
+        probs = nn.functional.softmax(logits, dim=-1, dtype=r.dtype).to(hidden_states.dtype)
+        top_prob, expert = probs.max(-1)
+        return self._apply_capacity(expert), top_prob, logits
 
     def _apply_capacity(self, expert: torch.Tensor) -> torch.Tensor:
         """Switch's rule: per sequence, an expert takes its first `capacity` tokens; later ones are dropped."""
