@@ -103,7 +103,8 @@ def expert_usage(traces: list[list[LayerTrace]], num_experts: int) -> dict[int, 
 
 @dataclass
 class TraceSet:
-    """Encoder router traces of many inputs; row i of every tensor is input i (padding masked out)."""
+    """Router traces of many inputs (encoder inputs, or a causal LM's prompts); row i of every tensor is input i
+    (padding masked out)."""
 
     input_ids: torch.Tensor  # [rows, seq] int64, 0-padded
     attention_mask: torch.Tensor  # [rows, seq]
@@ -187,6 +188,49 @@ def collect_traces(
         {k: _pad_cat(v, width) for k, v in idx.items()},
         {k: _pad_cat(v, width) for k, v in prob.items()},
         loaded.fingerprint,
+    )
+
+
+@torch.inference_mode()
+def collect_lm_traces(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: list[str],
+    fingerprint: str,
+    top_t: int = 30,
+    batch_size: int = 32,
+    max_tokens: int = 128,
+    progress=None,
+) -> TraceSet:
+    """Run a decoder-only MoE causal LM (all experts resident) over `texts`, each tokenized as the model reads a
+    prompt (cut to `max_tokens`); their router top-`top_t` as a TraceSet in text order, MoE layer i = the model's
+    i-th router. Rows are right-padded here, so causal attention keeps every real token's routing independent of
+    the batch; padded positions hold zeros. `progress(done, total)` is called after each batch."""
+    ids, masks = [], []
+    idx: dict[int, list[torch.Tensor]] = {}
+    prob: dict[int, list[torch.Tensor]] = {}
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_tokens)["input_ids"]
+        width = max(len(e) for e in encoded)
+        input_ids = torch.tensor([e + [0] * (width - len(e)) for e in encoded], dtype=torch.long)  # [batch, seq]
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], dtype=torch.long)
+        out = model(input_ids=input_ids, attention_mask=mask, output_router_logits=True, use_cache=False)
+        for layer, logits in enumerate(out.router_logits):  # one [batch * seq, E] tensor per MoE layer, in order
+            top = logits.float().softmax(-1).topk(min(top_t, logits.shape[-1]), dim=-1)
+            keep = mask[..., None]  # [batch, seq, 1]
+            idx.setdefault(layer, []).append(top.indices.view(*input_ids.shape, -1) * keep)
+            prob.setdefault(layer, []).append(top.values.view(*input_ids.shape, -1) * keep)
+        ids.append(input_ids)
+        masks.append(mask)
+        if progress is not None:
+            progress(min(start + batch_size, len(texts)), len(texts))
+    width = max(t.shape[1] for t in ids)
+    return TraceSet(
+        _pad_cat(ids, width),
+        _pad_cat(masks, width),
+        {k: _pad_cat(v, width) for k, v in idx.items()},
+        {k: _pad_cat(v, width) for k, v in prob.items()},
+        fingerprint,
     )
 
 
