@@ -301,11 +301,14 @@ class OffloadEngine:
         return out
 
     def _hit_rates(self) -> dict:
-        """{"hash_hit_rate": {"top1": …}, "decoder_hash_hit_rate": …} over the layers of each stack that were scored."""
+        """{"hash_hit_rate": {"top1": …}, "decoder_hash_hit_rate": …} over the layers of each stack that were scored.
+        A decoder-only model's layers are scored on the prompt's tokens, against the batch's hash table: its
+        `hash_hit_rate`."""
         stats, out = self.routing_stats, {}
         # one C-level copy each: the inference thread may add a layer's first key while /info reads
         lookups_by_layer, hits_by_key = dict(stats.hash_lookups), dict(stats.hash_hits)
-        for stack, key in (("encoder", "hash_hit_rate"), ("decoder", "decoder_hash_hit_rate")):
+        decoder_key = "hash_hit_rate" if self.context.causal else "decoder_hash_hit_rate"
+        for stack, key in (("encoder", "hash_hit_rate"), ("decoder", decoder_key)):
             layers = {la for la, s in self.layer_stack.items() if s == stack}
             lookups = sum(n for la, n in lookups_by_layer.items() if la in layers)
             if not lookups:
