@@ -155,6 +155,18 @@ def _pad_cat(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _stacked(ids, masks, idx, prob, fingerprint: str) -> TraceSet:
+    """One TraceSet from per-batch tensors, every batch right-padded to the widest."""
+    width = max(t.shape[1] for t in ids)
+    return TraceSet(
+        _pad_cat(ids, width),
+        _pad_cat(masks, width),
+        {k: _pad_cat(v, width) for k, v in idx.items()},
+        {k: _pad_cat(v, width) for k, v in prob.items()},
+        fingerprint,
+    )
+
+
 @torch.inference_mode()
 def collect_traces(
     loaded: LoadedModel, inputs: list[str], top_t: int = 30, batch_size: int = 64, max_tokens: int = 512, progress=None
@@ -181,14 +193,7 @@ def collect_traces(
             prob[la.index].append(top.values)
         if progress is not None:
             progress(min(start + batch_size, len(inputs)), len(inputs))
-    width = max(t.shape[1] for t in ids)
-    return TraceSet(
-        _pad_cat(ids, width),
-        _pad_cat(masks, width),
-        {k: _pad_cat(v, width) for k, v in idx.items()},
-        {k: _pad_cat(v, width) for k, v in prob.items()},
-        loaded.fingerprint,
-    )
+    return _stacked(ids, masks, idx, prob, loaded.fingerprint)
 
 
 @torch.inference_mode()
@@ -224,14 +229,7 @@ def collect_lm_traces(
         masks.append(mask)
         if progress is not None:
             progress(min(start + batch_size, len(texts)), len(texts))
-    width = max(t.shape[1] for t in ids)
-    return TraceSet(
-        _pad_cat(ids, width),
-        _pad_cat(masks, width),
-        {k: _pad_cat(v, width) for k, v in idx.items()},
-        {k: _pad_cat(v, width) for k, v in prob.items()},
-        fingerprint,
-    )
+    return _stacked(ids, masks, idx, prob, fingerprint)
 
 
 def save_traces(traces: TraceSet, path: str | Path) -> None:
