@@ -9,9 +9,9 @@ are written one tensor at a time (each generated right before it is written, so 
 shards of at most 2 GB with a `model.safetensors.index.json`, and a `replica.json` stamp written last marks the
 folder complete: a rerun with the same arguments does nothing.
 
-Neither model's tokenizer is available offline, so the folder gets the demo model's 8k BPE tokenizer and the
-config's pad/eos/bos ids are that tokenizer's. vocab_size stays the real one, so the embedding and lm_head have
-their real size; ids beyond the tokenizer's are simply never produced.
+Neither model's tokenizer is available offline, so the folder gets the demo model's 8k BPE tokenizer, with a
+placeholder token `<rN>` for each further id up to the real vocab_size (so the embedding and lm_head have their real
+size, and every id a random model generates decodes to text); the config's pad/eos/bos ids are that tokenizer's.
 
     .venv/bin/python bench/replicas.py olmoe-1b-7b            # 8 of 16 layers -> runs/replicas/olmoe-1b-7b-8l
     .venv/bin/python bench/replicas.py qwen3-30b-a3b --layers 4 --out /tmp/q3
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -31,14 +30,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
-from transformers import GenerationConfig, OlmoeConfig, PreTrainedConfig, Qwen3MoeConfig
+from transformers import AutoTokenizer, GenerationConfig, OlmoeConfig, PreTrainedConfig, Qwen3MoeConfig
 
 from sida.offload.checkpoint import SafetensorsWriter
 
 REPO = Path(__file__).resolve().parent.parent
 
 DEMO = REPO / "models" / "sida-switch-demo"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MAX_SHARD_BYTES = 2 * 10**9  # "2GB" as transformers counts it
 STD = 0.02
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -280,6 +278,7 @@ def write_replica(
         max_shard_bytes=max_shard_bytes,
     )
     if is_complete(out, key):
+        write_tokenizer(out, cfg.vocab_size)
         log(f"{out}: up to date")
         return json.loads((out / STAMP).read_text())
     clear(out)
@@ -293,12 +292,20 @@ def write_replica(
         write_index(out / "model.safetensors.index.json", shards, files, dtype)
     cfg.save_pretrained(out)
     GenerationConfig.from_model_config(cfg).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(DEMO / name, out / name)
+    write_tokenizer(out, cfg.vocab_size)
     summary = {**key, **sizes(specs, dtype), "seconds": round(time.perf_counter() - t0, 1)}
     summary["files"] = {name: (out / name).stat().st_size for name in files}
     (out / STAMP).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks the folder complete
     return summary
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """The demo model's tokenizer with a placeholder token `<rN>` for every id N it lacks, up to the real vocabulary
+    size: a random-weight model's greedy tokens then decode to text, so that two runs' completions compare token for
+    token (an id beyond the tokenizer would decode to nothing)."""
+    tok = AutoTokenizer.from_pretrained(DEMO, local_files_only=True)
+    tok.add_tokens([f"<r{i}>" for i in range(len(tok), vocab_size)])
+    tok.save_pretrained(out)
 
 
 def write_index(path: Path, shards: list[list[Spec]], files: list[str], dtype: torch.dtype) -> None:

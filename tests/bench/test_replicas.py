@@ -92,6 +92,19 @@ def test_config_carries_the_demo_tokenizer_ids_and_the_folder_its_files(replicas
     assert cfg["head_dim"] == 32 and cfg["norm_topk_prob"] is True
 
 
+def test_every_id_of_the_vocabulary_decodes_to_text(replicas):
+    """A random model's greedy tokens lie anywhere in the vocabulary: each must decode to something, so that two
+    runs' completions compare token for token; the demo tokenizer's own ids keep their meaning."""
+    from transformers import AutoTokenizer
+
+    folder = replicas["olmoe-1b-7b"]
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == vocab
+    assert tok.decode([vocab - 1]) == f"<r{vocab - 1}>"
+    assert tok("positive", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("positive")]
+
+
 def test_values_are_seeded_per_tensor_and_a_rerun_keeps_the_folder(tmp_path, capsys):
     main(["olmoe-1b-7b", "--shrink", "--out", str(tmp_path / "a")])
     assert "olmoe-1b-7b: 2 of 2 layers, bfloat16" in capsys.readouterr().out
