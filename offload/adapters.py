@@ -233,18 +233,26 @@ def router_logits(outputs, num_experts: int) -> torch.Tensor:
 @contextmanager
 def capture_routing(layers: list[SparseBlock]) -> Iterator[RoutingCapture]:
     """Record every router call of `layers` while the block runs (one record per forward call; decoding appends
-    one per step). A decoder-only model's routers see the tokens flattened: records are then [batch × seq]."""
+    one per step), shaped as the MoE block's input: [batch, seq, experts]. Routers see the tokens flattened in some
+    families and releases; the block's input says the batch's shape."""
     capture = RoutingCapture({layer.index: [] for layer in layers})
+    shapes: dict[int, torch.Size] = {}  # layer → the leading shape of its MoE block's latest input
     handles = []
     for layer in layers:
         experts = len(layer.experts)
 
+        def keep_shape(_module, inputs, index=layer.index):
+            shapes[index] = inputs[0].shape[:-1]
+
         def hook(_module, _inputs, outputs, index=layer.index, experts=experts):
             logits = router_logits(outputs, experts).detach().float()
+            if index in shapes and logits.shape[:-1].numel() == shapes[index].numel():
+                logits = logits.reshape(*shapes[index], experts)
             probs = logits.softmax(-1)
             top_prob, expert = probs.max(-1)
             capture.records[index].append(RoutingRecord(expert, top_prob, logits))
 
+        handles.append(layer.mlp.register_forward_pre_hook(keep_shape))
         # Switch's logits come from its router's classifier: the router's own outputs differ between releases
         handles.append(getattr(layer.router, "classifier", layer.router).register_forward_hook(hook))
     try:

@@ -11,10 +11,12 @@ Order of one call:
 2. `waves`: the needed experts, ascending by id, split into groups that fit the budget, resident ones first;
 3. per wave, `acquire` pins its experts (loading misses); after the first acquire, `prefetch` the experts of what
    runs next (from `next_keys(layer)`), protecting this layer's experts;
-4. per expert of the wave, in the wave's order: compute and accumulate its pairs (choice-major, tokens ascending),
-   `release` it, then `prefetch` this layer's later waves and what runs next into its slot, protecting the rest of
-   the wave;
-5. `release` whatever the wave still holds, also when an expert forward raises: a failed batch pins nothing.
+4. per expert of the wave, in the wave's order: compute its pairs (choice-major, tokens ascending), `release` it,
+   then `prefetch` this layer's later waves and what runs next into its slot, protecting the rest of the wave;
+5. `release` whatever the wave still holds, also when an expert forward raises: a failed batch pins nothing;
+6. add the experts' weighted outputs into the result in ascending expert order, as the eager experts forward does,
+   whatever order the waves ran them in: with three or more experts per token, floating-point sums depend on the
+   order (the outputs are held until then: tokens × k rows of H).
 Pairs are grouped by expert with one stable sort; reading where each expert's pairs begin (`.tolist()`) is the one
 host sync.
 """
@@ -62,6 +64,7 @@ class ExpertExecutor:
         """hidden [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k] → [tokens, H], the weighted sum of
         each token's experts (zeros for a token with none)."""
         out = torch.zeros_like(hidden)  # [tokens, H]
+        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # expert → (its tokens [n], weight × output [n, H])
         pairs, starts = self._group(top_k_index)
         needed = [e for e in range(self.num_experts) if starts[e + 1] > starts[e]]
         keys = [(layer, e) for e in needed]
@@ -78,7 +81,7 @@ class ExpertExecutor:
                 for j, key in enumerate(wave):
                     e = key[1]
                     pair = pairs[starts[e] : starts[e + 1]]  # [n] this expert's pairs
-                    self._accumulate(out, hidden, top_k_weights, pair, params[key])
+                    done[e] = self._run(hidden, top_k_weights, pair, params[key])
                     # The expert is done: its slot may take what comes next (this layer's later waves first,
                     # then what runs next) while the rest of the wave computes.
                     held.remove(key)
@@ -87,6 +90,8 @@ class ExpertExecutor:
                         self.cache.prefetch(later + upcoming, protect=set(wave[j + 1 :]))
             finally:
                 self.cache.release(held)
+        for e in sorted(done):  # summed in expert order whatever order they ran in, as the eager experts forward sums
+            out.index_add_(0, *done[e])
         return out
 
     def _group(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -100,16 +105,12 @@ class ExpertExecutor:
         ids = torch.arange(self.num_experts + 1, dtype=expert.dtype, device=expert.device)
         return pairs, torch.searchsorted(sorted_expert, ids).tolist()  # the one host sync
 
-    def _accumulate(
-        self,
-        out: torch.Tensor,
-        hidden: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        pair: torch.Tensor,
-        params: dict[str, torch.Tensor],
-    ) -> None:
-        """Add weight × expert(x) of one expert's pairs [n] (flat choice-major positions) to `out` [tokens, H]."""
+    def _run(
+        self, hidden: torch.Tensor, top_k_weights: torch.Tensor, pair: torch.Tensor, params: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert over its pairs [n] (flat choice-major positions): (their tokens [n], weight × expert(x) [n, H]
+        in the hidden dtype)."""
         tokens = hidden.shape[0]
         token, choice = pair % tokens, pair // tokens  # [n], [n]
         y = self.expert_forward(params, hidden[token])  # [n, H]
-        out.index_add_(0, token, (y * top_k_weights[token, choice, None]).to(out.dtype))
+        return token, (y * top_k_weights[token, choice, None]).to(hidden.dtype)

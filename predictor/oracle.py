@@ -29,9 +29,5 @@ class OracleHash:
         extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
         with capture_routing(self.layers) as cap:
             self.loaded.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        rows, seq = input_ids.shape  # a decoder-only model's routers see the tokens flattened: [rows × seq, E]
-        logits = {
-            i: r[0].logits.reshape(rows, seq, -1) if r[0].logits.dim() == 2 else r[0].logits
-            for i, r in cap.records.items()
-        }
+        logits = {i: records[0].logits for i, records in cap.records.items()}  # [batch, seq, experts] each
         return HashTable.from_router_logits(logits, self.k)

@@ -11,6 +11,7 @@ import torch
 from sida.offload.engine import OffloadConfig, OffloadEngine
 from sida.offload.hash_table import HashTable
 from sida.offload.model_loader import ModelLoadError, load_model
+from sida.predictor.oracle import OracleHash
 from tests.conftest import DEMO
 from tests.offload.tiny_families import FAMILIES, make_tiny_causal
 
@@ -72,7 +73,7 @@ def test_exact_equals_hugging_face_at_one_expert_per_layer(family_dirs, family, 
     assert stats.on_demand_loads > 0 and stats.evictions > 0 and stats.peak_resident <= engine.num_slots
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "olmoe"])
+@pytest.mark.parametrize("family", ["gpt_oss", "olmoe", "olmoe_top4"])
 def test_bfloat16_checkpoint_kept_in_bfloat16(family, tmp_path):
     model_dir = make_tiny_causal(family, tmp_path / family, dtype=torch.bfloat16)
     ref = hugging_face(model_dir)  # in the checkpoint's dtype (its rotary buffers stay float32)
@@ -82,6 +83,8 @@ def test_bfloat16_checkpoint_kept_in_bfloat16(family, tmp_path):
     ids, mask = batch(padded=False)
     with torch.inference_mode():
         want = ref(input_ids=ids, attention_mask=mask).logits
+        engine.begin_batch(mask)  # a first batch leaves experts resident: the next one's waves run those first
+        loaded.model(input_ids=ids.flip(0)[:, :5], attention_mask=mask[:, :5])
         engine.begin_batch(mask)
         got = loaded.model(input_ids=ids, attention_mask=mask).logits
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
@@ -107,8 +110,9 @@ def test_predicted_with_the_router_as_table_routes_like_the_router(family_dirs, 
     ids, mask = batch(padded=False)
     with torch.inference_mode():
         out = ref(input_ids=ids, attention_mask=mask, output_router_logits=True)
-    logits = {i: lg.view(*ids.shape, -1) for i, lg in enumerate(out.router_logits)}
-    table = HashTable.from_router_logits(logits)
+    table = OracleHash(load_model(family_dirs[family]))(ids, mask)  # the routers' logits, captured
+    for i, lg in enumerate(out.router_logits):  # what transformers itself reports
+        torch.testing.assert_close(table.experts[i][..., :2], lg.view(*ids.shape, -1).topk(2).indices)
     loaded, engine = offloaded(family_dirs[family], "ram", tmp_path, per_layer=2, mode="predicted")
     with torch.inference_mode():
         engine.begin_batch(mask, table)

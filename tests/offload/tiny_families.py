@@ -41,6 +41,8 @@ FAMILIES = {
         ),
     ),  # fmt: skip
     "olmoe": ("olmoe", dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)),
+    # top-4 at a budget of one expert per layer: many waves, resident experts run first
+    "olmoe_top4": ("olmoe", dict(intermediate_size=16, num_experts=8, num_experts_per_tok=4)),
     "gpt_oss": ("gpt_oss", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8)),
     "deepseek_v2": (  # the first layer dense, group-limited greedy routing over 2 groups
         "deepseek_v2",
