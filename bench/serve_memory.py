@@ -41,12 +41,14 @@ def serve_once(model: Path, flags: list[str], max_tokens: int) -> dict:
     """Start `sida serve`, ask every prompt greedily, read /info and the peak RSS, stop it."""
     proc, base = start_serve(["--model", str(model), "--hash", "none", "--log-level", "warning", *flags], 900)
     try:
-        texts = []
-        for prompt in PROMPTS:
-            body = {"model": model.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        texts, logprobs = [], []
+        for prompt in PROMPTS:  # one prompt a request: no padding, the same kernels on the same rows
+            body = {"model": model.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 1}
             r = httpx.post(base + "/v1/completions", json=body, timeout=600)
             r.raise_for_status()
-            texts.append(r.json()["choices"][0]["text"])
+            choice = r.json()["choices"][0]
+            texts.append(choice["text"])
+            logprobs.append(choice["logprobs"]["token_logprobs"])  # each greedy token's log-prob, step by step
         body = {"model": model.name, "input": SENTENCES}
         r = httpx.post(base + "/v1/classify", json=body, timeout=600)
         r.raise_for_status()
@@ -57,6 +59,7 @@ def serve_once(model: Path, flags: list[str], max_tokens: int) -> dict:
             "flags": " ".join(flags),
             "peak_rss_bytes": peak_rss(proc.pid),
             "texts": texts,
+            "token_logprobs": logprobs,
             "offload": info["offload"],
         }
     finally:
@@ -87,9 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         "expert_bytes": off["expert_bytes"],
         "budget_experts": off["budget_experts"],
         "dense_plus_budget_bytes": dense + off["budget_experts"] * off["expert_bytes"],
-        # a random-weight replica's greedy tokens may lie beyond its tokenizer (they decode to ""): the label-word
-        # probabilities of /v1/classify compare the computation itself
+        # a random-weight replica's greedy tokens may lie beyond its tokenizer (they decode to ""): each step's
+        # log-prob of the token chosen compares the tokens and the computation
         "same_greedy_text": runs["offloaded_disk"]["texts"] == runs["resident"]["texts"],
+        "same_greedy_logprobs": runs["offloaded_disk"]["token_logprobs"] == runs["resident"]["token_logprobs"],
         "max_label_prob_diff": max(
             abs(a[k] - b[k]) for a, b in zip(runs["offloaded_disk"]["probs"], runs["resident"]["probs"]) for k in a
         ),
