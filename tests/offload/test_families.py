@@ -5,6 +5,8 @@ fewer rows than Hugging Face's, and BLAS may block the sums differently: real to
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -151,3 +153,31 @@ def test_a_dense_model_is_refused_in_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="no MoE layers") as err:
         load_model(tmp_path / "llama", experts="host")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])  # fused on disk; per-expert tensors on disk
+def test_each_expert_is_read_as_its_own_byte_ranges(family_dirs, family, monkeypatch):
+    """Loading under the budget never reads a fused [E, ...] tensor whole: every read of an expert tensor is one
+    expert's rows (GPT-OSS stores the fused tensors) or one per-expert tensor (Mixtral's w1/w2/w3)."""
+    from sida.offload.checkpoint import Checkpoint
+
+    reads = []  # (tensor name, elements read; None: the whole tensor)
+    real_read, real_range = Checkpoint.read, Checkpoint.read_range
+
+    def read(self, name, dtype=None):
+        reads.append((name, None))
+        return real_read(self, name, dtype)
+
+    def read_range(self, name, start, out):
+        reads.append((name, out.numel()))
+        return real_range(self, name, start, out)
+
+    monkeypatch.setattr(Checkpoint, "read", read)
+    monkeypatch.setattr(Checkpoint, "read_range", read_range)
+    loaded = load_model(family_dirs[family], experts="host")
+    engine = OffloadEngine(loaded, OffloadConfig(mode="exact", budget_experts=2), CPU)
+    expert_reads = [(n, size) for n, size in reads if ".experts." in n]
+    layout = engine.cache.store.layout
+    largest = max(math.prod(s) for s in layout.shapes)
+    assert expert_reads and all(size is not None and size <= largest for _, size in expert_reads)
+    assert len(expert_reads) >= engine.total_experts * len(layout.names)
