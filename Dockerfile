@@ -42,6 +42,7 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 COPY configs /opt/sida/configs
 COPY models/sida-switch-demo /opt/sida/models/sida-switch-demo
+COPY models/sida-olmoe-demo /opt/sida/models/sida-olmoe-demo
 # Settings come from SIDA_* variables and flags (flags win). A container must listen on every interface;
 # models are read from local folders only, never fetched.
 ENV PATH=/opt/venv/bin:$PATH \
