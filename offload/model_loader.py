@@ -226,7 +226,8 @@ def _load_whole(model_dir: Path, model_type: str, dtype: torch.dtype) -> nn.Modu
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Modules built in this block get their parameters on the meta device (no memory, no initialisation cost) and
-    their buffers real: a rotary embedding's `inv_freq` is computed in `__init__` and stored in no checkpoint."""
+    their buffers real: a rotary embedding's `inv_freq` is computed in `__init__` and stored in no checkpoint. The
+    patch is process-wide: start-up builds the model before any worker thread builds modules."""
     register = nn.Module.register_parameter
 
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
