@@ -112,8 +112,8 @@ class SwitchAdapter:
     ) -> None:
         """Each sparse MLP becomes a `SiDAMoELayer` with the same router (top-1, capacity, α kept)."""
         device = model.get_input_embeddings().weight.device
+        experts, capacity = self.num_experts(model), self.expert_capacity(model)
         for la in layers:
-            experts, capacity = self.num_experts(model), self.expert_capacity(model)
             module = SiDAMoELayer(la.index, la.stack, la.mlp.router, executor, context, stats, experts, capacity)
             parent_name, _, child = la.name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.to(device))
@@ -186,9 +186,8 @@ class ExpertsAdapter:
         self, model: nn.Module, layers: list[SparseBlock], executor: ExpertExecutor, context: RoutingContext, stats
     ) -> None:
         """sida becomes the model's experts implementation; each experts module gets its `ExpertsRoute`."""
-        for la in layers:
-            view = la.experts[0]
-            install(model, view.module, ExpertsRoute(la.index, executor, context, stats), view.names)
+        routes = [(la.experts[0], ExpertsRoute(la.index, executor, context, stats)) for la in layers]
+        install(model, [(view.module, route, view.names) for view, route in routes])
 
 
 def adapter_for(model_type: str) -> MoEAdapter:

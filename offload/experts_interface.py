@@ -117,11 +117,12 @@ def sida_experts_forward(
     return route(hidden_states, top_k_index, top_k_weights)
 
 
-def install(model: nn.Module, experts: nn.Module, route: ExpertsRoute, names: tuple[str, ...]) -> None:
-    """Route `experts`' calls to `route` and drop its per-expert parameters `names` (the slots hold them now), then
-    select the implementation for the whole model."""
+def install(model: nn.Module, routes: list[tuple[nn.Module, ExpertsRoute, tuple[str, ...]]]) -> None:
+    """Route each experts module's calls to its `ExpertsRoute` and drop its per-expert parameters (the slots hold
+    them now), then select the implementation for the whole model."""
     ExpertsInterface.register(IMPLEMENTATION, sida_experts_forward)
-    experts.sida_route = route
-    for name in names:
-        delattr(experts, name)
+    for experts, route, names in routes:
+        experts.sida_route = route
+        for name in names:
+            delattr(experts, name)
     model.set_experts_implementation(IMPLEMENTATION)

@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 from sida.offload.adapters import MoEAdapter, adapter_for
 from sida.offload.checkpoint import Checkpoint, CheckpointError
 from sida.offload.expert_layout import CheckpointExperts, ExpertLayout
-from sida.offload.weight_map import WeightMapError, expert_targets, map_weights
+from sida.offload.weight_map import WeightMapError, map_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -276,8 +276,7 @@ def _load_dense(
         dense[target] = checkpoint.read(name, cast).to(device)
     model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()  # the embeddings (and a tied lm_head) share the one tensor the checkpoint stores
-    in_experts = set(expert_targets(model, experts, layout))
-    left = [n for n, t in model.named_parameters() if t.is_meta and n not in in_experts]
+    left = [n for n, t in model.named_parameters() if t.is_meta and n not in weights.expert_params]
     if left:
         raise ModelLoadError(f"{model_dir}: weights missing for {len(left)} tensors, e.g. {left[0]}")
     for module in model.modules():  # buffers were built on the host

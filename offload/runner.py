@@ -110,13 +110,12 @@ class Runner:
         """Pad token id lists into a batch on the runner's device: right for an encoder, left for a decoder-only
         model (its next token is then the last position of every row)."""
         width, pad = max(len(x) for x in ids), self.pad_id
-        rows = [([pad] * (width - len(x)), x, [0] * (width - len(x)), [1] * len(x)) for x in ids]
-        if self.causal:
-            input_ids = [fill + x for fill, x, _, _ in rows]
-            mask = [zeros + ones for _, _, zeros, ones in rows]
-        else:
-            input_ids = [x + fill for fill, x, _, _ in rows]
-            mask = [ones + zeros for _, _, zeros, ones in rows]
+
+        def place(row: list[int], fill: list[int]) -> list[int]:
+            return fill + row if self.causal else row + fill
+
+        input_ids = [place(x, [pad] * (width - len(x))) for x in ids]
+        mask = [place([1] * len(x), [0] * (width - len(x))) for x in ids]
         return {
             "input_ids": torch.tensor(input_ids, device=self.device),
             "attention_mask": torch.tensor(mask, device=self.device),

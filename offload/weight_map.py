@@ -37,6 +37,7 @@ class WeightMap:
 
     dense: dict[str, str]  # model key → checkpoint tensor
     experts: dict[ExpertKey, tuple[tuple[Piece, ...], ...]]  # key → per layout parameter, its pieces in order
+    expert_params: frozenset[str]  # the model keys that hold experts (left on meta: the store holds them)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class _Slot:
 def map_weights(model: nn.Module, experts: dict[ExpertKey, object], layout: ExpertLayout, checkpoint: Checkpoint):
     """The WeightMap of `model` (built on the meta device) from `checkpoint`; `experts` maps each expert key to its
     module or `FusedExpert` view. Checkpoint tensors the model has no place for are left out."""
-    targets = expert_targets(model, experts, layout)
+    targets = _expert_targets(model, experts, layout)
     transforms = get_model_conversion_mapping(model)
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
@@ -82,10 +83,10 @@ def map_weights(model: nn.Module, experts: dict[ExpertKey, object], layout: Expe
             raise WeightMapError(f"checkpoint tensor {name}: expert {row} is not an expert of {target}")
         order = converter.source_patterns.index(pattern)
         parts.setdefault((slot.key, slot.position), []).append((order, Piece(name, 0, info.numel)))
-    return WeightMap(dense, _assemble(parts, experts, layout))
+    return WeightMap(dense, _assemble(parts, experts, layout), frozenset(targets))
 
 
-def expert_targets(model: nn.Module, experts: dict[ExpertKey, object], layout: ExpertLayout) -> dict[str, list[_Slot]]:
+def _expert_targets(model: nn.Module, experts: dict[ExpertKey, object], layout: ExpertLayout) -> dict[str, list[_Slot]]:
     """Model key of each expert parameter (e.g. `model.layers.1.mlp.experts.gate_up_proj`) → the experts it holds."""
     names = {id(m): n for n, m in model.named_modules()}
     targets: dict[str, list[_Slot]] = {}
