@@ -72,6 +72,10 @@ class ServingRunner(Protocol):
         """Token ids of each text, not truncated."""
         ...
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat through the model's chat template (`NoChatTemplate` where it has none)."""
+        ...
+
     def prompt_pieces(self, prompt: str) -> list[tuple[str, int]]:
         """(text, offset) of each of the prompt's tokens."""
         ...

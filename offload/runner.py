@@ -28,6 +28,10 @@ from sida.offload.tasks import TASKS, Task, get_task
 Encoded = dict[str, torch.Tensor]  # input_ids, attention_mask: [batch, seq], right-padded
 
 
+class NoChatTemplate(ValueError):
+    """The model's tokenizer has no chat template, so a chat cannot become a prompt."""
+
+
 @dataclass(frozen=True)
 class Classification:
     """A label word and the probability of every label of the task."""
@@ -97,6 +101,14 @@ class Runner:
         if self.causal:
             ids = [x[:-1] if len(x) > 1 and x[-1] == eos else x for x in ids]
         return ids
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat (`[{"role", "content"}, ...]`) through the tokenizer's chat template, ending where the
+        assistant's answer begins; `NoChatTemplate` where the model ships none."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise NoChatTemplate("this model's tokenizer has no chat template: use /v1/completions")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own bos
 
     @property
     def pad_id(self) -> int:

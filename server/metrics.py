@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -28,8 +29,32 @@ class Metrics:
         self.request_duration = Histogram(
             "sida_request_duration_seconds", "Request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
+        # Generation, as vLLM names it: every completion and chat choice, streamed or not, from its arrival
         self.ttft = Histogram(
-            "sida_time_to_first_token_seconds", "Time to first streamed token", buckets=LATENCY_BUCKETS, registry=r
+            "sida_time_to_first_token_seconds",
+            "Accepted until the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "sida_time_per_output_token_seconds",
+            "Mean time between a choice's generated tokens after the first",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "sida_e2e_request_latency_seconds", "Accepted until the last token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.prompt_tokens = PCounter("sida_prompt_tokens", "Prompt tokens of generated choices", registry=r)
+        self.generation_tokens = PCounter("sida_generation_tokens", "Tokens generated", registry=r)
+        self.running = Gauge("sida_num_requests_running", "Sequences in the running decode batch", registry=r)
+        self.waiting = Gauge(
+            "sida_num_requests_waiting",
+            "Accepted sequences not yet running (queued or waiting for KV room)",
+            registry=r,
+        )
+        self.kv_usage = Gauge(
+            "sida_kv_cache_usage_ratio", "KV cache bytes reserved by running sequences / the KV bound", registry=r
         )
         self.queue_wait_seconds = Histogram(
             "sida_queue_wait_seconds", "Accepted until its batch started", buckets=LATENCY_BUCKETS, registry=r

@@ -24,6 +24,9 @@ class FakeRunner:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [list(range(len(t.split()))) for t in texts]
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenize([" ".join(f"{m['role']}: {m['content']}" for m in messages) + " assistant:"])[0]
+
     def prompt_pieces(self, prompt: str) -> list[tuple[str, int]]:
         return [(m.group(), m.start()) for m in re.finditer(r"\s*\S+", prompt)]
 
