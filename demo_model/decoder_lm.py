@@ -89,10 +89,19 @@ def make_model(recipe: OlmoeRecipe, tok) -> OlmoeForCausalLM:
     return model
 
 
+# The chat template `/v1/chat/completions` formats messages with: role markers spelled in text the vocabulary
+# already has (`<`, `|`, the role, `|`, `>`; the weights are fixed, so no token is added), the BOS first as the
+# model was trained, and `<|assistant|>` last where the answer begins.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def copy_tokenizer(src: Path, out: Path):
     """The Switch demo's tokenizer (same vocabulary) for a causal LM: EOS `</s>` also serves as BOS and is put
     before every input instead of after it, so that a prompt ends on its last word, where the next token (a label
-    word, a continuation) is predicted."""
+    word, a continuation) is predicted; with a chat template (`CHAT_TEMPLATE`)."""
     spec = json.loads((src / "tokenizer.json").read_text())
     bos = {"SpecialToken": {"id": "</s>", "type_id": 0}}
     seq = [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]
@@ -105,7 +114,8 @@ def copy_tokenizer(src: Path, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     config = json.loads((src / "tokenizer_config.json").read_text())
-    (out / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "</s>"}, indent=2) + "\n")
+    config = {**config, "bos_token": "</s>", "chat_template": CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return AutoTokenizer.from_pretrained(out, local_files_only=True)
 
 

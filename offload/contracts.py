@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
+    from sida.offload.decode_batch import DecodeBatch
     from sida.offload.engine import OffloadEngine
     from sida.offload.hash_table import HashTable
     from sida.offload.runner import Classification, Completion, Encoded
@@ -62,6 +63,7 @@ class ServingRunner(Protocol):
 
     device: torch.device
     engine: OffloadEngine | None
+    decode_batch: DecodeBatch | None  # continuous batching of completions; None: static batches
 
     @property
     def tasks(self) -> list[str]:
@@ -104,6 +106,7 @@ class ServingRunner(Protocol):
         on_text: Callable[[int, str], None] | None = None,
         hash_table: HashTable | None = None,
         shadow: bool = False,
+        ignore_eos: bool = False,
     ) -> list[Completion]:
         """Each row's completion; `on_text(row, delta)` streams text as it appears."""
         ...

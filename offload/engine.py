@@ -219,6 +219,12 @@ class OffloadEngine:
             keys = hash_table.candidates(first, ctx.prefetch_k, mask=mask)
             self.cache.prefetch([(first, e) for e in keys])
 
+    def begin_decode_step(self, input_ids: torch.Tensor) -> None:
+        """A decoder-only model's decode step of the running batch reads `input_ids` [rows, 1] (its sequences'
+        last tokens; `decode_batch.DecodeBatch.step` calls it before each step's forward). No hash table covers
+        tokens that do not exist yet: every layer is routed by its router, and the prompt's table and mask end."""
+        self.begin_batch()
+
     def begin_decoder_step(self, decoder_input_ids: torch.Tensor) -> None:
         """A later decoder step reads `decoder_input_ids` [batch, 1]: guess its experts and start loading the
         first decoder layer's. The decode loop calls it after each token (decoding.PrefetchNextStep)."""

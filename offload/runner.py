@@ -11,8 +11,10 @@ sampling.py; the hooks `generate` calls after each token are in decoding.py.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -24,6 +26,9 @@ from sida.offload.hash_table import HashTable
 from sida.offload.model_loader import LoadedModel
 from sida.offload.sampling import Sampler, Sampling, TokenLogprobs
 from sida.offload.tasks import TASKS, Task, get_task
+
+if TYPE_CHECKING:
+    from sida.offload.decode_batch import DecodeBatch
 
 Encoded = dict[str, torch.Tensor]  # input_ids, attention_mask: [batch, seq], right-padded
 
@@ -49,6 +54,8 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (eos) | "length"
     logprobs: TokenLogprobs | None = None
+    first_token_at: float | None = None  # time.monotonic() when its first token was chosen
+    ended_at: float | None = None  # ... and when its last was
 
 
 class Runner:
@@ -71,6 +78,7 @@ class Runner:
         self.engine = engine
         self.hash_fn = hash_fn
         self.causal = not loaded.is_encoder_decoder
+        self.decode_batch: DecodeBatch | None = None  # continuous batching's running batch (the server attaches it)
         self._label_ids: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ inputs
@@ -207,13 +215,15 @@ class Runner:
         stops: list[str] | None = None,
         on_text=None,
         sampling: Sampling | None = None,
+        ignore_eos: bool = False,
     ) -> list[Completion]:
         """Continue raw prompts, every row sampled with `seed` (see `complete_ids`); `sampling`, when given, wins
         over `temperature` and `top_p`."""
         enc = self.encode(prompts)
         table = self.build_hash_table(enc)
         sampling = sampling or Sampling(temperature, top_p)
-        return self.complete_ids(enc, max_new_tokens, sampling, [seed] * len(prompts), stops, on_text, table)
+        seeds = [seed] * len(prompts)
+        return self.complete_ids(enc, max_new_tokens, sampling, seeds, stops, on_text, table, ignore_eos=ignore_eos)
 
     @torch.inference_mode()
     def complete_ids(
@@ -226,15 +236,18 @@ class Runner:
         on_text: Callable[[int, str], None] | None = None,
         hash_table: HashTable | None = None,
         shadow: bool = False,
+        ignore_eos: bool = False,
     ) -> list[Completion]:
         """Generate for a padded batch. Row r samples from its own generator, seeded with `seeds[r]` (random where
         None), so that its tokens do not depend on the other rows. `on_text(row, delta)` is called as text appears
-        (streaming); generation of a row ends at eos, at a stop string (not included), or after max_new_tokens."""
+        (streaming); generation of a row ends at eos (unless `ignore_eos`), at a stop string (not included), or after
+        max_new_tokens."""
         rows = enc["input_ids"].shape[0]
         sampling = sampling or Sampling()
         self.begin_batch(enc, self.loaded.decoder_start_ids(rows, self.device), hash_table, shadow)
         prefix = enc["input_ids"].shape[1] if self.causal else 1  # what generate's sequences hold before new tokens
-        watch = TextWatch(self.tokenizer, self.model.config.eos_token_id, rows, stops or [], on_text, prefix)
+        eos = None if ignore_eos else self.model.config.eos_token_id
+        watch = TextWatch(self.tokenizer, eos, rows, stops or [], on_text, prefix)
         hooks = [watch] if self.engine is None else [watch, PrefetchNextStep(self.engine, watch, max_new_tokens)]
         sampler = None
         if not sampling.plain_greedy:
@@ -249,18 +262,35 @@ class Runner:
             logits_processor=LogitsProcessorList([sampler] if sampler else []),
             stopping_criteria=StoppingCriteriaList(hooks),
             pad_token_id=self.pad_id,
+            **({"eos_token_id": -1} if ignore_eos else {}),  # no token id: only max_new_tokens and stops end rows
         )  # [batch, prefix + generated]
-        eos = self.model.config.eos_token_id
+        end = time.monotonic()
         steps = sampler.recorded() if sampler is not None and sampling.logprobs is not None else None
         results = []
         for r, (row, mask) in enumerate(zip(out[:, prefix:].tolist(), enc["attention_mask"])):
-            finished = eos in row  # after eos, generate pads the row
-            tokens = row[: row.index(eos)] if finished else row
-            text = watch.texts[r] if watch.stopped[r] else self.tokenizer.decode(tokens, skip_special_tokens=True)
-            reason = "stop" if finished or watch.stopped[r] else "length"
-            logprobs = self.token_logprobs(tokens, text, [s[r] for s in steps]) if steps is not None else None
-            results.append(Completion(text, int(mask.sum()), len(tokens), reason, logprobs))
+            stopped = watch.texts[r] if watch.stopped[r] else None
+            rsteps = [s[r] for s in steps] if steps is not None else None
+            timing = (watch.first_token_at, watch.ended_at[r] or end)
+            results.append(self.completion(row, int(mask.sum()), stopped, rsteps, eos, timing))
         return results
+
+    def completion(
+        self,
+        tokens: list[int],
+        prompt_tokens: int,
+        stopped: str | None,
+        steps: list[tuple] | None,
+        eos: int | None,
+        timing: tuple[float | None, float | None] = (None, None),
+    ) -> Completion:
+        """One choice's `Completion` from the tokens generated (cut at `eos` where one ended it), the text kept
+        where a stop string ended it (`stopped`), its recorded log-probs (`steps`) and (first, last) token times."""
+        finished = eos is not None and eos in tokens
+        tokens = tokens[: tokens.index(eos)] if finished else tokens
+        text = stopped if stopped is not None else self.tokenizer.decode(tokens, skip_special_tokens=True)
+        reason = "stop" if finished or stopped is not None else "length"
+        logprobs = self.token_logprobs(tokens, text, steps) if steps is not None else None
+        return Completion(text, prompt_tokens, len(tokens), reason, logprobs, *timing)
 
     # ------------------------------------------------------------------ token texts and log-probs
 

@@ -44,9 +44,8 @@ class TokenLogprobs:
 
 
 class Sampler(LogitsProcessor):
-    """Chooses each row's next token — penalties, then greedy or temperature and top-p, drawn from the row's own
-    generator — and leaves `generate` only that token (every other score -inf). With `logprobs` it records the
-    model's own log-probs (before penalties and temperature) of the chosen and the top-k tokens at each step.
+    """Chooses each row's next token inside `generate` (`choose`) and leaves `generate` only that token (every
+    other score -inf); with `logprobs` it records what `choose` reports at each step.
 
     `prompt_ids` [batch, seq]: the padded prompts (padding must be among `unpenalized`); row r draws from a
     generator seeded with `seeds[r]` (random where None). `prefix`: the tokens `generate`'s sequences hold before
@@ -57,53 +56,80 @@ class Sampler(LogitsProcessor):
     ):
         self.s = s
         self.prefix = prefix
-        device = prompt_ids.device
-        self.generators = []
-        if s.temperature > 0:
-            seeds = [x if x is not None else secrets.randbits(63) for x in seeds]
-            self.generators = [torch.Generator(device).manual_seed(x % 2**64) for x in seeds]
+        self.generators = generators(s, seeds, prompt_ids.device)
         self.unpenalized = sorted(unpenalized)
         self.prompt_ids = prompt_ids
         self.steps: list[tuple[torch.Tensor, ...]] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """input_ids [batch, prefix + generated], scores [batch, vocab] → scores with one finite."""
-        raw = scores.float()
-        x = self.penalize(input_ids[:, self.prefix :], raw)
-        if self.s.temperature == 0:
-            chosen = x.argmax(-1)  # [batch]
-        else:
-            probs = _top_p((x / self.s.temperature).softmax(-1), self.s.top_p)
-            noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in self.generators])
-            noise.clamp_min_(1e-20)  # a draw of exactly 0 would make 0/0 (NaN) of a token top-p removed
-            chosen = (probs / noise).argmax(-1)  # an exponential race: row r draws token t with probability p[r, t]
-        if self.s.logprobs is not None:
-            lp = raw.log_softmax(-1)
-            top = lp.topk(self.s.logprobs, -1)
-            self.steps.append((lp.gather(1, chosen[:, None])[:, 0], top.indices, top.values))
+        generated = input_ids[:, self.prefix :]
+        chosen, record = choose(self.s, scores, self.prompt_ids, generated, self.generators, self.unpenalized)
+        if record is not None:
+            self.steps.append(record)
         return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
-
-    def penalize(self, generated: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The logits x [batch, vocab] with vLLM's repetition penalty, then OpenAI's frequency and presence
-        penalties, given the tokens generated so far [batch, steps]."""
-        s = self.s
-        if s.repetition_penalty != 1.0:
-            seen = torch.zeros_like(x, dtype=torch.bool)
-            seen.scatter_(1, self.prompt_ids, True).scatter_(1, generated, True)
-            seen[:, self.unpenalized] = False
-            x = torch.where(seen, torch.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
-        if s.frequency_penalty or s.presence_penalty:
-            counts = torch.zeros_like(x).scatter_add_(1, generated, torch.ones_like(generated, dtype=x.dtype))
-            x = x - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).to(x.dtype)
-        return x
 
     def recorded(self) -> list[list[tuple[float, list[int], list[float]]]]:
         """Per step, per row: (the chosen token's log-prob, the top-k token ids, their log-probs), on the host."""
-        steps = []
-        for chosen, ids, lps in self.steps:
-            chosen, ids, lps = chosen.tolist(), ids.tolist(), lps.tolist()
-            steps.append(list(zip(chosen, ids, lps)))
-        return steps
+        return [host_record(step) for step in self.steps]
+
+
+def host_record(record: tuple[torch.Tensor, ...]) -> list[tuple[float, list[int], list[float]]]:
+    """One step's record of `choose` as, per row, (the chosen token's log-prob, top-k ids, their log-probs)."""
+    chosen, ids, lps = (t.tolist() for t in record)
+    return list(zip(chosen, ids, lps))
+
+
+def generators(s: Sampling, seeds: list[int | None], device: torch.device) -> list[torch.Generator]:
+    """One generator per row, seeded with `seeds[r]` (random where None); none for greedy choices."""
+    if s.temperature == 0:
+        return []
+    seeds = [x if x is not None else secrets.randbits(63) for x in seeds]
+    return [torch.Generator(device).manual_seed(x % 2**64) for x in seeds]
+
+
+def choose(
+    s: Sampling,
+    scores: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    generated: torch.Tensor,
+    gens: list[torch.Generator],
+    unpenalized: list[int],
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Each row's next token [batch] from its logits `scores` [batch, vocab]: penalties (given the padded prompts
+    [batch, seq] and the tokens generated so far [batch, steps]), then greedy or temperature and top-p, drawn from
+    row r's generator `gens[r]`. With `s.logprobs`, also (the chosen token's log-prob [batch], the top-k ids and
+    log-probs [batch, k]), the model's own log-probs, before penalties and temperature."""
+    raw = scores.float()
+    x = penalize(s, raw, prompt_ids, generated, unpenalized)
+    if s.temperature == 0:
+        chosen = x.argmax(-1)  # [batch]
+    else:
+        probs = _top_p((x / s.temperature).softmax(-1), s.top_p)
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in gens])
+        noise.clamp_min_(1e-20)  # a draw of exactly 0 would make 0/0 (NaN) of a token top-p removed
+        chosen = (probs / noise).argmax(-1)  # an exponential race: row r draws token t with probability p[r, t]
+    if s.logprobs is None:
+        return chosen, None
+    lp = raw.log_softmax(-1)
+    top = lp.topk(s.logprobs, -1)
+    return chosen, (lp.gather(1, chosen[:, None])[:, 0], top.indices, top.values)
+
+
+def penalize(
+    s: Sampling, x: torch.Tensor, prompt_ids: torch.Tensor, generated: torch.Tensor, unpenalized: list[int]
+) -> torch.Tensor:
+    """The logits x [batch, vocab] with vLLM's repetition penalty, then OpenAI's frequency and presence penalties,
+    given the prompts [batch, seq] and the tokens generated so far [batch, steps]."""
+    if s.repetition_penalty != 1.0:
+        seen = torch.zeros_like(x, dtype=torch.bool)
+        seen.scatter_(1, prompt_ids, True).scatter_(1, generated, True)
+        seen[:, unpenalized] = False
+        x = torch.where(seen, torch.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
+    if s.frequency_penalty or s.presence_penalty:
+        counts = torch.zeros_like(x).scatter_add_(1, generated, torch.ones_like(generated, dtype=x.dtype))
+        x = x - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).to(x.dtype)
+    return x
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:

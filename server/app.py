@@ -22,7 +22,7 @@ from starlette.routing import Route
 from sida.offload.contracts import ServingRunner
 from sida.offload.device import resolve_device
 from sida.offload.runner import Runner
-from sida.server.composition import build_runner
+from sida.server.composition import attach_decode_batch, build_runner
 from sida.server.errors import add_exception_handlers
 from sida.server.metrics import Metrics
 from sida.server.middleware import Guard
@@ -82,6 +82,7 @@ def serving_setup(settings: Settings, name: str, hash_source: str) -> tuple[Runn
         inference = settings.torch_threads or max(1, (os.cpu_count() or 2) // 2)
         torch_threads = (inference, settings.hash_torch_threads or 1)
     runner = build_runner(settings, hash_source)
+    batching = attach_decode_batch(runner, settings)
     engine = runner.engine
     mode = engine.cfg.mode if engine.cache is not None else "resident"
     metrics = Metrics(engine, name, mode, version("sida"))
@@ -103,6 +104,7 @@ def serving_setup(settings: Settings, name: str, hash_source: str) -> tuple[Runn
         "model_dir": str(settings.model_dir),
         "fingerprint": runner.loaded.fingerprint,
         "device": str(runner.device),
+        "batching": batching,
         "hash": None if runner.hash_fn is None else "oracle" if hash_source == "oracle" else "predictor",
     }
     return runner, pipeline, metrics, info

@@ -87,6 +87,18 @@ def _add_serve(sub) -> None:
     g.add_argument("--max-batch-tokens", type=int)
     g.add_argument("--max-batch-wait-ms", type=float)
     g.add_argument("--max-queue", type=int)
+    g.add_argument(
+        "--batching",
+        choices=["continuous", "static"],
+        help="a decoder-only model's completions: one running decode batch sequences join and leave step by step "
+        "(continuous, the default), or whole batches run to their end (static)",
+    )
+    g.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        help="continuous batching: bytes the running sequences' KV cache may reach (default: max-batch-size "
+        "sequences of max-input-tokens + 512 tokens)",
+    )
     g.add_argument("--request-timeout-s", type=float)
     g.add_argument("--max-body-bytes", type=int)
     g.add_argument("--body-timeout-s", type=float)

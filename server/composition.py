@@ -7,7 +7,9 @@ import logging
 
 import torch
 
+from sida.offload import kv_cache
 from sida.offload.contracts import HashFunction
+from sida.offload.decode_batch import DecodeBatch
 from sida.offload.device import resolve_device
 from sida.offload.engine import OffloadEngine
 from sida.offload.hash_table import rank_depth
@@ -17,6 +19,7 @@ from sida.predictor.artifact import find_predictor, load_predictor, predictor_fo
 from sida.predictor.decoder_guess import DecoderGuess
 from sida.predictor.network import PredictorHash
 from sida.predictor.oracle import OracleHash
+from sida.server.schemas import MAX_TOKENS
 from sida.server.settings import Settings
 
 log = logging.getLogger("sida")
@@ -54,3 +57,24 @@ def build_runner(settings: Settings, hash_source: str = "auto") -> Runner:
     if decoder_guess is not None and engine.cache is not None:
         engine.set_decoder_guess(decoder_guess)
     return Runner(loaded, str(device), settings.max_input_tokens, engine, hash_fn)
+
+
+def attach_decode_batch(runner: Runner, settings: Settings) -> str:
+    """Give a decoder-only model's runner its running decode batch (continuous batching) unless the settings or
+    the model's cache rule it out; returns how completions are batched, "continuous" or "static"."""
+    if not runner.causal or settings.batching == "static":
+        return "static"
+    reason = kv_cache.unsupported(runner.model.config)
+    if reason is not None:
+        log.warning("continuous batching is off for this model: %s; completions run in static batches", reason)
+        return "static"
+    decode = DecodeBatch(runner)
+    full = settings.max_input_tokens + MAX_TOKENS  # the longest sequence a request can make
+    decode.bind(settings.kv_cache_bytes or decode.kv_per_token * settings.max_batch_size * full)
+    runner.decode_batch = decode
+    log.info(
+        "continuous batching: KV cache bound %.1f MiB (%d bytes per token)",
+        decode.kv_bound / 2**20,
+        decode.kv_per_token,
+    )
+    return "continuous"

@@ -3,7 +3,8 @@ envelope (`ErrorResponse`) with its HTTP status — the handlers' own, a request
 Starlette's unknown path and wrong method, a body FastAPI cannot parse, and an unexpected exception (500).
 
 The workers' own failures are plain exceptions (server/request.py), answered here: `PipelineFailed` is 503
-`worker_failed` with Retry-After.
+`worker_failed` with Retry-After; `KVCacheTooSmall` (a prompt and max_tokens beyond the whole KV bound) is 400
+`kv_cache_exceeded`.
 
 `type` follows OpenAI: `invalid_request_error` for what the client can fix in the request (400, 404, 405, 408,
 413), `authentication_error` (401), `rate_limit_error` (429), `service_unavailable` (503), `timeout_error`
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from sida.server.request import PipelineFailed
+from sida.server.request import KVCacheTooSmall, PipelineFailed
 from sida.server.schemas import error_body
 
 
@@ -61,6 +62,11 @@ def unavailable(message: str, code: str | None = None) -> APIError:
 async def api_error_handler(request: Request, err: APIError) -> JSONResponse:
     """An `APIError` raised in a handler, as its envelope."""
     return envelope(err)
+
+
+async def kv_cache_too_small_handler(request: Request, err: KVCacheTooSmall) -> JSONResponse:
+    """A completion that could never fit the continuous batch's KV bound: 400, the client must ask for less."""
+    return envelope(invalid(str(err), "max_tokens", "kv_cache_exceeded"))
 
 
 async def pipeline_failed_handler(request: Request, err: PipelineFailed) -> JSONResponse:
@@ -123,6 +129,7 @@ def add_exception_handlers(app: FastAPI) -> None:
     """Answer every refusal with the envelope."""
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(PipelineFailed, pipeline_failed_handler)
+    app.add_exception_handler(KVCacheTooSmall, kv_cache_too_small_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(Exception, server_error_handler)

@@ -1,5 +1,6 @@
 """The serving pipeline: a bounded intake, the batch worker's thread (batches requests, builds hash table i+1)
-and the single inference worker's thread (owns the model and the expert cache, runs batch i).
+and the single inference worker's thread (owns the model and the expert cache, runs batch i; under continuous
+batching it takes new batches between the running batch's decode steps, `DecodeWorker`).
 
    submit_many() ──▶ intake queue ──▶ BatchWorker.step: Batcher → pad → HashTable ──▶ hash queue (depth 1)
                                                       ──▶ InferenceWorker.step: run → futures
@@ -21,6 +22,7 @@ from functools import partial
 
 from sida.offload.contracts import ServingRunner
 from sida.server.batcher import Batcher
+from sida.server.decode_worker import DecodeWorker
 from sida.server.request import PipelineFailed, QueueFull, Request
 from sida.server.workers import BatchWorker, InferenceWorker, set_torch_threads
 
@@ -50,6 +52,8 @@ class Pipeline:
         batcher = Batcher(max_batch_size, max_batch_tokens, max_wait_s)
         self.batch_worker = BatchWorker(runner, batcher, metrics, self._left_queue)
         self.inference_worker = InferenceWorker(runner, metrics, self._left_queue, shadow_sample_rate)
+        decode = runner.decode_batch
+        self.decode_worker = DecodeWorker(self.inference_worker, decode) if decode is not None else None
         self._intake: queue.Queue = queue.Queue()
         self._hashed: queue.Queue = queue.Queue(maxsize=hash_depth)
         self._queue_depth = 0  # accepted and not yet started
@@ -74,7 +78,7 @@ class Pipeline:
             self._open.update(reqs)
         for r in reqs:
             r.future.add_done_callback(partial(self._answered, r))
-        self.metrics.queue_depth.set(self._queue_depth)
+        self._queue_gauges()
         for r in reqs:
             self._intake.put(r)
 
@@ -108,7 +112,11 @@ class Pipeline:
     def _left_queue(self, req: Request) -> None:
         with self._lock:
             self._queue_depth -= 1
+        self._queue_gauges()
+
+    def _queue_gauges(self) -> None:
         self.metrics.queue_depth.set(self._queue_depth)
+        self.metrics.waiting.set(self._queue_depth)  # vLLM's name for the same count
 
     # ------------------------------------------------------------------ worker threads
 
@@ -181,12 +189,24 @@ class Pipeline:
 
     def _inference_loop(self) -> None:
         set_torch_threads(self._inference_torch_threads)
+        decode = self.decode_worker
+        stopping = False
         while self.failure is None:
-            try:
-                batch = self._hashed.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-            self.metrics.hash_queue_depth.set(self._hashed.qsize())
-            if batch is _STOP:
+            busy = decode is not None and decode.busy
+            if not (stopping and busy):
+                try:  # while sequences run, new batches are taken between decode steps, never waited for
+                    batch = self._hashed.get_nowait() if busy else self._hashed.get(timeout=_POLL_S)
+                except queue.Empty:
+                    batch = None
+                if batch is not None:
+                    self.metrics.hash_queue_depth.set(self._hashed.qsize())
+                    if batch is _STOP:
+                        stopping = True
+                    elif decode is not None:
+                        decode.add(batch, time.monotonic())
+                    else:
+                        self.inference_worker.step(batch, time.monotonic())
+            if decode is not None and decode.busy:
+                decode.step(time.monotonic())
+            elif stopping:
                 return
-            self.inference_worker.step(batch, time.monotonic())

@@ -18,6 +18,10 @@ class DeadlineExceeded(Exception):
     pass
 
 
+class KVCacheTooSmall(Exception):
+    """A request's prompt and max_tokens need more KV cache than the whole bound: it could never run (400)."""
+
+
 class PipelineFailed(Exception):
     """A worker thread stopped: this process cannot answer the request (a restart is due); the message says why."""
 

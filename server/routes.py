@@ -1,4 +1,5 @@
-"""The HTTP API's handlers: OpenAI-style completions, classification, models, health, info and metrics.
+"""The HTTP API's handlers: OpenAI-style completions and chat completions, classification, models, health, info
+and metrics.
 
 Each reads what it needs from `request.app.state.sida` (a `State`); the `/v1/` handlers validate and tokenize,
 hand `Request`s to the pipeline and await their futures. Errors are raised as `APIError`.
@@ -19,9 +20,11 @@ from pydantic import BaseModel
 
 from sida.offload.sampling import Sampling
 from sida.offload.tasks import get_task
+from sida.server.chat import ChatCompletionChunk, ChatCompletionResponse, chat_prompt, chat_response
 from sida.server.errors import APIError, invalid
 from sida.server.request import DeadlineExceeded, QueueFull, Request
 from sida.server.schemas import (
+    ChatCompletionRequest,
     ClassifyRequest,
     ClassifyResponse,
     CompletionChoice,
@@ -30,6 +33,7 @@ from sida.server.schemas import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    GenerationFields,
     HealthStatus,
     ModelCard,
     ModelList,
@@ -37,7 +41,7 @@ from sida.server.schemas import (
     error_body,
 )
 from sida.server.state import ServeOptions, State
-from sida.server.streaming import CompletionStream
+from sida.server.streaming import ChatStream, CompletionStream
 
 log = logging.getLogger("sida")
 router = APIRouter()
@@ -53,6 +57,7 @@ def _sse_content(model: type[BaseModel]) -> dict:
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 500, 503, 504)}
 _AUTH_ERRORS = {401: {"model": ErrorResponse}}
 _STREAMED = {200: {"content": _sse_content(CompletionChunk)}}  # the streamed form, beside the JSON one
+_CHAT_STREAMED = {200: {"content": _sse_content(ChatCompletionChunk)}}
 
 
 # ---------------------------------------------------------------------------------------------- shared steps
@@ -184,37 +189,110 @@ async def completions(body: CompletionRequest, http: HTTPRequest) -> CompletionR
     ids = tokenize(state, body.prompts, "prompt")
     check_count(state, len(ids) * n, "n", "choices (prompts × n)")  # every choice is one request
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    if body.user is not None:
-        log.debug("%s: user %r", cid, body.user)
-    sampling = Sampling(
+    log_user(cid, body.user)
+    sampling = sampling_of(body, body.logprobs)
+    if body.stream:
+        echo = [echoed(p) for p in body.prompts for _ in range(n)] if body.echo else None
+        stream = CompletionStream(cid, created, opts.model_name, len(ids) * n, state.metrics, n, echo)
+        reqs, deadline = submit_choices(state, ids, body, sampling, stream.callbacks)  # 429 before the stream starts
+        return stream.response(reqs, deadline)
+    results = await generate(state, ids, body, sampling)
+    usage = counted(state, Usage.of(results, n))
+    choices = [completion_choice(state, body, i, body.prompts[i // n], r) for i, r in enumerate(results)]
+    return CompletionResponse(id=cid, created=created, model=opts.model_name, choices=choices, usage=usage)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_ERRORS, **_CHAT_STREAMED})
+async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest) -> ChatCompletionResponse | Response:
+    """Answer the chat `n` times, its prompt made by the model's chat template; with `stream`, as server-sent
+    `ChatCompletionChunk` events."""
+    state: State = http.app.state.sida
+    opts = state.opts
+    check_model(opts, body.model)
+    if body.stream and body.logprobs:
+        raise invalid("logprobs: not available with stream; ask without stream", "logprobs", "invalid_value")
+    ids = chat_prompt(state, body)
+    check_count(state, body.n, "n", "choices")
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    log_user(cid, body.user)
+    sampling = sampling_of(body, body.top_k)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        stream = ChatStream(cid, created, opts.model_name, body.n, state.metrics, usage)
+        reqs, deadline = submit_choices(state, [ids], body, sampling, stream.callbacks)
+        return stream.response(reqs, deadline)
+    results = await generate(state, [ids], body, sampling)
+    usage = counted(state, Usage.of(results, body.n))
+    return chat_response(cid, created, opts.model_name, body.top_k, results, usage)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def generation_key(state: State, max_tokens: int, sampling: Sampling, stops: list[str], ignore_eos: bool) -> tuple:
+    """The batching key of a generated choice: choices with equal keys may share a batch. Under continuous batching
+    every choice carries its own parameters into the running batch, so all may share a prefill; a static batch runs
+    with one `max_tokens`, `sampling`, stop list and `ignore_eos` (each choice keeps its own seed)."""
+    if state.runner.decode_batch is not None:
+        return ("complete",)
+    return ("complete", max_tokens, sampling, tuple(stops), ignore_eos)
+
+
+def sampling_of(body: GenerationFields, logprobs: int | None) -> Sampling:
+    """How a call's tokens are chosen; `logprobs`: the alternatives per token whose log-probs are recorded."""
+    return Sampling(
         body.temperature,
         body.top_p,
         body.presence_penalty,
         body.frequency_penalty,
         body.repetition_penalty,
-        body.logprobs,
+        logprobs,
     )
-    key = ("complete", body.max_tokens, sampling, tuple(body.stops))
-    choice_ids = [x for x in ids for _ in range(n)]  # prompt i's choice j is request i * n + j
-    params = [  # choice j samples with seed + j: the choices differ, and each is reproducible
-        {"max_tokens": body.max_tokens, "sampling": sampling, "stops": body.stops, "seed": choice_seed(body.seed, j)}
+
+
+def submit_choices(
+    state: State, ids: list[list[int]], body: GenerationFields, sampling: Sampling, on_text=None
+) -> tuple[list[Request], float]:
+    """Submit one request per choice, `body.n` of each prompt's token ids in a row (prompt i's choice j is request
+    i * n + j; `on_text[i]` streams request i): 429 if the queue cannot take them all. Choice j samples with seed
+    + j, so that the choices differ and each is reproducible."""
+    n, max_tokens, stops = body.n, body.max_new_tokens, body.stops
+    key = generation_key(state, max_tokens, sampling, stops, body.ignore_eos)
+    choice_ids = [x for x in ids for _ in range(n)]
+    params = [
+        {
+            "max_tokens": max_tokens,
+            "sampling": sampling,
+            "stops": stops,
+            "seed": choice_seed(body.seed, j),
+            "ignore_eos": body.ignore_eos,
+        }
         for _ in ids
         for j in range(n)
     ]
-    if body.stream:
-        echo = [echoed(p) for p in body.prompts for _ in range(n)] if body.echo else None
-        stream = CompletionStream(cid, created, opts.model_name, len(choice_ids), state.metrics, n, echo)
-        reqs, deadline = new_requests(opts, "complete", choice_ids, key, params, stream.callbacks)
-        submit(state, reqs)  # 429 before the stream starts
-        return stream.response(reqs, deadline)
-    reqs, deadline = new_requests(opts, "complete", choice_ids, key, params)
+    reqs, deadline = new_requests(state.opts, "complete", choice_ids, key, params, on_text)
     submit(state, reqs)
-    results = await wait(opts, reqs, deadline)
-    usage = Usage.of(results, n)
+    return reqs, deadline
+
+
+async def generate(state: State, ids: list[list[int]], body: GenerationFields, sampling: Sampling) -> list:
+    """The results of every choice (see `submit_choices`), in order: 429 when the queue is full, 504 past the
+    deadline."""
+    reqs, deadline = submit_choices(state, ids, body, sampling)
+    return await wait(state.opts, reqs, deadline)
+
+
+def counted(state: State, usage: Usage) -> Usage:
+    """`usage`, once added to the token counters."""
     state.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
     state.metrics.tokens.labels("completion").inc(usage.completion_tokens)
-    choices = [completion_choice(state, body, i, body.prompts[i // n], r) for i, r in enumerate(results)]
-    return CompletionResponse(id=cid, created=created, model=opts.model_name, choices=choices, usage=usage)
+    return usage
+
+
+def log_user(cid: str, user: str | None) -> None:
+    """`user` is accepted and only logged."""
+    if user is not None:
+        log.debug("%s: user %r", cid, user)
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:
@@ -284,11 +362,13 @@ async def info(http: HTTPRequest) -> dict:
     the offload engine's summary."""
     state: State = http.app.state.sida
     engine = state.runner.engine if state.runner is not None else None
+    decode = state.runner.decode_batch if state.runner is not None else None
     return {
         **state.info,
         "ready": state.ready,
         "queue_depth": state.pipeline.queue_depth if state.pipeline else 0,
         "offload": engine.summary() if engine is not None else None,
+        "decode": decode.summary() if decode is not None else None,
     }
 
 

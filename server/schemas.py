@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field
 from sida.offload.tasks import get_task
 
 INT64 = 2**63  # seeds are torch's 64-bit integers
+MAX_TOKENS = 512  # the most tokens one choice generates
 
 
 def _unicode(texts) -> bool:
@@ -22,15 +23,15 @@ def _unicode(texts) -> bool:
     return True
 
 
-class CompletionRequest(BaseModel):
-    """`POST /v1/completions`: one prompt or a list of them, each continued `n` times. The sampling fields are
-    OpenAI's, and vLLM's `repetition_penalty`; `user` is accepted and only logged."""
+class GenerationFields(BaseModel):
+    """The fields every generating endpoint takes: OpenAI's sampling fields and vLLM's `repetition_penalty` and
+    `ignore_eos` (generate `max_tokens` whatever eos says); `user` is accepted and only logged. Unknown fields
+    are ignored, as vLLM does."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1, le=512)
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
@@ -40,9 +41,34 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stream: bool = False
     n: int = Field(1, ge=1, le=128)  # choices per prompt: prompt i's choice j has index i * n + j
+    user: str | None = None
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return v
+
+    @property
+    def stops(self) -> list[str]:
+        """The stop strings as a list (empty without `stop`)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens each choice generates."""
+        return self.max_tokens
+
+
+class CompletionRequest(GenerationFields):
+    """`POST /v1/completions`: one prompt or a list of them, each continued `n` times."""
+
+    prompt: str | list[str]
     logprobs: Annotated[int, Strict()] | None = Field(None, ge=0, le=5)  # top alternatives per token
     echo: bool = False
-    user: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -54,23 +80,98 @@ class CompletionRequest(BaseModel):
             raise ValueError("prompt must be valid Unicode (no lone surrogate escapes)")
         return v
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        return v
-
     @property
     def prompts(self) -> list[str]:
         """The prompts as a list."""
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
+
+class TextPart(BaseModel):
+    """One part of a message's content: text is the only kind a text model reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat: its author's role and its text (a string, or text parts read as one)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v):
+        if isinstance(v, list) and any(isinstance(p, dict) and p.get("type") != "text" for p in v):
+            raise ValueError('content parts must be text ({"type": "text", "text": ...}): this model reads only text')
+        return v
+
     @property
-    def stops(self) -> list[str]:
-        """The stop strings as a list (empty without `stop`)."""
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines, as vLLM joins them."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: `include_usage` adds a last event with the call's token counts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(GenerationFields):
+    """`POST /v1/chat/completions`: a chat, answered `n` times by the assistant. The model's chat template turns
+    `messages` into its prompt. `max_completion_tokens` (OpenAI's newer name) wins over `max_tokens`;
+    `top_logprobs` (0–5) needs `logprobs`; `stream_options` needs `stream`."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: Annotated[bool, Strict()] | None = False  # null: false
+    top_logprobs: Annotated[int, Strict()] | None = Field(None, ge=0, le=5)
+    stream_options: StreamOptions | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _chat(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        if not v:
+            raise ValueError("messages must hold at least one message")
+        if not _unicode(m.text for m in v):
+            raise ValueError("messages must be valid Unicode (no lone surrogate escapes)")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _with_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream set to true")
+        return v
+
+    @property
+    def chat(self) -> list[dict[str, str]]:
+        """The messages as the chat template reads them: `{"role", "content"}` with the content as one string."""
+        return [{"role": m.role, "content": m.text} for m in self.messages]
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens each choice generates: `max_completion_tokens`, else `max_tokens`."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def top_k(self) -> int | None:
+        """The alternatives per token whose log-probs are recorded: None without `logprobs`."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ClassifyRequest(BaseModel):

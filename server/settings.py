@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = 8192
     max_batch_wait_ms: float = 5.0
     max_queue: int = 256
+    # a decoder-only model's completions join one running decode batch (continuous) or run as whole batches (static)
+    batching: Literal["continuous", "static"] = "continuous"
+    kv_cache_bytes: int | None = None  # continuous: the running sequences' KV bound; None: max_batch_size full ones
     request_timeout_s: float = 60.0
     max_body_bytes: int = 1_000_000
     body_timeout_s: float = 30.0  # a request body not received within this is answered 408
@@ -115,7 +118,7 @@ class Settings(BaseSettings):
             raise ValueError("must be between 0 and 1")
         return v
 
-    @field_validator("budget_bytes", "device_memory_limit")
+    @field_validator("budget_bytes", "device_memory_limit", "kv_cache_bytes")
     @classmethod
     def _bytes(cls, v: int | None) -> int | None:
         if v is not None and v < 1:

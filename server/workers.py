@@ -159,6 +159,16 @@ class InferenceWorker:
 
     def start_and_run(self, batch: HashedBatch, now: float) -> tuple[list[Request], list]:
         """(the requests run, their results): the batch without its expired requests, run on the model."""
+        batch = self.start(batch, now)
+        if batch is None:
+            return [], []
+        results = self.run(batch, shadow=self.shadow_due())
+        observe_generation(self.metrics, batch.requests, results)
+        return batch.requests, results
+
+    def start(self, batch: HashedBatch, now: float) -> HashedBatch | None:
+        """The batch without its expired requests (None if none is left), its table readable on this thread's
+        stream, its requests marked started and counted."""
         if batch.table_event is not None:  # the batch is read below: the batch worker stream's kernels run first
             compute = torch.cuda.current_stream(self.runner.device)
             compute.wait_event(batch.table_event)
@@ -167,7 +177,7 @@ class InferenceWorker:
                 t.record_stream(compute)
         live, expired = drop_expired(batch.requests, now)
         if not live:
-            return [], []
+            return None
         if expired:
             kept = {id(r) for r in live}
             batch = batch.keep([i for i, r in enumerate(batch.requests) if id(r) in kept])
@@ -176,7 +186,7 @@ class InferenceWorker:
             self.metrics.queue_wait_seconds.observe(now - r.arrival)
         self.metrics.observe_batch(len(live), int(batch.enc["attention_mask"].sum()))
         self.batches += 1
-        return live, self.run(batch, shadow=self.shadow_due())
+        return batch
 
     def shadow_due(self) -> bool:
         """Whether this batch also runs the router beside the table: every 1/rate-th batch, evenly spread."""
@@ -206,4 +216,19 @@ class InferenceWorker:
             on_text,
             batch.table,
             shadow,
+            p.get("ignore_eos", False),
         )
+
+
+def observe_generation(metrics, requests: list[Request], results: list) -> None:
+    """Time to first token, time per output token, end-to-end latency and token counts of generated choices (a
+    classification's results have none)."""
+    for r, c in zip(requests, results):
+        if getattr(c, "first_token_at", None) is None:
+            continue
+        metrics.ttft.observe(c.first_token_at - r.arrival)
+        metrics.e2e.observe(c.ended_at - r.arrival)
+        if c.completion_tokens > 1:
+            metrics.tpot.observe((c.ended_at - c.first_token_at) / (c.completion_tokens - 1))
+        metrics.prompt_tokens.inc(c.prompt_tokens)
+        metrics.generation_tokens.inc(c.completion_tokens)

@@ -19,6 +19,7 @@ class FakeRunner:
 
     device = torch.device("cpu")
     engine = None
+    decode_batch = None
     tasks = sorted(TASKS)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -54,6 +55,7 @@ class FakeRunner:
         on_text=None,
         hash_table=None,
         shadow=False,
+        ignore_eos=False,
     ) -> list[Completion]:
         out = []
         for row, mask in enumerate(enc["attention_mask"].tolist()):

@@ -1,6 +1,7 @@
 """Bad input, one table: each request gets its status and the error envelope (all four keys), and the server
 still answers a good request after it. The server is the real app on the demo model, on a real socket (a
-client that never finishes its body needs one), with an API key set, so that every request carries it."""
+client that never finishes its body needs one), with an API key set, so that every request carries it. The demo
+model's tokenizer has no chat template: every chat is refused."""
 
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def completion(**fields) -> dict:
 
 def classify(**fields) -> dict:
     return {"method": "POST", "url": "/v1/classify", "json": {"model": MODEL, "input": "a fine film .", **fields}}
+
+
+def chat(**fields) -> dict:
+    messages = [{"role": "user", "content": "the city"}]
+    return {"method": "POST", "url": "/v1/chat/completions", "json": {"model": MODEL, "messages": messages, **fields}}
 
 
 def raw(body: bytes, url: str = "/v1/completions", content_type: str | None = "application/json") -> dict:
@@ -96,6 +102,10 @@ CASES = [
     Case("five stop strings", completion(stop=list("abcde")), 400, code="invalid_value", param="stop"),
     Case("n 0", completion(n=0), 400, code="invalid_value", param="n"),
     Case("unknown task", classify(task="nope"), 400, code="invalid_value", param="task"),
+    Case("chat with a model without a chat template", chat(), 400, code="chat_template_missing", param="messages"),
+    Case("chat without messages", chat(messages=[]), 400, code="invalid_value", param="messages"),
+    Case("chat top_logprobs without logprobs", chat(top_logprobs=2), 400, code="invalid_value",
+         param="top_logprobs"),
     Case("unknown model", completion(model="gpt-4"), 404, code="model_not_found", param="model"),
     Case("invalid UTF-8 body", raw(b'{"model": "sida-switch-demo", "prompt": "\xff\xfe"}'), 400,
          code="invalid_json"),
@@ -170,7 +180,9 @@ def test_unknown_paths_share_one_metrics_label(server):
     series = [line for line in c.get("/metrics").text.splitlines() if line.startswith("sida_requests_total{")]
     endpoints = {line.split('endpoint="')[1].split('"')[0] for line in series}
     assert "unmatched" in endpoints and not endpoints & {"/v1/a", "/v1/b", "/c"}
-    assert endpoints <= {"unmatched", "/v1/classify", "/v1/completions", "/v1/models", "/metrics", "/info"} | {
+    assert endpoints <= {"unmatched", "/v1/classify", "/v1/completions", "/v1/chat/completions", "/v1/models"} | {
+        "/metrics",
+        "/info",
         "/health/live",
         "/health/ready",
     }
