@@ -129,7 +129,8 @@ def _rect(g: dict, height: int, grid_top: float) -> list[float]:
 
 
 def _draw_panel(ax, panel: dict, prometheus: str, start: float, end: float, rate_interval: str, step: float) -> None:
-    unit = panel["fieldConfig"]["defaults"].get("unit", "short")
+    defaults = panel["fieldConfig"]["defaults"]
+    unit = defaults.get("unit", "short")
     for target in panel["targets"]:
         expr = target["expr"].replace("$__rate_interval", rate_interval)
         for series in local_stack.query_range(prometheus, expr, start, end, step):
@@ -140,6 +141,7 @@ def _draw_panel(ax, panel: dict, prometheus: str, start: float, end: float, rate
     ax.yaxis.set_major_formatter(_formatter(unit))
     ax.tick_params(labelsize=7)
     ax.set_xlim(0, (end - start) / 60)
+    ax.set_ylim(defaults.get("min"), defaults.get("max"))  # a ratio's fixed 0..1 axis, as Grafana draws it
     ax.set_xlabel("minutes", fontsize=7, labelpad=1)
     ax.grid(alpha=0.3)
     if ax.lines:

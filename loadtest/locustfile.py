@@ -1,6 +1,8 @@
 """Locust load test of sida's HTTP API: classification of SST-2 sentences and MRPC sentence pairs (`task`),
-completions and streamed completions of WikiText sentence beginnings, mixed by weight; the run passes or fails
-on its share of failed calls and each kind's 95th-percentile latency, which set locust's exit code.
+completions and streamed completions of WikiText sentence beginnings, and (asked for with `--sida-weights chat=1`,
+for a model with a chat template) streamed chat completions with those beginnings as the user's message, mixed by
+weight; the run passes or fails on its share of failed calls, each kind's 95th-percentile latency, and a chat
+stream's 95th-percentile time to first token and time per output token, which set locust's exit code.
 
     locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:8000 -u 8 -r 4 --run-time 60s \\
         --csv runs/loadtest/sida --html runs/loadtest/report.html
@@ -26,8 +28,10 @@ from thresholds import (
     DEFAULT_P95_MS,
     DEFAULT_WEIGHTS,
     KINDS,
+    TIMINGS,
     Entry,
     parse_kinds,
+    stream_timings,
     verdict,
 )
 
@@ -38,6 +42,10 @@ NAMES = {  # the locust stats entry of each kind
     "mrpc": "/v1/classify [mrpc]",
     "complete": "/v1/completions",
     "stream": "/v1/completions [stream]",
+    "chat": "/v1/chat/completions [stream]",
+    # a chat stream's timings, one sample per call: to its first content delta, and per token after it
+    "chat_ttft": "/v1/chat/completions [stream, TTFT]",
+    "chat_tpot": "/v1/chat/completions [stream, TPOT]",
 }
 FIRST_TOKEN = "/v1/completions [stream, first token]"
 DONE = "data: [DONE]"
@@ -97,13 +105,14 @@ def _verdict(environment, **_kwargs) -> None:
     if environment.parsed_options is None or not hasattr(Plan, "kinds"):
         return
     entries = []
-    for kind in Plan.kinds:
+    for kind in Plan.kinds + [t for t in TIMINGS if "chat" in Plan.kinds]:
         s = environment.stats.get(NAMES[kind], "POST")
         entries.append(Entry(kind, s.num_requests, s.num_failures, s.get_response_time_percentile(0.95) or 0))
     for e in entries:
+        what = "calls" if e.kind in KINDS else "samples"  # a timing: one sample per chat call
         limit = Plan.p95_ms[e.kind]
         log.info(
-            "%-8s %6d calls %4d failed  p95 %6.0f ms (limit %.0f)", e.kind, e.requests, e.failures, e.p95_ms, limit
+            "%-9s %6d %-7s %4d failed  p95 %6.0f ms (limit %.0f)", e.kind, e.requests, what, e.failures, e.p95_ms, limit
         )
     reasons = verdict(entries, Plan.max_error_ratio, Plan.p95_ms)
     for reason in reasons:
@@ -136,8 +145,10 @@ class SidaUser(HttpUser):
             self.classify(kind)
         elif kind == "complete":
             self.complete()
-        else:
+        elif kind == "stream":
             self.stream()
+        else:
+            self.chat()
 
     def classify(self, task: str) -> None:
         """1 to 4 inputs of the task in one call."""
@@ -150,17 +161,20 @@ class SidaUser(HttpUser):
             elif [d["index"] for d in r.json()["data"]] != list(range(len(inputs))):
                 r.failure("not one label per input, in order")
 
-    def completion_body(self) -> dict:
-        """A WikiText prompt, sampled (temperature 0.7, top-p 0.9) with a repetition penalty and a seed."""
+    def sampling(self) -> dict:
+        """Sampled (temperature 0.7, top-p 0.9) with a repetition penalty and a seed."""
         return {
             "model": Plan.model,
-            "prompt": self.rng.choice(Plan.inputs.prompts),
             "max_tokens": Plan.max_tokens,
             "temperature": 0.7,
             "top_p": 0.9,
             "repetition_penalty": 1.3,
             "seed": self.rng.randrange(2**31),
         }
+
+    def completion_body(self) -> dict:
+        """A WikiText prompt, sampled."""
+        return {**self.sampling(), "prompt": self.rng.choice(Plan.inputs.prompts)}
 
     def complete(self) -> None:
         with self.client.post("/v1/completions", json=self.completion_body(), catch_response=True) as r:
@@ -171,32 +185,58 @@ class SidaUser(HttpUser):
 
     def stream(self) -> None:
         """A streamed completion, timed to `[DONE]`; the time to its first text is a stats entry of its own."""
-        url = self.host.rstrip("/") + "/v1/completions"
-        t0, first_ms, lines = time.perf_counter(), None, []
-        with self.environment.events.request.measure("POST", NAMES["stream"]) as meta:
-            with self.streams.post(url, json={**self.completion_body(), "stream": True}, stream=True, timeout=60) as r:
+        body = {**self.completion_body(), "stream": True}
+        token_ms = self.read_stream("/v1/completions", NAMES["stream"], body, _text_of)
+        if token_ms:
+            self.fire(FIRST_TOKEN, token_ms[0])
+
+    def chat(self) -> None:
+        """A streamed chat completion of one user message (a WikiText beginning), timed to `[DONE]`; its time to
+        the first content delta and its time per output token (one content delta a token) are entries of their own."""
+        message = {"role": "user", "content": self.rng.choice(Plan.inputs.prompts)}
+        body = {**self.sampling(), "messages": [message], "stream": True}
+        ttft, tpot = stream_timings(self.read_stream("/v1/chat/completions", NAMES["chat"], body, _content_of))
+        if ttft is not None:
+            self.fire(NAMES["chat_ttft"], ttft)
+        if tpot is not None:
+            self.fire(NAMES["chat_tpot"], tpot)
+
+    def read_stream(self, path: str, name: str, body: dict, text_of) -> list[float] | None:
+        """POST a streamed call, timed to `[DONE]` as the stats entry `name`; the times (ms from the start) of its
+        events with text (`text_of` a `data: {chunk}` line), or None when the call failed."""
+        url = self.host.rstrip("/") + path
+        t0, token_ms, lines = time.perf_counter(), [], []
+        with self.environment.events.request.measure("POST", name) as meta:
+            with self.streams.post(url, json=body, stream=True, timeout=60) as r:
                 if r.status_code != 200:
                     raise RuntimeError(f"{r.status_code}: {r.text[:200]}")
                 for line in r.iter_lines(decode_unicode=True):
                     if not line.startswith("data: "):
                         continue
                     lines.append(line)
-                    if first_ms is None and line != DONE and _text_of(line):
-                        first_ms = (time.perf_counter() - t0) * 1000
+                    if line != DONE and not line.startswith('data: {"error"') and text_of(line):
+                        token_ms.append((time.perf_counter() - t0) * 1000)
             meta["response_length"] = sum(len(line) for line in lines)
             if lines[-1:] != [DONE] or any(line.startswith('data: {"error"') for line in lines):
                 raise RuntimeError(f"a broken stream: {lines[-2:]}")
-        if meta["exception"] is None and first_ms is not None:
-            self.environment.events.request.fire(
-                request_type="POST",
-                name=FIRST_TOKEN,
-                response_time=first_ms,
-                response_length=0,
-                exception=None,
-                context={},
-            )
+        return token_ms if meta["exception"] is None else None
+
+    def fire(self, name: str, ms: float) -> None:
+        """A timing of a call that succeeded, as a stats entry of its own (never a failure)."""
+        self.environment.events.request.fire(
+            request_type="POST", name=name, response_time=ms, response_length=0, exception=None, context={}
+        )
 
 
 def _text_of(line: str) -> str:
-    """The text of a `data: {chunk}` line's first choice."""
+    """The text of a completion's `data: {chunk}` line's first choice."""
     return json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+
+
+def _content_of(line: str) -> str:
+    """The content of a chat `data: {chunk}` line's first choice's delta ("" for the role-only first chunk and the
+    one that carries `finish_reason`)."""
+    choices = json.loads(line.removeprefix("data: "))["choices"]
+    if not choices:  # a chunk without a choice (usage only) carries no token
+        return ""
+    return choices[0].get("delta", {}).get("content") or ""

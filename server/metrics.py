@@ -136,7 +136,9 @@ class _EngineCollector:
             "Device memory: placed by the engine (dense, experts) and, on CUDA, torch's allocated and reserved",
             labels=["kind"],
         )
-        for kind, nbytes in sorted(e.memory.by_kind.items()):  # what the engine placed: dense, experts
+        # what the engine placed: dense, experts, the continuous batch's KV bound (0 for static batches, whose cache
+        # lives in the activation headroom)
+        for kind, nbytes in sorted({"kv_cache": 0, **e.memory.by_kind}.items()):
             memory.add_metric([kind], nbytes)
         if e.device.type == "cuda":
             memory.add_metric(["allocated"], torch.cuda.memory_allocated(e.device))

@@ -193,7 +193,8 @@ async def completions(body: CompletionRequest, http: HTTPRequest) -> CompletionR
     sampling = sampling_of(body, body.logprobs)
     if body.stream:
         echo = [echoed(p) for p in body.prompts for _ in range(n)] if body.echo else None
-        stream = CompletionStream(cid, created, opts.model_name, len(ids) * n, state.metrics, n, echo)
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        stream = CompletionStream(cid, created, opts.model_name, len(ids) * n, state.metrics, n, echo, usage)
         reqs, deadline = submit_choices(state, ids, body, sampling, stream.callbacks)  # 429 before the stream starts
         return stream.response(reqs, deadline)
     results = await generate(state, ids, body, sampling)

@@ -23,6 +23,14 @@ def _unicode(texts) -> bool:
     return True
 
 
+class StreamOptions(BaseModel):
+    """`stream_options`: `include_usage` adds a last event with the call's token counts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class GenerationFields(BaseModel):
     """The fields every generating endpoint takes: OpenAI's sampling fields and vLLM's `repetition_penalty` and
     `ignore_eos` (generate `max_tokens` whatever eos says); `user` is accepted and only logged. Unknown fields
@@ -40,6 +48,7 @@ class GenerationFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stream: bool = False
+    stream_options: StreamOptions | None = None  # with stream: include_usage
     n: int = Field(1, ge=1, le=128)  # choices per prompt: prompt i's choice j has index i * n + j
     user: str | None = None
     ignore_eos: bool = False
@@ -50,6 +59,13 @@ class GenerationFields(BaseModel):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _with_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream set to true")
         return v
 
     @property
@@ -116,14 +132,6 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
-    """`stream_options`: `include_usage` adds a last event with the call's token counts."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    include_usage: bool = False
-
-
 class ChatCompletionRequest(GenerationFields):
     """`POST /v1/chat/completions`: a chat, answered `n` times by the assistant. The model's chat template turns
     `messages` into its prompt. `max_completion_tokens` (OpenAI's newer name) wins over `max_tokens`;
@@ -133,7 +141,6 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: Annotated[bool, Strict()] | None = False  # null: false
     top_logprobs: Annotated[int, Strict()] | None = Field(None, ge=0, le=5)
-    stream_options: StreamOptions | None = None
 
     @field_validator("messages")
     @classmethod
@@ -149,13 +156,6 @@ class ChatCompletionRequest(GenerationFields):
     def _with_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs set to true")
-        return v
-
-    @field_validator("stream_options")
-    @classmethod
-    def _with_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if v is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed with stream set to true")
         return v
 
     @property

@@ -104,7 +104,8 @@ class EventStream:
 
 class CompletionStream(EventStream):
     """`POST /v1/completions` with `stream`: `CompletionChunk` events. With `echo` (the prompt of each choice),
-    each choice's first event is its prompt; the finish reasons come in one last chunk."""
+    each choice's first event is its prompt; the finish reasons come in one chunk, and with `include_usage` a
+    last chunk has no choices and the call's `usage`."""
 
     def __init__(
         self,
@@ -115,9 +116,11 @@ class CompletionStream(EventStream):
         metrics: Metrics,
         per_prompt: int = 1,
         echo: list[str] | None = None,
+        include_usage: bool = False,
     ):
         super().__init__(cid, created, model, n, metrics, per_prompt)
         self.echo = echo or []
+        self.include_usage = include_usage
 
     def opening(self) -> Iterator[str]:
         """Each choice's echoed prompt."""
@@ -127,15 +130,20 @@ class CompletionStream(EventStream):
         return self.chunk([CompletionChoice(index=i, text=text)])
 
     def closing(self, results: list, usage: Usage) -> Iterator[str]:
-        """One chunk with every choice's finish reason."""
+        """One chunk with every choice's finish reason; with `include_usage`, one with no choices and the usage."""
         yield self.chunk(
             [CompletionChoice(index=i, text="", finish_reason=r.finish_reason) for i, r in enumerate(results)]
         )
+        if self.include_usage:
+            yield self.chunk([], usage.model_dump())
 
-    def chunk(self, choices: list[CompletionChoice]) -> str:
-        """The event of a `CompletionChunk` with these choices."""
-        body = CompletionChunk(id=self.cid, created=self.created, model=self.model, choices=choices)
-        return sse(body.model_dump())
+    def chunk(self, choices: list[CompletionChoice], usage: dict | None = None) -> str:
+        """The event of a `CompletionChunk` with these choices (and, with `include_usage`, `usage`: null on every
+        chunk but the last, as OpenAI sends them)."""
+        body = CompletionChunk(id=self.cid, created=self.created, model=self.model, choices=choices).model_dump()
+        if self.include_usage:
+            body["usage"] = usage
+        return sse(body)
 
 
 class ChatStream(EventStream):

@@ -162,7 +162,14 @@ class InferenceWorker:
         batch = self.start(batch, now)
         if batch is None:
             return [], []
-        results = self.run(batch, shadow=self.shadow_due())
+        generating = batch.requests[0].kind == "complete"
+        if generating:  # a static batch's sequences run until its longest ends
+            self.metrics.running.set(len(batch.requests))
+        try:
+            results = self.run(batch, shadow=self.shadow_due())
+        finally:
+            if generating:
+                self.metrics.running.set(0)
         observe_generation(self.metrics, batch.requests, results)
         return batch.requests, results
 

@@ -29,6 +29,7 @@ pytestmark = [
     ),
 ]
 RATE_INTERVAL = "1m"  # every sample of the test fits in it; $__rate_interval in Grafana
+ROUNDS, COMPLETIONS = 2, 2  # rounds of traffic; plain and as many streamed completions (one choice each) a round
 DASHBOARD = local_stack.dashboard_queries(RATE_INTERVAL)
 ALERTS = local_stack.alert_queries()
 
@@ -46,9 +47,9 @@ def stack(demo_dir, tmp_path_factory):
         prom = local_stack.start_prometheus(config, tmp / "data", port)
         url = f"http://127.0.0.1:{port}"
         start = time.time()
-        for _ in range(2):
+        for _ in range(ROUNDS):
             local_stack.wait_for_scrape(url, after=time.time())
-            local_stack.send_traffic(base)
+            local_stack.send_traffic(base, completions=COMPLETIONS)
         local_stack.wait_for_scrape(url, after=time.time())
         yield url, base, start, config
     finally:
@@ -103,6 +104,22 @@ def test_hit_rates_are_ratios_for_every_layer(stack):
         (query, *_) = [q for q in DASHBOARD if q.source == title]
         values = finite(local_stack.instant(url, query.expr))
         assert len(values) == 4 and all(0 <= v <= 1 for v in values), (title, values)  # 2 encoder + 2 decoder
+
+
+def test_every_completion_is_timed_once(stack):
+    """Streamed or not, each completion choice is one time to first token and one end-to-end latency; one time per
+    output token where it has two tokens or more; its tokens are counted."""
+    url = stack[0]
+    choices = ROUNDS * COMPLETIONS * 2
+    for histogram in ("sida_time_to_first_token_seconds", "sida_e2e_request_latency_seconds"):
+        assert finite(local_stack.instant(url, f"sum({histogram}_count)")) == [choices], histogram
+    (tpot,) = finite(local_stack.instant(url, "sum(sida_time_per_output_token_seconds_count)"))
+    assert 0 < tpot <= choices
+    (generated,) = finite(local_stack.instant(url, "sum(sida_generation_tokens_total)"))
+    (prompt,) = finite(local_stack.instant(url, "sum(sida_prompt_tokens_total)"))
+    assert generated > 0 and prompt > 0
+    (usage,) = finite(local_stack.instant(url, "max(sida_kv_cache_usage_ratio)"))
+    assert 0 <= usage <= 1
 
 
 def test_promtool_checks_config_and_rules_and_runs_the_rule_tests(stack):
