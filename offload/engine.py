@@ -25,6 +25,7 @@ from sida.offload.expert_file import IO_MODES
 from sida.offload.expert_layout import ModuleExperts
 from sida.offload.expert_store import ExpertStore
 from sida.offload.hash_table import HashTable, rank_depth
+from sida.offload.lookahead import RouterAhead
 from sida.offload.memory import DeviceMemory, PeakMemory, tensor_bytes
 from sida.offload.model_loader import LoadedModel
 from sida.offload.moe_layer import NextLayerExperts, RoutingContext, RoutingStats
@@ -166,9 +167,14 @@ class OffloadEngine:
                 nxt = layers[decoder_first] if la.stack == "decoder" else None
             if nxt is not None:
                 following[la.index] = (nxt.index, nxt.stack)
-        lookahead = NextLayerExperts(self.context, following)
-        self.executor = ExpertExecutor(self.cache, adapter.expert_forward(model), self.num_experts, lookahead)
+        next_keys = NextLayerExperts(self.context, following)
+        self.executor = ExpertExecutor(self.cache, adapter.expert_forward(model), self.num_experts, next_keys)
         adapter.attach(model, layers, self.executor, self.context, self.routing_stats)
+        if self.context.causal:  # decode steps: each layer's experts guessed from the layer before (lookahead.py)
+            within_step = {layer: nxt for layer, (nxt, _) in following.items() if nxt > layer}
+            k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
+            routers = {la.index: la.router for la in layers}
+            self.context.lookahead = RouterAhead(routers, within_step, model.get_input_embeddings(), k)
 
     def set_decoder_guess(self, guess: DecodeStepGuesser) -> None:
         """Use `guess` to prefetch and score each decoder step's experts."""
@@ -206,6 +212,7 @@ class OffloadEngine:
         ctx.hash_table = hash_table
         ctx.token_mask = token_mask
         ctx.shadow = shadow
+        ctx.decoding = False
         ctx.offsets.clear()
         ctx.decoder_guesses = {}
         self._encoder_first = encoder_first
@@ -224,10 +231,25 @@ class OffloadEngine:
         last tokens; `decode_batch.DecodeBatch.step` calls it before each step's forward). No hash table covers
         tokens that do not exist yet: every layer is routed by its router, and the prompt's table and mask end."""
         self.begin_batch()
+        self.context.decoding = True
+        self._guess_first_layer(input_ids)
+
+    def _guess_first_layer(self, input_ids: torch.Tensor) -> None:
+        """A decoder-only model's decode step reads `input_ids` [rows, 1]: its first MoE layer's experts are guessed
+        from the tokens' embeddings, and start loading now where that changes something (`wants_hash_table`)."""
+        ahead = self.context.lookahead
+        if ahead is None:
+            return
+        keys = ahead.begin_step(input_ids.to(self.device))
+        if self.cache is not None and self.wants_hash_table:
+            self.cache.prefetch(keys)
 
     def begin_decoder_step(self, decoder_input_ids: torch.Tensor) -> None:
         """A later decoder step reads `decoder_input_ids` [batch, 1]: guess its experts and start loading the
         first decoder layer's. The decode loop calls it after each token (decoding.PrefetchNextStep)."""
+        if self.context.causal:  # generate's decode loop over a decoder-only model: the layer-ahead guess
+            self._guess_first_layer(decoder_input_ids)
+            return
         if self.cache is None or not self._guess_decoder_step(decoder_input_ids):
             return
         layer = self.decoder_layers[0]
@@ -302,6 +324,12 @@ class OffloadEngine:
         if self.cfg.tier == "disk":
             out["disk_io"] = self.cache.store.file.io
         out.update(self._hit_rates())
+        recall = self.routing_stats.decode_recall()
+        if recall:
+            lookups = sum(dict(self.routing_stats.decode_lookups).values())
+            hits = sum(dict(self.routing_stats.decode_hits).values())
+            by_layer = {str(la): round(r, 6) for la, r in recall.items()}
+            out["decode_recall"] = {"all": round(hits / lookups, 6), **by_layer}
         if self.cfg.mode == "predicted":
             out["router_fallbacks"] = self.routing_stats.router_fallbacks
         return out

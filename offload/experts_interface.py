@@ -58,7 +58,8 @@ class ExpertsRoute:
     `predicted` mode, positions the hash table covers are routed by it: its top-k experts, weighted by its
     probabilities rescaled to the router's total weight for the token (so a family's normalisation, e.g.
     renormalised top-k or DeepSeek's scaling factor, is kept). Where the table has rows, the router's choice (its
-    highest-weight expert) is scored against them."""
+    highest-weight expert) is scored against them. In a decode step (one new token per row), the context's
+    `lookahead` scores this layer's guess and guesses the next layer's experts from `hidden` (lookahead.py)."""
 
     def __init__(self, layer: int, executor: ExpertExecutor, context: RoutingContext, stats: RoutingStats):
         self.layer = layer
@@ -70,6 +71,10 @@ class ExpertsRoute:
         """hidden [T, H] (T = batch × seq, row-major), top_k_index and top_k_weights [T, k] → [T, H]."""
         ctx = self.context
         mask = ctx.token_mask
+        one_per_row = mask is not None and hidden.shape[0] == mask.shape[0]
+        decode_step = ctx.decoding or (one_per_row and ctx.offsets[self.layer] > 0)
+        if ctx.lookahead is not None and decode_step:  # one new token per row: guess the next layer's experts
+            ctx.lookahead.observe(self.layer, hidden, top_k_index, self.stats)
         if mask is None or hidden.shape[0] % mask.shape[0]:
             return self.executor(hidden, top_k_index, top_k_weights, self.layer)
         rows = mask.shape[0]

@@ -19,6 +19,7 @@ from torch import nn
 from sida.offload.expert_execution import ExpertExecutor
 from sida.offload.expert_layout import ExpertKey
 from sida.offload.hash_table import HashTable
+from sida.offload.lookahead import RouterAhead
 
 
 @dataclass
@@ -29,12 +30,28 @@ class RoutingStats:
     hash_lookups: Counter = field(default_factory=Counter)  # layer → real tokens checked
     hash_hits: Counter = field(default_factory=Counter)  # (layer, k) → tokens whose router choice was in top-k
     router_fallbacks: int = 0  # predicted mode: layer calls the table did not cover, routed by the router
+    decode_lookups: Counter = field(default_factory=Counter)  # layer → decode-step router choices checked
+    decode_hits: Counter = field(default_factory=Counter)  # layer → ... found among the layer-ahead guess
 
     def clear(self) -> None:
         """Start counting afresh (the SiDA layers keep this same object)."""
         self.hash_lookups.clear()
         self.hash_hits.clear()
         self.router_fallbacks = 0
+        self.decode_lookups.clear()
+        self.decode_hits.clear()
+
+    def count_decode(self, layer: int, router_choice: torch.Tensor, guess: torch.Tensor) -> None:
+        """Count a decode step's router choices [tokens, k] (-1: none) found among the guessed [tokens, k']."""
+        real = router_choice >= 0
+        found = (router_choice[:, :, None] == guess[:, None, :]).any(-1) & real  # [tokens, k]
+        self.decode_lookups[layer] += int(real.sum())
+        self.decode_hits[layer] += int(found.sum())
+
+    def decode_recall(self) -> dict[int, float]:
+        """Per layer, the share of decode-step router choices the layer-ahead guess had."""
+        lookups, hits = dict(self.decode_lookups), dict(self.decode_hits)
+        return {la: hits.get(la, 0) / n for la, n in sorted(lookups.items()) if n}
 
     def count(
         self, layer: int, router_choice: torch.Tensor, predicted: torch.Tensor, mask: torch.Tensor | None = None
@@ -64,6 +81,8 @@ class RoutingContext:
     # the decoder guess of the current decoder step: layer → (its first position, experts [batch, steps, k]);
     # decoder layers are always routed by their router, the guess only prefetches and is scored
     decoder_guesses: dict = field(default_factory=dict)
+    decoding: bool = False  # a decoder-only model's decode step of the running batch (no table, no mask)
+    lookahead: RouterAhead | None = None  # a decoder-only model's decode-step guesses, a layer ahead
 
     def decoder_guess(self, layer: int, position: int) -> torch.Tensor | None:
         """[batch, positions from `position` on, k] guessed experts of a decoder layer, if this step has them."""
@@ -164,8 +183,9 @@ class SiDAMoELayer(nn.Module):
 
 
 class NextLayerExperts:
-    """What to load while a Switch MoE layer computes: the next MoE layer's predicted experts (top-k of its real
-    tokens), from the hash table or, for a decoder layer, the step's decoder guess. The executor's `next_keys`."""
+    """What to load while a MoE layer computes: the next MoE layer's predicted experts (top-k of its real tokens),
+    from the hash table or, for a decoder layer, the step's decoder guess (Switch) or layer-ahead guess (a decoder-only
+    model's decode step). The executor's `next_keys`."""
 
     def __init__(self, context: RoutingContext, following: dict[int, tuple[int, str]]):
         self.context = context
@@ -184,6 +204,8 @@ class NextLayerExperts:
             start = ctx.offsets[nxt]
             mask = ctx.token_mask if ctx.causal and start == 0 else None  # a decoder-only prompt: its real tokens
             experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, start=start, mask=mask)
+            if not experts and ctx.lookahead is not None:  # a decode step: the guess made a layer ahead
+                return ctx.lookahead.keys(nxt)
             guess = ctx.decoder_guess(nxt, start) if not experts else None
             if guess is not None:
                 experts = sorted(set(guess[..., : ctx.prefetch_k].reshape(-1).tolist()))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,8 +54,8 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (eos) | "length"
     logprobs: TokenLogprobs | None = None
-    first_token_at: float | None = None  # time.monotonic() when its first token was chosen
-    ended_at: float | None = None  # ... and when its last was
+    first_token_at: float | None = field(default=None, compare=False)  # time.monotonic() of its first token
+    ended_at: float | None = field(default=None, compare=False)  # ... and of its last
 
 
 class Runner:
