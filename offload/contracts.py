@@ -57,6 +57,17 @@ class DecodeStepGuesser(Protocol):
 
 
 @runtime_checkable
+class LayerAheadScorer(Protocol):
+    """Scores a MoE layer's experts for a decode step one layer ahead (offload/lookahead.py)."""
+
+    def __call__(self, layer: int, previous: torch.Tensor | None, token_emb: torch.Tensor) -> torch.Tensor:
+        """logits [tokens, experts] of `layer` from the hidden state entering the previous MoE layer's experts
+        [tokens, H] (None for the first MoE layer) and the embeddings of the token before and the token the step
+        reads [tokens, 2H]."""
+        ...
+
+
+@runtime_checkable
 class ServingRunner(Protocol):
     """What the HTTP server (its routes and workers) uses of the runner: tokenizing and padding, building a
     batch's hash table, running a batch, and the engine whose figures `/info` reports."""

@@ -163,9 +163,11 @@ class DecodeBatch:
         """One decode step of every running sequence; returns those that ended on it."""
         if not self.running:
             return []
-        last = torch.tensor([[s.generated[-1]] for s in self.running], device=self.runner.device)  # [rows, 1]
+        pairs = [[s.generated[-2] if len(s.generated) > 1 else s.ids[-1], s.generated[-1]] for s in self.running]
+        pairs = torch.tensor(pairs, device=self.runner.device)  # [rows, 2]: the token before, the token read
+        last = pairs[:, 1:]  # [rows, 1]
         if self.engine is not None:
-            self.engine.begin_decode_step(last)
+            self.engine.begin_decode_step(pairs)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         position_ids = self.mask.sum(-1, keepdim=True) - 1  # [rows, 1]: the row's own tokens before this one
         out = self.model(
@@ -186,6 +188,7 @@ class DecodeBatch:
     def clear(self) -> list[Sequence]:
         """Drop every running sequence (after a failed step) and return them."""
         running, self.running, self.cache, self.mask = self.running, [], None, None
+        self._rows_changed([], 0)
         return running
 
     # ------------------------------------------------------------------ rows
@@ -235,6 +238,7 @@ class DecodeBatch:
         return self.runner.completion(s.generated, len(s.ids), stopped, steps, eos, (s._first_token_at, now))
 
     def _join(self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence]) -> None:
+        self._rows_changed(list(range(len(self.running))), len(seqs))
         if self.mask is None:
             self.cache, self.mask = cache, mask
         else:
@@ -243,11 +247,18 @@ class DecodeBatch:
             self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
         self.running.extend(seqs)
 
+    def _rows_changed(self, keep: list[int], added: int) -> None:
+        """Tell the engine's decode-step guess which rows carry over (lookahead.py keeps each row's last step)."""
+        ahead = self.engine.context.lookahead if self.engine is not None else None
+        if ahead is not None:
+            ahead.rows_changed(keep, added)
+
     def _leave(self, rows: list[int]) -> None:
         """Keep only `rows` of the running batch, without the padding columns they all have first."""
         if not rows:
             self.clear()
             return
+        self._rows_changed(rows, 0)
         kept = self.mask[rows]
         drop = _leading_padding(kept)
         self.cache = kv_cache.keep(self.cache, rows, drop)

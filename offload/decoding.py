@@ -85,5 +85,6 @@ class PrefetchNextStep(StoppingCriteria):
         """input_ids [batch, prefix + generated] → not done [batch]."""
         finished = self.watch.done is not None and bool(self.watch.done.all())
         if not finished and input_ids.shape[1] - self.watch.prefix < self.max_new_tokens:
-            self.engine.begin_decoder_step(input_ids[:, -1:])
+            last = 2 if self.engine.context.causal else 1  # a decoder-only model's guess reads the token before too
+            self.engine.begin_decoder_step(input_ids[:, -last:])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 
 from sida.offload.budget import AUTO_RESERVE, BudgetDecision, auto_budget, explicit_budget
-from sida.offload.contracts import DecodeStepGuesser
+from sida.offload.contracts import DecodeStepGuesser, LayerAheadScorer
 from sida.offload.device_cache import CacheStats, DeviceExpertCache
 from sida.offload.expert_execution import ExpertExecutor
 from sida.offload.expert_file import IO_MODES
 from sida.offload.expert_layout import ModuleExperts
 from sida.offload.expert_store import ExpertStore
 from sida.offload.hash_table import HashTable, rank_depth
-from sida.offload.lookahead import RouterAhead
+from sida.offload.lookahead import RouterAhead, RouterScorer
 from sida.offload.memory import DeviceMemory, PeakMemory, tensor_bytes
 from sida.offload.model_loader import LoadedModel
 from sida.offload.moe_layer import NextLayerExperts, RoutingContext, RoutingStats
-from sida.offload.policies import make_policy
+from sida.offload.policies import StaticHotSetPolicy, hot_set, make_policy
 from sida.offload.transfer import Transfer
 
 MODES = ("resident", "exact", "predicted")
@@ -173,8 +173,24 @@ class OffloadEngine:
         if self.context.causal:  # decode steps: each layer's experts guessed from the layer before (lookahead.py)
             within_step = {layer: nxt for layer, (nxt, _) in following.items() if nxt > layer}
             k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
-            routers = {la.index: la.router for la in layers}
-            self.context.lookahead = RouterAhead(routers, within_step, model.get_input_embeddings(), k)
+            scorer = RouterScorer({la.index: la.router for la in layers})
+            self.context.lookahead = RouterAhead(scorer, within_step, model.get_input_embeddings(), k)
+
+    def set_lookahead_scorer(self, scorer: LayerAheadScorer) -> None:
+        """Guess decode steps with `scorer` (the trained decode-step predictor) instead of the routers ahead."""
+        if self.context.lookahead is None:
+            raise ValueError("decode-step guesses are for decoder-only models")
+        self.context.lookahead.scorer = scorer
+
+    def keep_hot(self, counts: dict, on_demand_slots: int) -> list:
+        """The static hot-set method (policy `static`): the experts most used in `counts` ((layer, expert) → uses
+        in traces) fill every slot but `on_demand_slots`, are loaded now and stay; returns the hot keys."""
+        if self.cache is None or not isinstance(self.cache.policy, StaticHotSetPolicy):
+            raise ValueError("keep_hot needs an offloaded engine with policy 'static'")
+        hot = hot_set(counts, self.num_slots - on_demand_slots)
+        self.cache.policy.hot = set(hot)
+        self.cache.prefetch(hot)
+        return hot
 
     def set_decoder_guess(self, guess: DecodeStepGuesser) -> None:
         """Use `guess` to prefetch and score each decoder step's experts."""
@@ -227,16 +243,18 @@ class OffloadEngine:
             self.cache.prefetch([(first, e) for e in keys])
 
     def begin_decode_step(self, input_ids: torch.Tensor) -> None:
-        """A decoder-only model's decode step of the running batch reads `input_ids` [rows, 1] (its sequences'
-        last tokens; `decode_batch.DecodeBatch.step` calls it before each step's forward). No hash table covers
-        tokens that do not exist yet: every layer is routed by its router, and the prompt's table and mask end."""
+        """The expert engine's per-step hook: a decoder-only model's decode step of the running batch reads the last
+        of `input_ids` [rows, 2] (its sequences' last two tokens; `DecodeBatch.step` calls it before each step's
+        forward). No hash table covers tokens that do not exist yet: every layer is routed by its router, the
+        prompt's table and mask end, and the first MoE layer's experts are guessed (lookahead.py)."""
         self.begin_batch()
         self.context.decoding = True
         self._guess_first_layer(input_ids)
 
     def _guess_first_layer(self, input_ids: torch.Tensor) -> None:
-        """A decoder-only model's decode step reads `input_ids` [rows, 1]: its first MoE layer's experts are guessed
-        from the tokens' embeddings, and start loading now where that changes something (`wants_hash_table`)."""
+        """A decoder-only model's decode step reads the last of `input_ids` [rows, 2]: its first MoE layer's experts
+        are guessed from the tokens' embeddings, and start loading now where that changes anything
+        (`wants_hash_table`)."""
         ahead = self.context.lookahead
         if ahead is None:
             return

@@ -1,9 +1,10 @@
 """A decode step's experts, predicted a layer ahead: no hash table covers a token that did not exist when its batch
-was hashed, so while one MoE layer computes, the next MoE layer's own router is applied to the hidden state entering
-this layer's experts (the residual stream changes little from one layer to the next), and its top-k experts start
-loading (the executor's `next_keys`, `moe_layer.NextLayerExperts`). The first MoE layer's router is applied to the
-embedding of the token the step reads, before the step's forward. This is mixtral-offloading's gate-ahead
-prefetch; the router still routes every token, so a wrong guess costs a load, never a wrong answer.
+was hashed, so while one MoE layer computes, the next MoE layer's experts are scored from the hidden state entering
+this layer's experts and the embedding of the token the step reads, and the top-k start loading (the executor's
+`next_keys`, `moe_layer.NextLayerExperts`); the first MoE layer's, from the embedding alone, before the step's
+forward. The scorer is the trained decode-step predictor where the model ships one (`ahead.safetensors`,
+`predictor/decode_ahead.py`), else the next layer's own router applied ahead (mixtral-offloading's gate-ahead
+prefetch, `RouterScorer`). The router still routes every token: a wrong guess costs a load, never a wrong answer.
 
 Each guess is scored when its layer runs: decode-step recall, the share of the router's k choices that were among
 the k guessed (`RoutingStats.decode_hits` / `decode_lookups`, per layer).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sida.offload.contracts import LayerAheadScorer
 from sida.offload.expert_layout import ExpertKey
 
 
@@ -28,24 +30,59 @@ def router_projection(router: nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
     return weight, bias if isinstance(bias, torch.Tensor) else None
 
 
-class RouterAhead:
-    """Guesses each MoE layer's experts for the current decode step from the layer before it (see the module)."""
+class RouterScorer:
+    """Scores a layer's experts for a decode step with that layer's own router, applied ahead: to the hidden state
+    entering the previous MoE layer's experts, or (the first layer) to the token's embedding."""
 
-    def __init__(self, routers: dict[int, nn.Module], following: dict[int, int], embeddings: nn.Module, k: int):
+    def __init__(self, routers: dict[int, nn.Module]):
         self.projections = {layer: router_projection(r) for layer, r in routers.items()}
-        self.following = following  # MoE layer → the MoE layer after it within the step
         self.first = min(routers)
+
+    def __call__(self, layer: int, previous: torch.Tensor | None, token_emb: torch.Tensor) -> torch.Tensor:
+        """logits [tokens, experts] of `layer` from `previous` [tokens, H], or for the first layer from the
+        embedding of the token the step reads (the last H of `token_emb`)."""
+        weight, bias = self.projections[layer]
+        x = token_emb[:, -weight.shape[1] :] if layer == self.first or previous is None else previous
+        return nn.functional.linear(x.to(weight.dtype), weight, bias)
+
+
+class RouterAhead:
+    """Guesses each MoE layer's experts for the current decode step from the layer before it, with `scorer`: the
+    model's own routers (`RouterScorer`) or the trained decode-step predictor (`predictor/decode_ahead.py`)."""
+
+    def __init__(self, scorer: LayerAheadScorer, following: dict[int, int], embeddings: nn.Module, k: int):
+        self.scorer = scorer
+        self.following = following  # MoE layer → the MoE layer after it within the step
+        self.first = min([*following, *following.values()], default=0)
         self.embeddings = embeddings
         self.k = k
+        self.token_emb: torch.Tensor | None = None  # [rows, 2H] embeddings of the token before, the token read
         self.guesses: dict[int, torch.Tensor] = {}  # layer → experts [tokens, k] guessed for this step
+        self.last = max([*following, *following.values()], default=0)
+        self.last_hidden: torch.Tensor | None = None  # [rows, H] entering the last MoE layer's experts, last step
 
     def begin_step(self, input_ids: torch.Tensor) -> list[ExpertKey]:
-        """A decode step reads `input_ids` [rows, 1]: forget the last step's guesses and guess the first MoE layer's
-        experts from the tokens' embeddings; returns the keys to load now."""
+        """A decode step reads the last of `input_ids` [rows, 2] (the token before it first): forget the last step's
+        guesses and guess the first MoE layer's experts from the tokens' embeddings; returns the keys to load now."""
+        rows = input_ids.shape[0]
         with torch.inference_mode():
-            hidden = self.embeddings(input_ids).reshape(-1, self.embeddings.embedding_dim)  # [rows, H]
-        self.guesses = {self.first: self._top_k(self.first, hidden)}
+            self.token_emb = self.embeddings(input_ids[:, -2:]).reshape(rows, -1)  # [rows, 2H]
+            before = self.last_hidden if self.last_hidden is not None and len(self.last_hidden) == rows else None
+            self.guesses = {self.first: self._top_k(self.first, before)}
         return self.keys(self.first)
+
+    def reset(self) -> None:
+        """A new batch: no row has a step before."""
+        self.last_hidden = None
+
+    def rows_changed(self, keep: list[int], added: int) -> None:
+        """The running batch kept rows `keep` of the last step (in this order) and then took `added` new rows,
+        which have no step before (zeros, as the trained predictor saw a sequence's first decode step)."""
+        h = self.last_hidden
+        if h is None:
+            return
+        kept = h[torch.tensor(keep, dtype=torch.long, device=h.device)] if keep else h[:0]
+        self.last_hidden = torch.cat([kept, h.new_zeros(added, h.shape[1])])
 
     def observe(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, stats) -> None:
         """`layer` runs its experts on `hidden` [tokens, H] with the router's choice `top_k_index` [tokens, k]: score
@@ -53,16 +90,18 @@ class RouterAhead:
         guess = self.guesses.pop(layer, None)
         if guess is not None and guess.shape[0] == top_k_index.shape[0]:
             stats.count_decode(layer, top_k_index, guess)
+        if layer == self.last:
+            self.last_hidden = hidden.detach()
         nxt = self.following.get(layer)
-        if nxt is not None:
-            self.guesses[nxt] = self._top_k(nxt, hidden)
+        if nxt is not None and self.token_emb is not None and self.token_emb.shape[0] == hidden.shape[0]:
+            with torch.inference_mode():
+                self.guesses[nxt] = self._top_k(nxt, hidden)
 
     def keys(self, layer: int) -> list[ExpertKey]:
         """The distinct experts guessed for `layer` in this step."""
         guess = self.guesses.get(layer)
         return [] if guess is None else [(layer, e) for e in sorted(set(guess.reshape(-1).tolist()))]
 
-    def _top_k(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.projections[layer]
-        logits = nn.functional.linear(hidden.to(weight.dtype), weight, bias)  # [tokens, experts]
+    def _top_k(self, layer: int, previous: torch.Tensor | None) -> torch.Tensor:
+        logits = self.scorer(layer, previous, self.token_emb)
         return logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices

@@ -123,16 +123,39 @@ class LayeredPolicy(LRUPolicy):
         return super().victim(k for k in candidates if rank[k] == worst)
 
 
+class StaticHotSetPolicy(LRUPolicy):
+    """The static baseline users know (llama.cpp's `--n-cpu-moe`, KTransformers' GPU-expert mask): a fixed hot set,
+    the experts most used in traces, stays resident; the other slots serve everything else on demand, least recently
+    used first. A hot key is evicted only when every candidate is hot (the hot set is larger than the slots)."""
+
+    name = "static"
+
+    def __init__(self, hot: Iterable[Hashable] = ()) -> None:
+        super().__init__()
+        self.hot = set(hot)
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        candidates = list(candidates)
+        cold = [k for k in candidates if k not in self.hot]
+        return super().victim(cold or candidates)
+
+
+def hot_set(counts: dict[Hashable, int], slots: int) -> list[Hashable]:
+    """The `slots` most used keys of `counts` (key → uses in traces), most used first; ties by key."""
+    return sorted(counts, key=lambda k: (-counts[k], k))[: max(0, slots)]
+
+
 POLICIES: dict[str, type[EvictionPolicy]] = {
     "fifo": FIFOPolicy,
     "lru": LRUPolicy,
     "lfu": LFUPolicy,
     "layered": LayeredPolicy,
+    "static": StaticHotSetPolicy,  # its hot set is given after the traces are read (`OffloadEngine.keep_hot`)
 }
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    """A new policy by name (fifo, lru, lfu, layered); a clear error for another name."""
+    """A new policy by name (fifo, lru, lfu, layered, static); a clear error for another name."""
     try:
         return POLICIES[name]()
     except KeyError:

@@ -245,6 +245,8 @@ class Runner:
         rows = enc["input_ids"].shape[0]
         sampling = sampling or Sampling()
         self.begin_batch(enc, self.loaded.decoder_start_ids(rows, self.device), hash_table, shadow)
+        if self.engine is not None and self.engine.context.lookahead is not None:
+            self.engine.context.lookahead.reset()  # a new batch's rows have no decode step before
         prefix = enc["input_ids"].shape[1] if self.causal else 1  # what generate's sequences hold before new tokens
         eos = None if ignore_eos else self.model.config.eos_token_id
         watch = TextWatch(self.tokenizer, eos, rows, stops or [], on_text, prefix)

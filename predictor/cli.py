@@ -1,5 +1,5 @@
-"""`sida predictor trace|train|decoder|eval`: the commands that build and measure the shipped hash function and
-decoder guess (wired in server/cli.py)."""
+"""`sida predictor trace|train|decoder|ahead|eval`: the commands that build and measure the shipped hash function,
+decoder guess and decode-step predictor (wired in server/cli.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sida.offload.runner import Runner
 from sida.offload.tasks import get_task
 from sida.predictor.artifact import PredictorError, find_predictor, load_predictor, predictor_folder, save_predictor
 from sida.predictor.corpora import read_c4_texts, read_inputs, read_wikitext_paragraphs
+from sida.predictor.decode_ahead import DecodeAhead, decode_routes, fit, measure
 from sida.predictor.decoder_guess import (
     DecoderGuess,
     PrevTokenTable,
@@ -61,6 +62,13 @@ def add_parser(sub) -> None:
     t.add_argument("--out", required=True, help="the predictor folder; writes decoder.safetensors there")
     t.add_argument("--docs", type=int, default=1000, help="C4 documents to fit on")
 
+    t = psub.add_parser("ahead", help="train the decode-step predictor (each MoE layer's experts a layer ahead)")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", required=True, help="the shared data folder (C4 sample and WikiText-2 valid)")
+    t.add_argument("--out", required=True, help="the predictor folder; writes ahead.safetensors there")
+    t.add_argument("--prompts", type=int, default=300, help="C4 documents, and WikiText paragraphs, continued")
+    t.add_argument("--tokens", type=int, default=32, help="tokens generated from each")
+
     t = psub.add_parser("eval", help="hit rates and latency of a predictor on an input file")
     t.add_argument("--model", required=True)
     t.add_argument("--predictor", help="default: the one shipped in the model folder")
@@ -77,7 +85,7 @@ def _progress(done: int, total: int) -> None:
 def run(args) -> None:
     """Load the model once and run the chosen `sida predictor` command."""
     loaded = load_model(args.model)
-    commands = {"trace": _trace, "train": _train, "decoder": _decoder, "eval": _eval}
+    commands = {"trace": _trace, "train": _train, "decoder": _decoder, "ahead": _ahead, "eval": _eval}
     commands[args.predictor_command](args, loaded)
 
 
@@ -133,6 +141,33 @@ def _decoder(args, loaded) -> None:
     }
     DecoderGuess.from_table(table).save(args.out, loaded.fingerprint, info)
     print(json.dumps({"out": str(Path(args.out) / DecoderGuess.FILE), **info}))
+
+
+def _ahead(args, loaded) -> None:
+    """`sida predictor ahead`: fit the decode-step predictor on greedy continuations of C4 document and WikiText-2
+    valid paragraph beginnings; measure it, and the routers applied ahead, on continuations of the first WikiText-2
+    valid paragraphs, never fitted on."""
+    data = Path(args.data)
+    c4 = read_c4_texts(data / "c4_sample" / "c4_sample.jsonl", args.prompts)
+    wiki = read_wikitext_paragraphs(data / "wikitext2" / "wiki.valid.tokens", HELD_OUT + args.prompts)
+    train_routes = decode_routes(loaded, beginnings(c4) + beginnings(wiki[HELD_OUT:]), args.tokens)
+    net = fit(loaded, train_routes)
+    heldout = measure(loaded, net, decode_routes(loaded, beginnings(wiki[:HELD_OUT]), args.tokens))
+    info = {
+        "fit": f"greedy continuations ({args.tokens} tokens) of the beginnings of {len(c4)} C4 documents and of "
+        f"WikiText-2 valid paragraphs {HELD_OUT}..{len(wiki) - 1}: {len(train_routes.tokens)} decode steps",
+        f"wikitext_valid_recall (paragraphs 0..{HELD_OUT - 1}, never fitted on)": heldout,
+    }
+    net.save(args.out, loaded.fingerprint, info)
+    print(json.dumps({"out": str(Path(args.out) / DecodeAhead.FILE), **info}))
+
+
+HELD_OUT = 64  # WikiText-2 valid paragraphs kept for measuring the decode-step predictor
+
+
+def beginnings(texts: list[str], words: int = 12) -> list[str]:
+    """The first `words` words of each text, as a prompt."""
+    return [" ".join(t.split()[:words]) for t in texts if len(t.split()) >= words]
 
 
 def _eval(args, loaded) -> None:

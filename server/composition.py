@@ -16,6 +16,7 @@ from sida.offload.hash_table import rank_depth
 from sida.offload.model_loader import load_model
 from sida.offload.runner import Runner
 from sida.predictor.artifact import find_predictor, load_predictor, predictor_folder
+from sida.predictor.decode_ahead import DecodeAhead
 from sida.predictor.decoder_guess import DecoderGuess
 from sida.predictor.network import PredictorHash
 from sida.predictor.oracle import OracleHash
@@ -47,13 +48,17 @@ def build_runner(settings: Settings, hash_source: str = "auto") -> Runner:
     k = rank_depth(offload.prefetch_k)
     hash_fn: HashFunction | None = None
     decoder_guess = None
+    ahead = None  # the trained decode-step predictor, where the model ships one
     if hash_source == "oracle":
         hash_fn = OracleHash(load_model(settings.model_dir, settings.dtype, str(device)), k=k)
     elif predictor_path is not None:
         pred, _meta = load_predictor(predictor_path, loaded.fingerprint)
         hash_fn = PredictorHash(pred.to(device), k=k)
         decoder_guess = DecoderGuess.load(predictor_folder(predictor_path), loaded.fingerprint)
+        ahead = DecodeAhead.load(predictor_folder(predictor_path), loaded.fingerprint)
     engine = OffloadEngine(loaded, offload, device)
+    if ahead is not None and engine.context.lookahead is not None:
+        engine.set_lookahead_scorer(ahead.to(device))
     if decoder_guess is not None and engine.cache is not None:
         engine.set_decoder_guess(decoder_guess)
     return Runner(loaded, str(device), settings.max_input_tokens, engine, hash_fn)

@@ -110,6 +110,19 @@ class _EngineCollector:
         for (layer, k), n in sorted(dict(stats.hash_hits).items()):
             hits.add_metric([str(layer), str(k)], n)
         yield hits
+        ahead_lookups = CounterMetricFamily(
+            "sida_decode_lookahead_lookups",
+            "Decode-step router choices checked against the layer-ahead guess",
+            labels=["layer"],
+        )
+        ahead_hits = CounterMetricFamily(
+            "sida_decode_lookahead_hits", "Decode-step router choices the layer-ahead guess had", labels=["layer"]
+        )
+        hits_by_layer = dict(stats.decode_hits)
+        for layer, n in sorted(dict(stats.decode_lookups).items()):
+            ahead_lookups.add_metric([str(layer)], n)
+            ahead_hits.add_metric([str(layer)], hits_by_layer.get(layer, 0))
+        yield from (ahead_lookups, ahead_hits)
 
     def _cache_series(self):
         e = self.engine
