@@ -9,7 +9,7 @@ MODEL ?= models/sida-switch-demo
 # CPU machines: this exact pin resolves to a CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-memory bench-serve-memory replicas demo-olmoe demo-olmoe-card bench-gpu test-gpu bench-http soak lint clean
+.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-memory bench-serve-memory replicas demo-olmoe demo-olmoe-ahead demo-olmoe-card bench-gpu test-gpu bench-http soak lint clean
 
 install: $(STAMP)
 
@@ -49,12 +49,17 @@ demo-card: $(STAMP)
 	$(SIDA) build-demo --stage card --out $(MODEL) --data $(DATA)
 
 # The decoder-only demo model (OLMoE: every layer MoE, top-2 of 16 experts): 30 minutes of training on one CPU
-# thread, then its predictor (router traces of C4/SST-2/MRPC train text) and its model card; checkpoints in
+# thread, then its predictor (router traces of C4/SST-2/MRPC train text), its decode-step predictor and its model
+# card; checkpoints in
 # runs/olmoe-demo. Serve it with `make run MODEL=models/sida-olmoe-demo`.
 OLMOE_MODEL ?= models/sida-olmoe-demo
 demo-olmoe: $(STAMP)
 	mkdir -p runs
 	$(PY) -m sida.demo_model.decoder_lm --data $(DATA) --out $(OLMOE_MODEL) --minutes 30 --torch-threads 1
+
+# Rebuild only the decoder-only demo's decode-step predictor (predictor/ahead.safetensors; about 2 minutes).
+demo-olmoe-ahead: $(STAMP)
+	$(PY) -m sida.demo_model.decoder_lm --data $(DATA) --out $(OLMOE_MODEL) --stage ahead --torch-threads 2
 
 demo-olmoe-card: $(STAMP)
 	$(PY) -m sida.demo_model.decoder_lm --data $(DATA) --out $(OLMOE_MODEL) --stage card --torch-threads 1

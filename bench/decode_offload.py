@@ -40,8 +40,7 @@ from sida.offload.decode_batch import DecodeBatch, Sequence  # noqa: E402
 from sida.offload.engine import OffloadConfig, OffloadEngine  # noqa: E402
 from sida.offload.model_loader import load_model  # noqa: E402
 from sida.offload.runner import Runner  # noqa: E402
-from sida.predictor.cli import beginnings  # noqa: E402
-from sida.predictor.corpora import read_c4_texts, read_wikitext_paragraphs  # noqa: E402
+from sida.predictor.corpora import beginnings, read_c4_texts, read_wikitext_paragraphs  # noqa: E402
 from sida.predictor.decode_ahead import DecodeAhead  # noqa: E402
 
 METHODS = ("resident", "lru", "layered", "static", "exact")

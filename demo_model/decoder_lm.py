@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
-from sida.offload.model_loader import fingerprint
+from sida.offload.model_loader import fingerprint, load_model
 from sida.offload.tasks import TASKS, Example
 from sida.predictor.artifact import save_predictor
 from sida.predictor.corpora import read_c4_texts, read_multirc_passages
+from sida.predictor.decode_ahead import build as build_ahead
 from sida.predictor.traces import collect_lm_traces
 from sida.predictor.train import TrainConfig, hit_rates, train
 
@@ -339,11 +340,21 @@ def build(data_dir: Path, out: Path, recipe: OlmoeRecipe, work: Path, tokenizer_
     state.pop("pos")
     (out / "training.json").write_text(json.dumps({"recipe": asdict(recipe), "training": state}, indent=1) + "\n")
     build_predictor(out, data_dir, recipe, work, log)
+    build_decode_ahead(out, data_dir, log)
     return write_card(out, data_dir)
 
 
+def build_decode_ahead(out: Path, data_dir: Path, log=print) -> dict:
+    """Train the decode-step predictor (`sida predictor ahead`) of the saved model into `out/predictor`."""
+    loaded = load_model(out, "float32")
+    net, info = build_ahead(loaded, data_dir)
+    net.save(out / "predictor", loaded.fingerprint, info)
+    log(json.dumps({"decode_ahead_heldout": info["heldout_recall"]}))
+    return info
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: build everything, or (`--stage predictor|card`) redo the predictor and card of --out."""
+    """Command line: build everything, or (`--stage predictor|ahead|card`) redo that part and the card of --out."""
     p = argparse.ArgumentParser(prog="python -m sida.demo_model.decoder_lm", description=__doc__)
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
     p.add_argument("--out", type=Path, default=Path("models/sida-olmoe-demo"))
@@ -351,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer-from", type=Path, default=Path("models/sida-switch-demo"))
     p.add_argument("--minutes", type=float, default=OlmoeRecipe.minutes, help="training wall-clock budget")
     p.add_argument("--torch-threads", type=int, default=1)
-    p.add_argument("--stage", choices=("all", "predictor", "card"), default="all")
+    p.add_argument("--stage", choices=("all", "predictor", "ahead", "card"), default="all")
     args = p.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     if args.stage == "all":
@@ -360,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe = OlmoeRecipe(**json.loads((args.out / "training.json").read_text())["recipe"])
         if args.stage == "predictor":
             build_predictor(args.out, args.data, recipe, args.work)
+        if args.stage == "ahead":
+            build_decode_ahead(args.out, args.data)
         m = write_card(args.out, args.data)
     print(json.dumps({k: m[k] for k in ("wikitext_perplexity", "sst2_dev_accuracy", "fingerprint")}))
 

@@ -15,7 +15,8 @@ from sida.offload.runner import Runner
 from sida.offload.tasks import get_task
 from sida.predictor.artifact import PredictorError, find_predictor, load_predictor, predictor_folder, save_predictor
 from sida.predictor.corpora import read_c4_texts, read_inputs, read_wikitext_paragraphs
-from sida.predictor.decode_ahead import DecodeAhead, decode_routes, fit, measure
+from sida.predictor.decode_ahead import DecodeAhead
+from sida.predictor.decode_ahead import build as build_ahead
 from sida.predictor.decoder_guess import (
     DecoderGuess,
     PrevTokenTable,
@@ -144,30 +145,10 @@ def _decoder(args, loaded) -> None:
 
 
 def _ahead(args, loaded) -> None:
-    """`sida predictor ahead`: fit the decode-step predictor on greedy continuations of C4 document and WikiText-2
-    valid paragraph beginnings; measure it, and the routers applied ahead, on continuations of the first WikiText-2
-    valid paragraphs, never fitted on."""
-    data = Path(args.data)
-    c4 = read_c4_texts(data / "c4_sample" / "c4_sample.jsonl", args.prompts)
-    wiki = read_wikitext_paragraphs(data / "wikitext2" / "wiki.valid.tokens", HELD_OUT + args.prompts)
-    train_routes = decode_routes(loaded, beginnings(c4) + beginnings(wiki[HELD_OUT:]), args.tokens)
-    net = fit(loaded, train_routes)
-    heldout = measure(loaded, net, decode_routes(loaded, beginnings(wiki[:HELD_OUT]), args.tokens))
-    info = {
-        "fit": f"greedy continuations ({args.tokens} tokens) of the beginnings of {len(c4)} C4 documents and of "
-        f"WikiText-2 valid paragraphs {HELD_OUT}..{len(wiki) - 1}: {len(train_routes.tokens)} decode steps",
-        f"wikitext_valid_recall (paragraphs 0..{HELD_OUT - 1}, never fitted on)": heldout,
-    }
+    """`sida predictor ahead`: fit and measure the decode-step predictor (`decode_ahead.build`), save it."""
+    net, info = build_ahead(loaded, Path(args.data), args.prompts, args.tokens)
     net.save(args.out, loaded.fingerprint, info)
     print(json.dumps({"out": str(Path(args.out) / DecodeAhead.FILE), **info}))
-
-
-HELD_OUT = 64  # WikiText-2 valid paragraphs kept for measuring the decode-step predictor
-
-
-def beginnings(texts: list[str], words: int = 12) -> list[str]:
-    """The first `words` words of each text, as a prompt."""
-    return [" ".join(t.split()[:words]) for t in texts if len(t.split()) >= words]
 
 
 def _eval(args, loaded) -> None:

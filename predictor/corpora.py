@@ -63,3 +63,8 @@ def _first_line(path: Path, encoding: str) -> str:
     """The file's first line, the file closed again."""
     with path.open(encoding=encoding) as f:
         return f.readline()
+
+
+def beginnings(texts: list[str], words: int = 12) -> list[str]:
+    """The first `words` words of each text that has that many, as prompts to continue."""
+    return [" ".join(t.split()[:words]) for t in texts if len(t.split()) >= words]
