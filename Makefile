@@ -9,7 +9,7 @@ MODEL ?= models/sida-switch-demo
 # CPU machines: this exact pin resolves to a CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-memory bench-serve-memory replicas demo-olmoe demo-olmoe-ahead demo-olmoe-card bench-gpu test-gpu bench-http soak lint clean
+.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-decode bench-memory bench-serve-memory replicas demo-olmoe demo-olmoe-ahead demo-olmoe-card bench-gpu test-gpu bench-http soak lint clean
 
 install: $(STAMP)
 
@@ -86,6 +86,13 @@ bench: $(STAMP)
 
 # Peak host memory of `sida eval`, all-resident against offloaded (ram tier, disk tier fresh and again), on a
 # switch-base-8 shape with random weights written once under runs/ (about 3 minutes on 2 cores).
+# Decode: continuous against static batching through `sida serve` (16 streams), then every offload method on decode
+# steps (resident, lru, layered, static hot set, exact with the decode-step predictor), on the decoder-only demo
+# (about 15 minutes); rows in bench/results/cpu-decode.json. The replica rows: docs/benchmarks.md#decode.
+bench-decode: $(STAMP)
+	for L in fixed natural mixed; do $(PY) bench/decode_bench.py --lengths $$L; done
+	$(PY) bench/decode_offload.py --budgets 0.1,0.25,0.5 --streams 1,4
+
 bench-memory: $(STAMP)
 	$(PY) bench/memory_bench.py --experts 8 --budget-experts 24 --out bench/results/memory.json
 
