@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sida.predictor.network import HashPredictor, PredictorArch
@@ -25,6 +26,31 @@ def save_predictor(pred: HashPredictor, out_dir: str | Path, fingerprint: str, i
     meta = {"arch": pred.arch.to_dict(), "model_fingerprint": fingerprint, **info}
     (out_dir / "predictor.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out_dir / "predictor.safetensors"
+
+
+def save_bound(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file of a model's predictor folder, bound to the model by its fingerprint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"fingerprint": fingerprint, **metadata})
+
+
+def load_bound(path: Path, fingerprint: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(tensors, metadata) of a file `save_bound` wrote, or None where there is none; PredictorError where it is
+    unreadable or was built for another model. `what` names it in the errors."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PredictorError(f"{path} is not a readable {what} ({e})") from None
+    if meta.get("fingerprint") != fingerprint:
+        raise PredictorError(
+            f"{path}: {what} was built for model {meta.get('fingerprint')}, this model is {fingerprint}"
+        )
+    return tensors, meta
 
 
 def find_predictor(model_dir: str | Path) -> Path | None:

@@ -16,14 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from sida.offload.lookahead import router_projection
 from sida.offload.model_loader import LoadedModel
 from sida.offload.runner import Runner
-from sida.predictor.artifact import PredictorError
+from sida.predictor.artifact import load_bound, save_bound
 from sida.predictor.corpora import beginnings, read_c4_texts, read_wikitext_paragraphs
 
 HIDDEN = 256
@@ -128,26 +126,16 @@ class DecodeAhead(nn.Module):
 
     def save(self, folder, fingerprint: str, info: dict) -> None:
         """Write `ahead.safetensors` into the predictor folder, bound to the model's fingerprint."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"fingerprint": fingerprint, "info": json.dumps(info), "hidden_size": str(self.hidden_size)}
-        meta["num_experts"] = str(self.num_experts)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / self.FILE), metadata=meta)
+        meta = {"info": json.dumps(info), "hidden_size": str(self.hidden_size), "num_experts": str(self.num_experts)}
+        save_bound(Path(folder) / self.FILE, self.state_dict(), fingerprint, meta)
 
     @classmethod
     def load(cls, folder, fingerprint: str) -> DecodeAhead | None:
         """The predictor shipped in a predictor folder, or None; one built for another model is an error."""
-        path = Path(folder) / cls.FILE
-        if not path.is_file():
+        got = load_bound(Path(folder) / cls.FILE, fingerprint, "decode-step predictor")
+        if got is None:
             return None
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise PredictorError(f"{path} is not a readable decode-step predictor ({e})") from None
-        if meta.get("fingerprint") != fingerprint:
-            raise PredictorError(f"{path}: built for model {meta.get('fingerprint')}, this model is {fingerprint}")
+        state, meta = got
         layers = sorted({int(k.split(".")[1]) for k in state})
         net = cls(int(meta["hidden_size"]), int(meta["num_experts"]), layers)
         net.load_state_dict(state)

@@ -16,11 +16,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from sida.offload.model_loader import LoadedModel
-from sida.predictor.artifact import PredictorError
+from sida.predictor.artifact import load_bound, save_bound
 from sida.predictor.traces import trace_batch
 
 
@@ -142,30 +140,18 @@ class DecoderGuess:
 
     def save(self, folder, fingerprint: str, info: dict) -> None:
         """Write `decoder.safetensors` into the predictor folder, with the model's fingerprint."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {f"layer{k}.ranked": v.contiguous() for k, v in self.ranked.items()},
-            str(folder / self.FILE),
-            metadata={"fingerprint": fingerprint, "info": json.dumps(info), "vocab_size": str(self.vocab_size or "")},
-        )
+        tensors = {f"layer{k}.ranked": v for k, v in self.ranked.items()}
+        meta = {"info": json.dumps(info), "vocab_size": str(self.vocab_size or "")}
+        save_bound(Path(folder) / self.FILE, tensors, fingerprint, meta)
 
     @classmethod
     def load(cls, folder, fingerprint: str) -> DecoderGuess | None:
         """The guess shipped in a predictor folder, or None; one built for another model is an error."""
-        path = Path(folder) / cls.FILE
-        if not path.is_file():
+        got = load_bound(Path(folder) / cls.FILE, fingerprint, "decoder guess")
+        if got is None:
             return None
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                ranked = {int(k.removeprefix("layer").split(".")[0]): f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise PredictorError(f"{path} is not a readable decoder guess ({e})") from None
-        if meta.get("fingerprint") != fingerprint:
-            raise PredictorError(
-                f"{path}: decoder guess was built for model {meta.get('fingerprint')}, this model is {fingerprint}"
-            )
+        tensors, meta = got
+        ranked = {int(k.removeprefix("layer").split(".")[0]): v for k, v in tensors.items()}
         return cls(ranked, int(meta["vocab_size"]) if meta.get("vocab_size") else None)
 
 

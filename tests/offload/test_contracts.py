@@ -9,8 +9,10 @@ import inspect
 import pytest
 import torch
 
-from sida.offload.contracts import DecodeStepGuesser, HashFunction, ServingRunner
+from sida.offload.contracts import DecodeStepGuesser, HashFunction, LayerAheadScorer, ServingRunner
+from sida.offload.lookahead import RouterScorer
 from sida.offload.runner import Runner
+from sida.predictor.decode_ahead import DecodeAhead
 from sida.predictor.decoder_guess import DecoderGuess
 from sida.predictor.network import PredictorHash
 from sida.predictor.oracle import OracleHash
@@ -75,3 +77,9 @@ def test_the_decoder_guess_is_a_decode_step_guesser():
 def test_the_server_tests_fakes_are_serving_runners(fake):
     runner = fake()
     assert gaps(runner, ServingRunner) == [] and isinstance(runner, ServingRunner)
+
+
+def test_layer_ahead_scorers_fulfil_the_contract():
+    assert gaps(RouterScorer, LayerAheadScorer) == []
+    want = list(inspect.signature(LayerAheadScorer.__call__).parameters)
+    assert list(inspect.signature(DecodeAhead.forward).parameters) == want  # an nn.Module's call is its forward
