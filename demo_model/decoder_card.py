@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sida.offload.model_loader import fingerprint
 from sida.offload.tasks import TASKS, Example
 from sida.predictor.artifact import load_predictor
+from sida.predictor.decode_ahead import DecodeAhead
 from sida.predictor.network import HashPredictor
 from sida.predictor.traces import TraceSet, collect_lm_traces
 from sida.predictor.train import hit_rates
@@ -216,6 +218,10 @@ def write_card(model_dir: Path, data_dir: Path) -> dict:
     """Measure the model in `model_dir` (held-out split from its training.json) and write README.md and card.json."""
     training = json.loads((model_dir / "training.json").read_text())
     m = measure(model_dir, data_dir, training["recipe"])
+    ahead = model_dir / "predictor" / DecodeAhead.FILE
+    if ahead.is_file():  # what `sida predictor ahead` measured when it built the decode-step predictor
+        with safe_open(str(ahead), "pt") as f:
+            m["decode_ahead"] = json.loads(f.metadata()["info"])
     (model_dir / "card.json").write_text(json.dumps(m, indent=1) + "\n")
     (model_dir / "README.md").write_text(render(m, training))
     return m
@@ -263,6 +269,7 @@ def render(m: dict, training: dict) -> str:
         *_routing_lines(m, r),
         *_token_lines(m),
         *_predictor_lines(m),
+        *_ahead_lines(m),
         "## Greedy samples (24 tokens, repetition penalty 1.3)",
         *[f"- `{s['prompt']}` → `{s['text'].strip()}`" for s in m["samples"]],
         "",
@@ -348,6 +355,27 @@ def _predictor_lines(m: dict) -> list[str]:
     lines.append(
         f"| all | {p['top1_hit_rate']:.3f} | {p['top2_hit_rate']:.3f} | {p['top3_hit_rate']:.3f} | | | |",
     )
+    return lines + [""]
+
+
+def _ahead_lines(m: dict) -> list[str]:
+    """The decode-step predictor's held-out recall against the routers applied ahead."""
+    if "decode_ahead" not in m:
+        return []
+    a = m["decode_ahead"]
+    recall = a["heldout_recall"]
+    layers = sorted({int(k.split(".")[1]) for k in recall if "." in k})
+    lines = [
+        "## Decode-step predictor (`predictor/ahead.safetensors`) on held-out WikiText-2",
+        f"Each decode step's experts guessed one layer ahead. Fitted on {a['fit']}; measured on {a['heldout']}.",
+        "Recall: the share of the router's two chosen experts among the two guessed.",
+        "",
+        "| scorer | " + " | ".join(f"layer {la}" for la in layers) + " | mean |",
+        "|---|" + "---|" * (len(layers) + 1),
+    ]
+    for name, label in (("router_ahead", "the next layer's router applied ahead"), ("trained", "trained predictor")):
+        cells = " | ".join(f"{recall[f'{name}.{la}']:.3f}" for la in layers)
+        lines.append(f"| {label} | {cells} | {recall[name]:.3f} |")
     return lines + [""]
 
 
