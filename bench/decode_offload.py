@@ -6,11 +6,12 @@ one continuous decode batch, in process, for every method on the same prompts; r
     .venv/bin/python bench/decode_offload.py --model runs/replicas/olmoe-1b-7b-8l --name olmoe-replica-8l \\
         --tier disk --budgets 0.25 --streams 1
 
-Methods: `resident` (every expert in the model), `lru` and `layered` (experts loaded when the router asks, no
+Methods: `resident` (every expert in the model), `accelerate` (`dispatch_model` with whole layers' experts modules
+offloaded to disk, the budget's share of layers kept), `lru` and `layered` (experts loaded when the router asks, no
 guess), `static` (the experts most used on calibration text kept resident, the rest on demand: llama.cpp's
 `--n-cpu-moe`, KTransformers' GPU-expert mask), `exact` (sida: the prompt's hash table where the model ships a
-predictor, and each decode step's experts guessed a layer ahead, `offload/lookahead.py`). Every method but
-`resident` gets the same slots. Measured prompts are the beginnings of the first WikiText-2 valid paragraphs (held
+predictor, and each decode step's experts guessed a layer ahead, `offload/lookahead.py`). Every sida method gets
+the same slots. Measured prompts are the beginnings of the first WikiText-2 valid paragraphs (held
 out from `sida predictor ahead`); `static`'s counts come from generating after C4 document beginnings.
 
 Per row: tokens/s over the whole requests (prefill and decode), bytes copied into slots (`bytes_read`: from disk on
@@ -35,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.decode_bench import DATA, OUT, merge  # noqa: E402
+from bench.offload_bench import _drop_from_page_cache, device_read_bytes  # noqa: E402
 from sida.offload.adapters import capture_routing  # noqa: E402
 from sida.offload.decode_batch import DecodeBatch, Sequence  # noqa: E402
 from sida.offload.engine import OffloadConfig, OffloadEngine  # noqa: E402
@@ -43,7 +45,7 @@ from sida.offload.runner import Runner  # noqa: E402
 from sida.predictor.corpora import beginnings, read_c4_texts, read_wikitext_paragraphs  # noqa: E402
 from sida.predictor.decode_ahead import DecodeAhead  # noqa: E402
 
-METHODS = ("resident", "lru", "layered", "static", "exact")
+METHODS = ("resident", "accelerate", "lru", "layered", "static", "exact")
 
 
 def generate(runner: Runner, prompts: list[list[int]], tokens: int) -> tuple[list[list[int]], float]:
@@ -57,7 +59,30 @@ def generate(runner: Runner, prompts: list[list[int]], tokens: int) -> tuple[lis
     return [s.generated for s in seqs], time.perf_counter() - t0
 
 
+def accelerate_runner(args, fraction: float) -> Runner:
+    """accelerate's `dispatch_model`: the budget's share of MoE layers keeps its experts module in memory, the others
+    are offloaded to disk (one fused module per layer: accelerate moves modules whole), read for every call and
+    dropped from the page cache after it, so that each call reads the disk."""
+    from accelerate import dispatch_model
+
+    loaded = load_model(args.model, "auto", "cpu", "device")
+    layers = loaded.adapter.moe_layers(loaded.model)
+    keep = round(fraction * len(layers))
+    folder = args.expert_dir or REPO / "runs" / "accelerate-offload"
+    folder = folder / f"{args.name}-{fraction}"
+    device_map = {"": "cpu"}
+    for la in layers[keep:]:
+        device_map[la.name] = "disk"
+    model = dispatch_model(loaded.model, device_map=device_map, main_device="cpu", offload_dir=str(folder))
+    for la in layers[keep:]:
+        files = sorted(folder.glob(f"{la.name}.*.dat"))
+        model.get_submodule(la.name).register_forward_hook(lambda *_, files=files: _drop_from_page_cache(files))
+    return Runner(loaded)
+
+
 def build(args, method: str, fraction: float) -> Runner:
+    if method == "accelerate":
+        return accelerate_runner(args, fraction)
     if method == "resident":
         loaded = load_model(args.model, "auto", "cpu", "device")
         return Runner(loaded, engine=OffloadEngine(loaded, OffloadConfig(mode="resident"), torch.device("cpu")))
@@ -97,8 +122,10 @@ def run_cell(
 ) -> tuple[dict, list[list[int]]]:
     """One method at one budget and stream count: its row, and the tokens each stream generated."""
     runner = build(args, method, fraction)
-    prompts = runner.tokenize(texts[:streams])
     engine = runner.engine
+    if engine is None:  # accelerate: the model as dispatch_model left it
+        return accelerate_row(args, runner, fraction, streams, texts, reference)
+    prompts = runner.tokenize(texts[:streams])
     if method == "static":
         k = int(getattr(runner.model.config, "num_experts_per_tok", 1))
         counts = calibrate(runner, calibration, min(args.tokens, 16))
@@ -117,6 +144,23 @@ def run_cell(
         "decode_recall": s.get("decode_recall", {}).get("all"), "prefetch_precision": s.get("prefetch_precision"),
         "cache_hit_rate": s["cache_hit_rate"], "on_demand_loads": s["on_demand_loads"],
         "same_tokens_as_resident": same, "ttft_p50_ms": None, "ttft_p99_ms": None,
+        "tpot_p50_ms": round(wall / args.tokens * 1000, 2), "tpot_p99_ms": None,
+    }, tokens  # fmt: skip
+
+
+def accelerate_row(args, runner: Runner, fraction: float, streams: int, texts: list[str], reference):
+    """The accelerate cell's row: disk bytes read by this process while it generated, no cache statistics."""
+    prompts = runner.tokenize(texts[:streams])
+    generate(runner, [prompts[0][:4]], 2)
+    before = device_read_bytes()
+    tokens, wall = generate(runner, prompts, args.tokens)
+    return {
+        "model": args.name, "method": "accelerate", "tier": "disk", "budget_fraction": fraction,
+        "budget_experts": None, "streams": streams, "batching": "continuous", "lengths": "fixed",
+        "max_tokens": args.tokens, "tokens_per_s": round(streams * args.tokens / wall, 3), "wall_s": round(wall, 3),
+        "bytes_read": device_read_bytes() - before, "stall_share": None, "decode_recall": None,
+        "prefetch_precision": None, "cache_hit_rate": None, "on_demand_loads": None,
+        "same_tokens_as_resident": reference is None or tokens == reference, "ttft_p50_ms": None, "ttft_p99_ms": None,
         "tpot_p50_ms": round(wall / args.tokens * 1000, 2), "tpot_p99_ms": None,
     }, tokens  # fmt: skip
 
