@@ -19,7 +19,7 @@ from sida.offload.memory import peak_rss_bytes
 from sida.offload.model_loader import ModelLoadError, load_model
 from sida.offload.runner import Runner
 from sida.offload.task_accuracy import evaluate, write_predictions
-from sida.offload.tasks import TASKS
+from sida.offload.tasks import TASKS, get_task
 from sida.predictor import cli as predictor_cli
 from sida.server.app import app_from_settings
 from sida.server.composition import build_runner
@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N examples only")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     p.add_argument("--out", help="write {index, prediction} JSON lines here")
+    p.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=0,
+        help="a decoder-only model: then continue each prompt by N greedy tokens and report the decode-step guess's "
+        "recall (`decode_recall`)",
+    )
 
     _add_serve(sub)
 
@@ -209,6 +216,12 @@ def cmd_eval(args, settings: Settings) -> None:
         summary["fidelity"] = round(result.accuracy / base.accuracy, 6) if base.accuracy else None
         same = sum(a == b for a, b in zip(result.predictions, base.predictions))
         summary["prediction_agreement"] = round(same / result.examples, 6)
+    if args.decode_tokens and runner.causal:  # decode steps, counted apart from the classification's figures
+        runner.engine.reset_stats()
+        prompts = [e.prompt for e in get_task(args.task).read(args.data, args.limit)]
+        for i in range(0, len(prompts), settings.batch_size):
+            runner.complete(prompts[i : i + settings.batch_size], args.decode_tokens, ignore_eos=True)
+        summary["decode_recall"] = runner.engine.summary().get("decode_recall")
     if args.out:
         write_predictions(result, args.out)
     if args.json:
