@@ -113,3 +113,12 @@ def test_build_demo_hands_its_options_to_the_builder_and_other_commands_refuse_u
     with pytest.raises(SystemExit) as e:
         cli.main(["classify", "--bogus", "1", "a film"])
     assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_eval_reports_decode_recall_of_a_decoder_only_model(data_dir):
+    olmoe = REPO / "models" / "sida-olmoe-demo"
+    args = ["--model", str(olmoe), "--task", "sst2", "--data", str(data_dir / "sst2" / "dev.tsv"), "--limit", "8"]
+    r = sida("eval", *args, "--budget-experts", "16", "--decode-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    recall = json.loads(r.stdout.strip().splitlines()[-1])["decode_recall"]
+    assert set(recall) == {"all", "0", "1", "2", "3"} and all(0 <= v <= 1 for v in recall.values())
