@@ -134,7 +134,7 @@ def run_cell(
     engine.reset_stats()
     tokens, wall = generate(runner, prompts, args.tokens)
     s = engine.summary()
-    same = reference is None or tokens == reference
+    same = None if reference is None else tokens == reference
     return {
         "model": args.name, "method": method, "tier": args.tier if method != "resident" else "device",
         "budget_fraction": fraction if method != "resident" else 1.0, "budget_experts": engine.num_slots,
@@ -160,8 +160,8 @@ def accelerate_row(args, runner: Runner, fraction: float, streams: int, texts: l
         "max_tokens": args.tokens, "tokens_per_s": round(streams * args.tokens / wall, 3), "wall_s": round(wall, 3),
         "bytes_read": device_read_bytes() - before, "stall_share": None, "decode_recall": None,
         "prefetch_precision": None, "cache_hit_rate": None, "on_demand_loads": None,
-        "same_tokens_as_resident": reference is None or tokens == reference, "ttft_p50_ms": None, "ttft_p99_ms": None,
-        "tpot_p50_ms": round(wall / args.tokens * 1000, 2), "tpot_p99_ms": None,
+        "same_tokens_as_resident": None if reference is None else tokens == reference,
+        "ttft_p50_ms": None, "ttft_p99_ms": None, "tpot_p50_ms": round(wall / args.tokens * 1000, 2), "tpot_p99_ms": None,
     }, tokens  # fmt: skip
 
 
