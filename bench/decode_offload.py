@@ -161,7 +161,8 @@ def accelerate_row(args, runner: Runner, fraction: float, streams: int, texts: l
         "bytes_read": device_read_bytes() - before, "stall_share": None, "decode_recall": None,
         "prefetch_precision": None, "cache_hit_rate": None, "on_demand_loads": None,
         "same_tokens_as_resident": None if reference is None else tokens == reference,
-        "ttft_p50_ms": None, "ttft_p99_ms": None, "tpot_p50_ms": round(wall / args.tokens * 1000, 2), "tpot_p99_ms": None,
+        "ttft_p50_ms": None, "ttft_p99_ms": None, "tpot_p50_ms": round(wall / args.tokens * 1000, 2),
+        "tpot_p99_ms": None,
     }, tokens  # fmt: skip
 
 
