@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sida.offload.model_loader import fingerprint
@@ -218,10 +217,7 @@ def write_card(model_dir: Path, data_dir: Path) -> dict:
     """Measure the model in `model_dir` (held-out split from its training.json) and write README.md and card.json."""
     training = json.loads((model_dir / "training.json").read_text())
     m = measure(model_dir, data_dir, training["recipe"])
-    ahead = model_dir / "predictor" / DecodeAhead.FILE
-    if ahead.is_file():  # what `sida predictor ahead` measured when it built the decode-step predictor
-        with safe_open(str(ahead), "pt") as f:
-            m["decode_ahead"] = json.loads(f.metadata()["info"])
+    m["decode_ahead"] = DecodeAhead.report(model_dir / "predictor")  # measured when `sida predictor ahead` built it
     (model_dir / "card.json").write_text(json.dumps(m, indent=1) + "\n")
     (model_dir / "README.md").write_text(render(m, training))
     return m
@@ -360,9 +356,8 @@ def _predictor_lines(m: dict) -> list[str]:
 
 def _ahead_lines(m: dict) -> list[str]:
     """The decode-step predictor's held-out recall against the routers applied ahead."""
-    if "decode_ahead" not in m:
+    if (a := m.get("decode_ahead")) is None:
         return []
-    a = m["decode_ahead"]
     recall = a["heldout_recall"]
     layers = sorted({int(k.split(".")[1]) for k in recall if "." in k})
     lines = [

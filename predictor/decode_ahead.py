@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from sida.offload.lookahead import router_projection
@@ -128,6 +129,15 @@ class DecodeAhead(nn.Module):
         """Write `ahead.safetensors` into the predictor folder, bound to the model's fingerprint."""
         meta = {"info": json.dumps(info), "hidden_size": str(self.hidden_size), "num_experts": str(self.num_experts)}
         save_bound(Path(folder) / self.FILE, self.state_dict(), fingerprint, meta)
+
+    @classmethod
+    def report(cls, folder) -> dict | None:
+        """What was measured when the predictor in `folder` was built (its fit and held-out recall), or None."""
+        path = Path(folder) / cls.FILE
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("info", "null"))
 
     @classmethod
     def load(cls, folder, fingerprint: str) -> DecodeAhead | None:

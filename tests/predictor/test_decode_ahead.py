@@ -4,11 +4,8 @@ text and is what the server guesses decode steps with."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors import safe_open
 
 from sida.offload.model_loader import load_model
 from sida.predictor.artifact import PredictorError
@@ -52,9 +49,7 @@ def test_it_saves_and_loads_bound_to_its_model(tiny, tmp_path):
 
 
 def test_the_demo_ships_one_that_beats_the_routers_ahead_on_held_out_text():
-    with safe_open(str(OLMOE_DEMO / "predictor" / DecodeAhead.FILE), "pt") as f:
-        info = json.loads(f.metadata()["info"])
-    recall = info["heldout_recall"]
+    recall = DecodeAhead.report(OLMOE_DEMO / "predictor")["heldout_recall"]
     assert recall["trained"] >= 0.9 and recall["trained"] > recall["router_ahead"], recall
     runner = build_runner(load_settings(model_dir=OLMOE_DEMO, mode="exact", budget_experts=16))
     assert isinstance(runner.engine.context.lookahead.scorer, DecodeAhead)
