@@ -10,9 +10,10 @@ Methods: `resident` (every expert in the model), `accelerate` (`dispatch_model` 
 offloaded to disk, the budget's share of layers kept), `lru` and `layered` (experts loaded when the router asks, no
 guess), `static` (the experts most used on calibration text kept resident, the rest on demand: llama.cpp's
 `--n-cpu-moe`, KTransformers' GPU-expert mask), `exact` (sida: the prompt's hash table where the model ships a
-predictor, and each decode step's experts guessed a layer ahead, `offload/lookahead.py`). Every sida method gets
-the same slots. Measured prompts are the beginnings of the first WikiText-2 valid paragraphs (held
-out from `sida predictor ahead`); `static`'s counts come from generating after C4 document beginnings.
+predictor, and each decode step's experts guessed a layer ahead, `offload/lookahead.py`) and `exact+layered` (the
+same with the layered eviction policy instead of lru). Every sida method gets the same slots. Measured prompts are
+the beginnings of the first WikiText-2 valid paragraphs (held out from `sida predictor ahead`); `static`'s counts
+come from generating after C4 document beginnings.
 
 Per row: tokens/s over the whole requests (prefill and decode), bytes copied into slots (`bytes_read`: from disk on
 the disk tier), `stall_share` (time the compute waited for copies over the wall time), `decode_recall` and
@@ -45,7 +46,7 @@ from sida.offload.runner import Runner  # noqa: E402
 from sida.predictor.corpora import beginnings, read_c4_texts, read_wikitext_paragraphs  # noqa: E402
 from sida.predictor.decode_ahead import DecodeAhead  # noqa: E402
 
-METHODS = ("resident", "accelerate", "lru", "layered", "static", "exact")
+METHODS = ("resident", "accelerate", "lru", "layered", "static", "exact", "exact+layered")
 
 
 def generate(runner: Runner, prompts: list[list[int]], tokens: int) -> tuple[list[list[int]], float]:
@@ -88,13 +89,13 @@ def build(args, method: str, fraction: float) -> Runner:
         return Runner(loaded, engine=OffloadEngine(loaded, OffloadConfig(mode="resident"), torch.device("cpu")))
     loaded = load_model(args.model, "auto", "cpu", "host")
     total = len(loaded.adapter.moe_layers(loaded.model)) * loaded.adapter.num_experts(loaded.model)
-    policy = {"layered": "layered", "static": "static"}.get(method, "lru")
+    policy = {"layered": "layered", "static": "static", "exact+layered": "layered"}.get(method, "lru")
     cfg = OffloadConfig(
         mode="exact", budget_experts=max(1, round(fraction * total)), policy=policy, tier=args.tier,
         expert_dir=args.expert_dir,
     )  # fmt: skip
     engine = OffloadEngine(loaded, cfg, torch.device("cpu"))
-    if method != "exact":
+    if not method.startswith("exact"):
         engine.context.lookahead = None  # the baselines load what the router asks for, when it asks
     else:  # the trained decode-step predictor where the model ships one, else the routers applied ahead
         ahead = DecodeAhead.load(args.model / "predictor", loaded.fingerprint)
