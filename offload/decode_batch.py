@@ -244,7 +244,7 @@ class DecodeBatch:
         else:
             width = max(self.mask.shape[1], mask.shape[1])
             self.cache = kv_cache.join(self.cache, cache)
-            self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+            self.mask = torch.cat([kv_cache.pad_left(self.mask, width, -1), kv_cache.pad_left(mask, width, -1)])
         self.running.extend(seqs)
 
     def _rows_changed(self, keep: list[int], added: int) -> None:
@@ -270,7 +270,3 @@ def _leading_padding(mask: torch.Tensor) -> int:
     """Columns at the start of `mask` [rows, width] where no row has a token."""
     used = mask.any(0).nonzero()
     return int(used[0]) if used.numel() else mask.shape[1]
-
-
-def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], dim=1)

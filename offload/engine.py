@@ -344,10 +344,7 @@ class OffloadEngine:
         out.update(self._hit_rates())
         recall = self.routing_stats.decode_recall()
         if recall:
-            lookups = sum(dict(self.routing_stats.decode_lookups).values())
-            hits = sum(dict(self.routing_stats.decode_hits).values())
-            by_layer = {str(la): round(r, 6) for la, r in recall.items()}
-            out["decode_recall"] = {"all": round(hits / lookups, 6), **by_layer}
+            out["decode_recall"] = recall
         if self.cfg.mode == "predicted":
             out["router_fallbacks"] = self.routing_stats.router_fallbacks
         return out

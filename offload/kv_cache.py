@@ -5,7 +5,7 @@ cache classes lack: joining the cache of freshly prefilled sequences to the runn
 Rows are left-padded to a common width, as `generate` pads a batch: a row's padding columns are masked out by its
 attention mask, and its positions (`position_ids`) count only its real tokens, so a sequence computes the same
 whatever batch it runs in. What this reads of the cache (`layers`, each layer's `keys`, `values`,
-`is_initialized`) is pinned by tests/offload/test_kv_cache.py.
+`is_initialized`) is pinned by tests/offload/test_decode_batch.py.
 """
 
 from __future__ import annotations
@@ -43,12 +43,6 @@ def nbytes(cache: DynamicCache | None) -> int:
     return sum(t.numel() * t.element_size() for layer in _filled(cache) for t in (layer.keys, layer.values))
 
 
-def width(cache: DynamicCache | None) -> int:
-    """Columns (positions) every row has, padding included."""
-    layers = _filled(cache) if cache is not None else []
-    return layers[0].keys.shape[-2] if layers else 0
-
-
 def join(running: DynamicCache | None, new: DynamicCache) -> DynamicCache:
     """`running`'s rows then `new`'s, left-padded with zeros to the wider of the two (their attention masks are
     padded alike by the caller); `new` when nothing runs."""
@@ -56,8 +50,8 @@ def join(running: DynamicCache | None, new: DynamicCache) -> DynamicCache:
         return new
     for old, add in zip(running.layers, new.layers):
         w = max(old.keys.shape[-2], add.keys.shape[-2])
-        old.keys = torch.cat([_pad_left(old.keys, w), _pad_left(add.keys, w)])
-        old.values = torch.cat([_pad_left(old.values, w), _pad_left(add.values, w)])
+        old.keys = torch.cat([pad_left(old.keys, w, -2), pad_left(add.keys, w, -2)])
+        old.values = torch.cat([pad_left(old.values, w, -2), pad_left(add.values, w, -2)])
     return running
 
 
@@ -74,9 +68,12 @@ def _filled(cache: DynamicCache) -> list:
     return [layer for layer in cache.layers if layer.is_initialized and layer.keys.numel()]
 
 
-def _pad_left(t: torch.Tensor, w: int) -> torch.Tensor:
-    """t [batch, heads, width, dim] with zero columns before it up to width `w`."""
-    missing = w - t.shape[-2]
+def pad_left(t: torch.Tensor, w: int, dim: int) -> torch.Tensor:
+    """`t` with zeros before it along `dim` up to size `w` there: a cache tensor [batch, heads, width, head_dim]
+    along its positions (-2), or an attention mask [rows, width] (-1)."""
+    missing = w - t.shape[dim]
     if missing == 0:
         return t
-    return torch.cat([t.new_zeros(*t.shape[:-2], missing, t.shape[-1]), t], dim=-2)
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

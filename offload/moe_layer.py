@@ -48,10 +48,15 @@ class RoutingStats:
         self.decode_lookups[layer] += int(real.sum())
         self.decode_hits[layer] += int(found.sum())
 
-    def decode_recall(self) -> dict[int, float]:
-        """Per layer, the share of decode-step router choices the layer-ahead guess had."""
+    def decode_recall(self) -> dict[str, float]:
+        """The share of decode-step router choices the layer-ahead guess had: over every layer ("all") and per layer
+        (by its index); empty before any decode step was scored."""
         lookups, hits = dict(self.decode_lookups), dict(self.decode_hits)
-        return {la: hits.get(la, 0) / n for la, n in sorted(lookups.items()) if n}
+        total = sum(lookups.values())
+        if not total:
+            return {}
+        by_layer = {str(la): round(hits.get(la, 0) / n, 6) for la, n in sorted(lookups.items()) if n}
+        return {"all": round(sum(hits.values()) / total, 6), **by_layer}
 
     def count(
         self, layer: int, router_choice: torch.Tensor, predicted: torch.Tensor, mask: torch.Tensor | None = None

@@ -60,7 +60,7 @@ def test_join_left_pads_and_keep_drops_rows_and_columns():
     a.update(ka, ka.clone(), 0)
     b.update(kb, kb.clone(), 0)
     joined = kv_cache.join(a, b)
-    assert kv_cache.width(joined) == 5 and joined.layers[0].keys.shape[0] == 3
+    assert joined.layers[0].keys.shape[-2] == 5 and joined.layers[0].keys.shape[0] == 3
     assert joined.layers[0].keys[0, :, :2].abs().sum() == 0  # the shorter row's padding comes first
     assert kv_cache.nbytes(joined) == 2 * 3 * 2 * 5 * 4 * 4
     kept = kv_cache.keep(joined, [0], drop_columns=2)
