@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -33,6 +34,7 @@ class CacheStats:
     on_demand_loads: int = 0  # misses: loaded while the layer waited
     prefetch_loads: int = 0
     prefetch_cancelled: int = 0  # prefetches given up before their read started (the layer did not need them)
+    load_retries: int = 0  # on-demand re-reads of an expert a layer needs after its load failed (once per acquire)
     evictions: int = 0
     bytes_moved: int = 0
     stall_seconds: float = 0.0  # host time spent waiting for on-demand or late prefetched loads
@@ -135,8 +137,9 @@ class Slot:
 
 
 class DeviceExpertCache:
-    """`num_slots` device buffers of one packed expert each; `acquire` pins experts for compute (loading misses),
-    `prefetch` starts loads ahead into free or evictable slots, `release` unpins."""
+    """`num_slots` device buffers of one packed expert each; `acquire` pins experts for compute (loading misses,
+    and reading once more one whose load failed), `prefetch` starts loads ahead into free or evictable slots,
+    `release` unpins."""
 
     def __init__(
         self,
@@ -277,8 +280,15 @@ class DeviceExpertCache:
         return set(missed)
 
     def _acquire_one(self, key: ExpertKey, missed: bool) -> dict[str, torch.Tensor]:
-        """Pin one expert, waiting for its load if it is still in flight."""
+        """Pin one expert, waiting for its load if it is still in flight. A failed load (prefetched or on demand)
+        is read once more, on demand: a miss, not a hit; if that read fails too, its error is raised."""
         layer = key[0]
+        slot = self._by_key[key]
+        if slot.state is SlotState.LOADING:  # compute waits for the copy; where the host has to wait, a stall
+            try:
+                self._wait(slot, late=missed or not self.transfer.done(slot.pending))
+            except Exception:
+                slot, missed = self._retry(key), True
         self.stats.lookups += 1
         if missed:
             self.stats.misses_by_layer[layer] += 1
@@ -286,19 +296,29 @@ class DeviceExpertCache:
             self.stats.hits += 1
             self.stats.hits_by_layer[layer] += 1
         self.policy.on_access(key)
-        slot = self._by_key[key]
         if slot.take_unused():
             self.stats.prefetch_used_bytes[layer] += self.expert_bytes
-        if slot.state is SlotState.LOADING:  # compute waits for the copy; where the host has to wait, a stall
-            late = missed or not self.transfer.done(slot.pending)
-            try:
-                self._stall(layer, self.transfer.wait(slot.pending, block=late))
-            except BaseException:
-                self._give_back(slot)  # the read failed: the expert is not resident, the slot free again
-                raise
-            slot.loaded()
         slot.pin()
         return slot.views
+
+    def _wait(self, slot: Slot, late: bool) -> None:
+        """Make compute wait for the slot's load (the host too, if `late`); a failed one frees the slot and raises."""
+        try:
+            self._stall(slot.key[0], self.transfer.wait(slot.pending, block=late))
+        except BaseException:
+            self._fail(slot)
+            raise
+        slot.loaded()
+
+    def _retry(self, key: ExpertKey) -> Slot:
+        """Read `key` again on demand after its load failed, into the slot that load just freed."""
+        self.stats.load_retries += 1
+        self.stats.on_demand_loads += 1
+        self._load(key, protect={key})  # a slot is free: never False
+        slot = self._by_key[key]
+        if slot.state is SlotState.LOADING:
+            self._wait(slot, late=True)
+        return slot
 
     def _stall(self, layer: int, seconds: float) -> None:
         self.stats.stall_seconds += seconds
@@ -320,8 +340,11 @@ class DeviceExpertCache:
         if not self._free and not self._evict(protect):
             return False
         slot = self._free[-1]
-        # ordered after the slot's last readers; if this raises, the slot stays free, its event kept
-        handle = self.transfer.load(self.store, key, slot.tensor, slot.raw, slot.last_read)
+        try:  # ordered after the slot's last readers
+            handle = self.transfer.load(self.store, key, slot.tensor, slot.raw, slot.last_read)
+        except Exception as err:  # a read that fails as it starts (the ram tier) fails at its wait, as a disk one
+            handle = Future()
+            handle.set_exception(err)
         self._free.pop()
         slot.start_load(key, handle, prefetch)
         if handle is None:  # the copy completed as it started
@@ -343,7 +366,7 @@ class DeviceExpertCache:
             try:
                 self.transfer.wait(slot.pending, block=True)
             except Exception:  # noqa: BLE001 — the expert it was loading is being evicted anyway
-                pass  # the read failed before its copy: the slot keeps its last reader's event
+                pass  # the read failed before its copy (the transfer counted it): the slot keeps its last event
             else:
                 slot.loaded()
         if slot.take_unused():
@@ -359,3 +382,10 @@ class DeviceExpertCache:
         del self._by_key[key]
         self.policy.on_remove(key)
         self._free.append(slot)
+
+    def _fail(self, slot: Slot) -> None:
+        """Free the slot of a load that failed (its last reader's event kept; the failure is counted by the transfer
+        as it happens): a prefetch's bytes count unused."""
+        if slot.take_unused():
+            self.stats.prefetch_unused_bytes[slot.key[0]] += self.expert_bytes
+        self._give_back(slot)

@@ -293,6 +293,22 @@ class OffloadEngine:
         if self.cache is not None:
             self.cache.stats = CacheStats(peak_resident=len(self.cache.resident_keys))
 
+    @property
+    def repairs(self) -> int:
+        """Experts rewritten from the checkpoint after failing their checksum (the disk tier)."""
+        return 0 if self.cache is None else self.cache.store.repairs
+
+    @property
+    def fault(self) -> str | None:
+        """One line on an expert that cannot be read (the disk tier), else None."""
+        return None if self.cache is None else self.cache.store.fault
+
+    def close(self) -> None:
+        """Stop the disk reads, then close the expert file; idempotent."""
+        if self.cache is not None:
+            self.cache.transfer.close()
+            self.cache.store.close()
+
     def summary(self) -> dict:
         """The offload figures `sida eval --json` and `/info` report (measured by the cache, not recomputed)."""
         out = {

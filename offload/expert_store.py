@@ -16,7 +16,7 @@ from torch import nn
 
 from sida.offload.expert_file import ExpertFile, open_expert_file
 from sida.offload.expert_layout import ExpertKey, ExpertLayout, ExpertSource, ModuleExperts
-from sida.offload.memory import aligned_empty, pinned_reserve
+from sida.offload.memory import aligned_empty, pinned_reserved
 
 ARENA_CHUNK_BYTES = 256 << 20  # the ram tier's arena is cut into buffers of about this size
 
@@ -55,9 +55,22 @@ class ExpertStore:
         """Host bytes the store keeps allocated for expert weights (buffers, not the file on disk)."""
         return 0
 
+    @property
+    def repairs(self) -> int:
+        """Experts rewritten from the checkpoint after failing their checksum (the disk tier)."""
+        return 0
+
+    @property
+    def fault(self) -> str | None:
+        """One line on an expert that cannot be read (the disk tier), else None."""
+        return None
+
     def host(self, key: ExpertKey) -> torch.Tensor:
         """The host buffer [numel] of one expert: what a slot copies from (valid until the next call)."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the store holds open (the disk tier's file); idempotent."""
 
     @classmethod
     def build(
@@ -76,7 +89,9 @@ class ExpertStore:
         if tier == "disk":
             if disk_path is None:
                 raise ValueError("tier 'disk' needs a path for the expert file")
-            return DiskExperts(open_expert_file(disk_path, source, fingerprint, disk_io), source.keys)
+            # a model's own modules are not kept to repair the file from: they would hold every expert in RAM
+            repair = not isinstance(source, ModuleExperts)
+            return DiskExperts(open_expert_file(disk_path, source, fingerprint, disk_io, repair), source.keys)
         raise ValueError(f"unknown expert tier {tier!r}; expected ram or disk")
 
     @classmethod
@@ -114,7 +129,7 @@ class RamExperts(ExpertStore):
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(pinned_reserve(c.numel() * c.element_size()) for c in self._chunks) if self._pin else 0
+        return sum(pinned_reserved(c) for c in self._chunks) if self._pin else 0
 
     @property
     def host_bytes(self) -> int:
@@ -139,6 +154,17 @@ class DiskExperts(ExpertStore):
     @property
     def read_bytes(self) -> int:
         return self.file.read_bytes
+
+    @property
+    def repairs(self) -> int:
+        return self.file.repairs
+
+    @property
+    def fault(self) -> str | None:
+        return self.file.fault
+
+    def close(self) -> None:
+        self.file.close()
 
     @property
     def host_bytes(self) -> int:

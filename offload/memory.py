@@ -140,9 +140,15 @@ def pinned_reserve(nbytes: int) -> int:
     return 1 << (nbytes - 1).bit_length()
 
 
+def pinned_reserved(t: torch.Tensor) -> int:
+    """Bytes the pinned allocator reserves for the allocation `t` views: all of it (an aligned buffer's slack
+    included), rounded as `pinned_reserve` does."""
+    return pinned_reserve(t.untyped_storage().nbytes())
+
+
 def aligned_empty(nbytes: int, align: int = 4096, pin: bool = False) -> torch.Tensor:
     """An uninitialised host buffer of `nbytes` (uint8) whose address is a multiple of `align` (O_DIRECT reads
-    need it); pinned if asked."""
+    need it); pinned if asked. It views an allocation `align` bytes longer: see `pinned_reserved`."""
     raw = torch.empty(nbytes + align, dtype=torch.uint8, pin_memory=pin)
     offset = -raw.data_ptr() % align
     return raw[offset : offset + nbytes]

@@ -67,7 +67,7 @@ class LoadedModel:
 
 
 FINGERPRINT_WHOLE = 256 << 20  # weight files up to this size are hashed into the fingerprint directly
-FINGERPRINT_CACHE = Path.home() / ".cache" / "sida" / "fingerprints.json"  # path, size, mtime → file digest
+FINGERPRINT_CACHE = Path.home() / ".cache" / "sida" / "fingerprints.json"  # path, size, times, inode → digest
 
 
 def fingerprint(model_dir: str | Path, cache: Path | None = FINGERPRINT_CACHE) -> str:
@@ -76,7 +76,8 @@ def fingerprint(model_dir: str | Path, cache: Path | None = FINGERPRINT_CACHE) -
 
     Artifacts built for a model (predictor, traces, the disk tier's expert file) store it and are refused by a
     different model; a fine-tune that changes a few experts changes it. A large file is read once: its digest
-    is kept in `cache`, keyed by the file's path, size and modification time.
+    is kept in `cache`, keyed by the file's path, size, modification and change times and inode (a same-size
+    file copied over it with its mtime kept, `cp -p`, still gets a new inode or change time).
     """
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
@@ -89,7 +90,7 @@ def fingerprint(model_dir: str | Path, cache: Path | None = FINGERPRINT_CACHE) -
             digest.update(f.read_bytes())
             continue
         known = _read_cache(cache)
-        key = f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
         if key not in known:
             known[key] = _file_digest(f)
             _write_cache(cache, known)

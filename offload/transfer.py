@@ -16,13 +16,14 @@ call goes through one `StreamOps` object, which a test may replace to record the
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from sida.offload.device import CudaStreams, StreamOps
-from sida.offload.memory import aligned_empty, pinned_reserve
+from sida.offload.memory import aligned_empty, pinned_reserved
 
 IO_THREADS = 2  # concurrent expert reads from disk
 CUDA_STAGING = IO_THREADS + 1  # pinned staging buffers for disk → CUDA loads
@@ -44,6 +45,9 @@ class Transfer:
             self._bounce = torch.empty(expert_numel, dtype=dtype, pin_memory=self._pin)  # [numel]
         self._pool: ThreadPoolExecutor | None = None
         self._staging: queue.Queue | None = None
+        self._staging_buffers: list[torch.Tensor] = []  # every one made, in the queue or held by a read in flight
+        self.failed_reads = 0  # expert reads that raised, counted as they fail (`sida_expert_load_failures_total`)
+        self._failures_lock = threading.Lock()
 
     def start_io(self, read_bytes: int) -> None:
         """The disk tier's reader threads and, with streams, its staging buffers (pinned on CUDA): started by the
@@ -51,18 +55,18 @@ class Transfer:
         self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sida-io")
         if self.streams is not None:
             self._staging = queue.Queue()
-            for _ in range(CUDA_STAGING):
-                self._staging.put(aligned_empty(read_bytes, pin=self._pin))
+            self._staging_buffers = [aligned_empty(read_bytes, pin=self._pin) for _ in range(CUDA_STAGING)]
+            for buf in self._staging_buffers:
+                self._staging.put(buf)
 
     @property
     def staging_bytes(self) -> int:
-        """Pinned host bytes of the bounce and staging buffers (the pinned allocator reserves a power of two)."""
+        """Pinned host bytes of the bounce and staging buffers, as the pinned allocator reserved them; a staging
+        buffer a read holds counts too, so the figure does not dip under load."""
         if not self._pin:
             return 0
-        buffers = [] if self._bounce is None else [self._bounce.numel() * self._bounce.element_size()]
-        if self._staging is not None:
-            buffers += [b.numel() for b in list(self._staging.queue)]
-        return sum(pinned_reserve(n) for n in buffers)
+        buffers = [] if self._bounce is None else [self._bounce]
+        return sum(pinned_reserved(b) for b in buffers + self._staging_buffers)
 
     def reads_done(self):
         """An event after the compute kernels queued so far (the last reads of a slot being released); None on
@@ -81,16 +85,25 @@ class Transfer:
             if self._pool is None:
                 self.start_io(store.read_bytes)
             return self._pool.submit(self._from_disk, store, key, dst, raw, after)
-        return self.copy(dst, store.host(key), after)
+        return self.copy(dst, self._read(store.host, key), after)
+
+    def _read(self, read, *args):
+        """`read(*args)`, counting it in `failed_reads` if it raises (from any thread)."""
+        try:
+            return read(*args)
+        except BaseException:
+            with self._failures_lock:
+                self.failed_reads += 1
+            raise
 
     def _from_disk(self, store, key, dst: torch.Tensor, raw: torch.Tensor | None, after):
         """On an I/O thread: read the expert into the CPU slot, or into staging and on to the device slot."""
         if self.streams is None:
-            store.read_into(key, raw)
+            self._read(store.read_into, key, raw)
             return None
         staging = self._staging.get()
         try:
-            store.read_into(key, staging)
+            self._read(store.read_into, key, staging)
             event = self.copy(dst, staging[: self.numel * dst.element_size()].view(self.dtype), after)
             self.streams.host_wait(event)  # the staging buffer is free again once its copy is done
         finally:
@@ -140,3 +153,9 @@ class Transfer:
             else:
                 self.streams.wait(self.streams.compute_stream(), handle)
         return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stop the I/O threads: queued reads are cancelled, one under way finishes first; idempotent."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

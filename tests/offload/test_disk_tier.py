@@ -12,8 +12,10 @@ from sida.offload.device_cache import DeviceExpertCache
 from sida.offload.expert_file import ALIGN, ExpertFile
 from sida.offload.expert_layout import ModuleExperts
 from sida.offload.expert_store import ExpertStore
+from sida.offload.memory import aligned_empty, pinned_reserve, pinned_reserved
 from sida.offload.policies import make_policy
-from sida.offload.transfer import Transfer
+from sida.offload.transfer import CUDA_STAGING, Transfer
+from tests.offload.test_slot_ordering import RecordingStreams
 
 CPU = torch.device("cpu")
 
@@ -101,23 +103,23 @@ def test_prefetches_are_asynchronous_and_acquire_waits_for_them(tmp_path):
     assert cache.stats.prefetch_loads == 2 and cache.stats.on_demand_loads == 0
 
 
-def test_a_failed_prefetch_read_frees_its_slot(tmp_path):
+def test_a_failed_prefetch_read_frees_its_slot_and_the_acquire_reads_it_once_more(tmp_path):
     cache, modules = disk_cache(tmp_path, num_slots=2)
-    real = cache.store.read_into
+    real, failed = cache.store.read_into, []
 
-    def failing(key, buf):
-        if key == (0, 4):
+    def failing_once(key, buf):
+        if key == (0, 4) and not failed:
+            failed.append(key)
             raise OSError("I/O error")
         real(key, buf)
 
-    cache.store.read_into = failing
+    cache.store.read_into = failing_once
     cache.prefetch([(0, 4)])
-    with pytest.raises(OSError, match="I/O error"):
-        cache.acquire([(0, 4)])
-    assert not cache.is_resident((0, 4)) and cache.pinned_keys == []
-    cache.store.read_into = real
-    views = cache.acquire([(0, 4), (0, 5)])  # both slots usable
+    views = cache.acquire([(0, 4), (0, 5)])  # the failed read is not a hit: read again, into the freed slot
     torch.testing.assert_close(views[(0, 4)]["weight"], modules[(0, 4)].weight)
+    stats = cache.stats
+    assert (cache.transfer.failed_reads, stats.load_retries, stats.hits, stats.on_demand_loads) == (1, 1, 0, 2)
+    assert sorted(cache.pinned_keys) == [(0, 4), (0, 5)]
 
 
 def test_prefetch_precision_counts_used_and_evicted_unused_bytes(tmp_path):
@@ -154,3 +156,23 @@ def test_candidates_come_most_wanted_first():
     table = HashTable({0: experts}, {0: torch.ones(1, 4)})
     assert table.candidates(0, 1) == [5, 3]  # rank 1 by how many tokens chose it
     assert table.candidates(0, 2) == [5, 3, 1, 2, 7]  # then rank 2
+
+
+def test_the_pinned_figure_of_an_aligned_buffer_is_its_whole_over_allocation_rounded():
+    nbytes = 1 << 16
+    buf = aligned_empty(nbytes, align=4096)
+    assert buf.numel() == nbytes and buf.data_ptr() % 4096 == 0
+    assert pinned_reserved(buf) == pinned_reserve(nbytes + 4096) == 2 * nbytes  # one page over a power of two
+
+
+def test_staging_bytes_count_every_staging_buffer_also_those_a_read_holds():
+    numel, read_bytes = 1024, 1 << 16
+    transfer = Transfer(CPU, numel, torch.float32, streams=RecordingStreams())
+    transfer.start_io(read_bytes)
+    transfer._pin = True  # as beside a CUDA device: only the figure is checked (nothing here is page-locked)
+    expected = CUDA_STAGING * pinned_reserve(read_bytes + 4096) + pinned_reserve(numel * 4)  # + the bounce buffer
+    held = transfer._staging.get()  # a read in flight holds one
+    assert transfer.staging_bytes == expected
+    transfer._staging.put(held)
+    assert transfer.staging_bytes == expected
+    transfer._pool.shutdown()

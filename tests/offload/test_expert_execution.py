@@ -16,10 +16,10 @@ def expert_forward(params, x):
     return torch.tanh(nn.functional.linear(x, params["weight"], params["bias"]))  # [n, HIDDEN]
 
 
-def make_cache(num_slots):
+def make_cache(num_slots, tier="ram", path=None):
     torch.manual_seed(0)
     modules = [((la, e), nn.Linear(HIDDEN, HIDDEN)) for la in range(LAYERS) for e in range(EXPERTS)]
-    store = ExpertStore.from_experts(iter(modules), "ram")
+    store = ExpertStore.from_experts(iter(modules), tier, disk_path=path)
     transfer = Transfer(CPU, store.layout.numel, store.layout.dtype)
     return DeviceExpertCache(store, num_slots, make_policy("lru"), CPU, transfer)
 
@@ -155,3 +155,56 @@ def test_a_budget_smaller_than_the_layer_runs_in_waves_with_the_same_result(k):
     assert [len(call[1]) for call in recording.calls if call[0] == "acquire"] == [2, 2, 2]
     assert cache.stats.waves == 2 and cache.pinned_keys == []
     assert cache.stats.peak_resident <= 2
+
+
+def fail_reads(cache, key, times):
+    """The store's read of `key` (`host` on the ram tier, `read_into` on disk) raises on its first `times` calls."""
+    name = "read_into" if cache.store.tier == "disk" else "host"
+    real, failed = getattr(cache.store, name), []
+
+    def read(k, *args):
+        if k == key and len(failed) < times:
+            failed.append(k)
+            raise OSError("I/O error")
+        return real(k, *args)
+
+    setattr(cache.store, name, read)
+
+
+def prefetching_layer_1(cache):
+    """An executor whose layer 0 prefetches every expert of layer 1 (the budget holds both layers)."""
+    layer_1 = [(1, e) for e in range(EXPERTS)]
+    return ExpertExecutor(cache, expert_forward, EXPERTS, lambda layer: layer_1 if layer == 0 else [])
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_a_failed_prefetch_is_read_once_more_on_demand_and_the_batch_is_unchanged(tmp_path, tier):
+    cache = make_cache(LAYERS * EXPERTS, tier, tmp_path / "e.safetensors")
+    hidden, index, weights = routed(k=1)
+    assert (index == 2).any()
+    expected = reference(cache, hidden, index, weights, 1)
+    fail_reads(cache, (1, 2), times=1)
+    executor = prefetching_layer_1(cache)
+    executor(hidden, index, weights, 0)  # prefetches layer 1: the read of (1, 2) fails
+    assert torch.equal(executor(hidden, index, weights, 1), expected)
+    stats = cache.stats
+    assert (cache.transfer.failed_reads, stats.load_retries) == (1, 1)
+    assert stats.misses_by_layer[1] == 1 and stats.hits_by_layer[1] == EXPERTS - 1  # the failed one is no hit
+    assert stats.prefetch_unused_bytes[1] == cache.expert_bytes  # the failed prefetch, never used
+    assert cache.pinned_keys == [] and cache.is_resident((1, 2))
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_a_read_that_fails_again_on_demand_fails_the_batch_and_pins_nothing(tmp_path, tier):
+    cache = make_cache(LAYERS * EXPERTS, tier, tmp_path / "e.safetensors")
+    placed = dict(cache.memory.by_kind)
+    hidden, index, weights = routed(k=1)
+    fail_reads(cache, (1, 2), times=2)
+    executor = prefetching_layer_1(cache)
+    executor(hidden, index, weights, 0)
+    with pytest.raises(OSError, match="I/O error"):
+        executor(hidden, index, weights, 1)
+    stats = cache.stats
+    assert (cache.transfer.failed_reads, stats.load_retries) == (2, 1)
+    assert cache.pinned_keys == [] and not cache.is_resident((1, 2))
+    assert len(cache.resident_keys) + len(cache._free) == cache.num_slots and cache.memory.by_kind == placed

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -140,3 +141,24 @@ def test_cli_reports_one_line_not_a_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+
+
+def test_fingerprint_cache_tells_apart_a_same_size_file_with_the_same_mtime(tiny_dir, tmp_path, monkeypatch):
+    """A fine-tune copied over the weights with `cp -p` keeps path, size and mtime: the cached digest is keyed by
+    inode and ctime too, so it is not reused for the new bytes."""
+    from sida.offload import model_loader
+
+    monkeypatch.setattr(model_loader, "FINGERPRINT_WHOLE", 0)  # every file goes through the cache
+    cache = tmp_path / "fingerprints.json"
+    d = copy(tiny_dir, tmp_path / "m")
+    weights = d / "model.safetensors"
+    before = fingerprint(d, cache)
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content
+    tune = d / "tune.tmp"
+    tune.write_bytes(bytes(data))
+    os.utime(tune, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    tune.replace(weights)
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert fingerprint(d, cache) != before
