@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -30,8 +31,11 @@ from sida.server.pipeline import Pipeline
 from sida.server.routes import router
 from sida.server.settings import Settings
 from sida.server.state import ServeOptions, State
+from sida.server.watchdog import StepWatchdog
 
 log = logging.getLogger("sida")
+
+STOP_MARGIN_S = 5.0  # past the drain's deadline, how long a stop waits for the workers' threads
 
 Setup = Callable[[], tuple[ServingRunner, Pipeline, Metrics, dict]]  # → (runner, pipeline, metrics, info)
 
@@ -50,7 +54,12 @@ async def lifespan(app: FastAPI, setup: Setup, teardown: Callable[[], None] | No
         yield
     finally:
         state.begin_drain()
-        await asyncio.to_thread(state.pipeline.stop)  # everything accepted is answered first
+        # everything accepted is answered first, until the drain's deadline; a stuck step is left to the exit
+        timeout = max(0.0, state.drain_deadline - time.monotonic()) + STOP_MARGIN_S
+        if not await asyncio.to_thread(state.pipeline.stop, timeout):
+            state.fail(f"the pipeline did not stop within {timeout:.0f} s: {state.fault or 'a step still runs'}")
+        elif (engine := getattr(state.runner, "engine", None)) is not None:
+            engine.close()  # the disk tier's I/O threads and expert file (no step runs any more)
         if teardown is not None:
             teardown()
 
@@ -95,6 +104,7 @@ def serving_setup(settings: Settings, name: str, hash_source: str) -> tuple[Runn
         settings.max_queue,
         shadow_sample_rate=settings.shadow_sample_rate,
         torch_threads=torch_threads,
+        watchdog=StepWatchdog(settings.step_timeout_s, settings.request_timeout_s, on_stuck=metrics.stuck_steps.inc),
     )
     runner.complete(["warm-up"], max_new_tokens=1)  # the first forward happens outside any request's latency
     engine.reset_stats()
@@ -121,6 +131,7 @@ def app_from_settings(settings: Settings, hash_source: str = "auto", preload: bo
         settings.max_body_bytes,
         settings.api_key,
         settings.body_timeout_s,
+        settings.drain_timeout_s,
     )
     setup = partial(serving_setup, settings, name, hash_source)
     if preload:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
@@ -258,7 +259,7 @@ class GracefulServer(uvicorn.Server):
         if self.drain_deadline is not None:
             return super().handle_exit(sig, frame)
         self.drain_deadline = time.monotonic() + self.drain_timeout_s
-        self.state.begin_drain()
+        self.state.begin_drain(self.drain_deadline)
         pending = self.state.pipeline.unanswered if self.state.pipeline is not None else 0
         log.info("draining: answering %d accepted requests, then exiting", pending)
 
@@ -296,8 +297,33 @@ def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
     )
 
 
+def exposed_without_key(host: str, api_key: str | None) -> bool:
+    """Whether serving on `host` lets other machines call the model with no key: any address but loopback
+    (127.0.0.0/8, ::1, "localhost"), with no (or an empty) API key."""
+    if api_key:
+        return False
+    if host.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return True
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """One warning line at start-up when `exposed_without_key`."""
+    if exposed_without_key(settings.host, settings.api_key):
+        log.warning(
+            "serving on %s:%d with no API key: anyone who can reach this address can use the model; "
+            "set SIDA_API_KEY or --host 127.0.0.1",
+            settings.host,
+            settings.port,
+        )
+
+
 def cmd_serve(args, settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_if_exposed(settings)
     if settings.replicas is not None:
         try:
             from sida.server import ray_serve  # an optional extra: plain `sida serve` never imports Ray

@@ -30,6 +30,36 @@ class Metrics:
             "sida_request_duration_seconds", "Request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
         # Generation, as vLLM names it: every completion and chat choice, streamed or not, from its arrival
+        self._generation_metrics(r)
+        self.queue_wait_seconds = Histogram(
+            "sida_queue_wait_seconds", "Accepted until its batch started", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("sida_queue_depth", "Accepted requests not yet started", registry=r)
+        self.batch_size = Histogram("sida_batch_size", "Requests per batch", buckets=SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "sida_batch_tokens", "Real input tokens per batch", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.tokens = PCounter("sida_tokens", "Tokens processed", ["kind"], registry=r)
+        self.hash_build_seconds = Histogram(
+            "sida_hash_build_seconds", "Time to build a batch's hash table", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.hash_queue_depth = Gauge("sida_hash_queue_depth", "Hashed batches waiting for inference", registry=r)
+        by_stage = PCounter(
+            "sida_batch_errors",
+            "Batches that failed, by worker stage (predict: batch worker, infer: inference)",
+            ["stage"],
+            registry=r,
+        )
+        self.batch_errors = {stage: by_stage.labels(stage) for stage in ("predict", "infer")}
+        self.stuck_steps = PCounter(
+            "sida_stuck_steps", "Inference steps that ran past the watchdog's limit (server/watchdog.py)", registry=r
+        )
+        Info("sida_build", "Build information", registry=r).info({"version": version, "model": model, "mode": mode})
+        if engine is not None:
+            r.register(_EngineCollector(engine))
+
+    def _generation_metrics(self, r: CollectorRegistry) -> None:
+        """vLLM's names for what generation does: TTFT, TPOT, end-to-end latency, tokens, the running batch."""
         self.ttft = Histogram(
             "sida_time_to_first_token_seconds",
             "Accepted until the first generated token",
@@ -56,29 +86,6 @@ class Metrics:
         self.kv_usage = Gauge(
             "sida_kv_cache_usage_ratio", "KV cache bytes reserved by running sequences / the KV bound", registry=r
         )
-        self.queue_wait_seconds = Histogram(
-            "sida_queue_wait_seconds", "Accepted until its batch started", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.queue_depth = Gauge("sida_queue_depth", "Accepted requests not yet started", registry=r)
-        self.batch_size = Histogram("sida_batch_size", "Requests per batch", buckets=SIZE_BUCKETS, registry=r)
-        self.batch_tokens = Histogram(
-            "sida_batch_tokens", "Real input tokens per batch", buckets=TOKEN_BUCKETS, registry=r
-        )
-        self.tokens = PCounter("sida_tokens", "Tokens processed", ["kind"], registry=r)
-        self.hash_build_seconds = Histogram(
-            "sida_hash_build_seconds", "Time to build a batch's hash table", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.hash_queue_depth = Gauge("sida_hash_queue_depth", "Hashed batches waiting for inference", registry=r)
-        by_stage = PCounter(
-            "sida_batch_errors",
-            "Batches that failed, by worker stage (predict: batch worker, infer: inference)",
-            ["stage"],
-            registry=r,
-        )
-        self.batch_errors = {stage: by_stage.labels(stage) for stage in ("predict", "infer")}
-        Info("sida_build", "Build information", registry=r).info({"version": version, "model": model, "mode": mode})
-        if engine is not None:
-            r.register(_EngineCollector(engine))
 
     def observe_batch(self, size: int, real_tokens: int) -> None:
         self.batch_size.observe(size)
@@ -167,7 +174,8 @@ class _EngineCollector:
         yield from (memory, host, budget, slots)
 
     def _movement_series(self):
-        cache = self.engine.cache.stats if self.engine.cache is not None else None
+        e = self.engine
+        cache = e.cache.stats if e.cache is not None else None
         prefetch = CounterMetricFamily(
             "sida_expert_prefetch_bytes",
             "Bytes of prefetched experts by outcome: used by a layer, or evicted (or failed) unused",
@@ -181,6 +189,12 @@ class _EngineCollector:
             "sida_expert_evictions": ("Experts evicted from the device", cache.evictions if cache else 0),
             "sida_expert_bytes_transferred": ("Bytes of expert weights copied", cache.bytes_moved if cache else 0),
             "sida_expert_stall_seconds": ("Time compute waited for expert copies", cache.stall_seconds if cache else 0),
+            "sida_expert_load_failures": ("Expert reads that failed", e.cache.transfer.failed_reads if cache else 0),
+            "sida_expert_load_retries": (
+                "Failed expert loads read again on demand",
+                cache.load_retries if cache else 0,
+            ),
+            "sida_expert_repairs": ("Experts rewritten from the checkpoint after a checksum mismatch", e.repairs),
         }
         for name, (doc, value) in counters.items():
             c = CounterMetricFamily(name, doc)

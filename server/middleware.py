@@ -84,8 +84,11 @@ class Guard:
             token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
             if not hmac.compare_digest(token.encode(), opts.api_key.encode()):
                 return APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-        if path.startswith("/v1/") and scope["method"] == "POST" and not self.state.ready:
-            return unavailable("server is starting or draining")
+        if path.startswith("/v1/") and scope["method"] == "POST":
+            if not self.state.ready:
+                return unavailable("server is starting or draining")
+            if (fault := self.state.fault) is not None:  # a stuck step: a new call would wait for its deadline
+                return unavailable(f"server cannot serve: {fault}", code="fault")
         return None
 
     async def read_body(self, receive: Receive) -> tuple[bytes | None, APIError | None]:

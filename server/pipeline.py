@@ -8,7 +8,8 @@ batching it takes new batches between the running batch's decode steps, `DecodeW
 A batch's error stays in the worker (workers.py). A worker thread that ends anyway (an error outside any batch, a
 BaseException) fails the pipeline: every accepted request still waiting is answered 503 at once, later calls are
 refused, the other worker returns, and `on_failure` tells the server, which turns unready and exits non-zero.
-`PipelineFailed` is a plain exception: the HTTP layer (errors.py) answers it.
+`PipelineFailed` is a plain exception: the HTTP layer (errors.py) answers it. A step of the inference worker that
+never ends cannot be interrupted: the watchdog (watchdog.py) notices it, and `stop` is bounded.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 
 from sida.offload.contracts import ServingRunner
 from sida.server.batcher import Batcher
 from sida.server.decode_worker import DecodeWorker
 from sida.server.request import PipelineFailed, QueueFull, Request
+from sida.server.watchdog import StepWatchdog
 from sida.server.workers import BatchWorker, InferenceWorker, set_torch_threads
 
 log = logging.getLogger("sida")
@@ -46,6 +49,7 @@ class Pipeline:
         hash_depth: int = 1,  # batch i+1 is hashed while batch i runs (paper §3.2)
         shadow_sample_rate: float = 0.0,
         torch_threads: tuple[int | None, int | None] = (None, None),  # of the (inference, batch) workers
+        watchdog: StepWatchdog | None = None,  # watches the inference worker's steps (server/watchdog.py)
     ):
         self.metrics = metrics
         self.max_queue = max_queue
@@ -63,6 +67,7 @@ class Pipeline:
         self._inference_torch_threads, self._batch_torch_threads = torch_threads
         self.failure: str | None = None  # why a worker thread stopped, once one has
         self.on_failure: Callable[[str], None] | None = None  # called with `failure`, from the dying thread
+        self.watchdog = watchdog
 
     # ------------------------------------------------------------------ intake (event-loop side)
 
@@ -92,18 +97,34 @@ class Pipeline:
         """Accepted requests not yet answered (started or not)."""
         return len(self._open)
 
+    @property
+    def stuck(self) -> str | None:
+        """Why the inference worker is stuck (a step past the watchdog's limit), while it is."""
+        return self.watchdog.stuck if self.watchdog is not None else None
+
     def start(self) -> None:
-        """Start both worker threads."""
+        """Start both worker threads (and the watchdog's monitor)."""
         for target, name in ((self._batch_loop, "batch"), (self._inference_loop, "inference")):
             t = threading.Thread(target=self._guard, args=(target, name), name=f"sida-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.watchdog is not None:
+            self.watchdog.start()
 
-    def stop(self) -> None:
-        """Finish everything accepted, then stop both workers (at once if one has failed)."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish everything accepted, then stop both workers (at once if one has failed). False if a worker still
+        runs after `timeout` seconds (a stuck step: its thread cannot be interrupted, and is left to the process's
+        exit)."""
         self._intake.put(_STOP)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join()
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        return not any(t.is_alive() for t in self._threads)
+
+    def _watched(self, name: str):
+        return self.watchdog.step(name) if self.watchdog is not None else nullcontext()
 
     def _answered(self, req: Request, _future) -> None:
         with self._lock:
@@ -203,10 +224,13 @@ class Pipeline:
                     if batch is _STOP:
                         stopping = True
                     elif decode is not None:
-                        decode.add(batch, time.monotonic())
+                        with self._watched("batch"):
+                            decode.add(batch, time.monotonic())
                     else:
-                        self.inference_worker.step(batch, time.monotonic())
+                        with self._watched("batch"):
+                            self.inference_worker.step(batch, time.monotonic())
             if decode is not None and decode.busy:
-                decode.step(time.monotonic())
+                with self._watched("decode"):
+                    decode.step(time.monotonic())
             elif stopping:
                 return

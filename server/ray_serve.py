@@ -8,9 +8,12 @@ module there, so its module-level imports stay light: no torch). Only the CLI im
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import signal
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -20,7 +23,7 @@ from ray.serve import metrics as serve_metrics
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sida.server.errors import envelope, unavailable
+from sida.server.errors import APIError, envelope, unavailable
 
 if TYPE_CHECKING:
     from sida.server.settings import Settings
@@ -35,6 +38,15 @@ METRICS_PERIOD_S = 5.0  # how often a replica copies its registry into Ray's met
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = f"{__name__}.proxy_middlewares"
 REPLAY_LIMIT = 1_000_000  # bytes of request body the proxy keeps to send a call again (the default max_body_bytes)
+ATTEMPTS = 2  # a call whose replica died is sent once more, never a third time
+# The proxy's deadline for a call, all attempts together: the replicas' own request_timeout_s (the same variable,
+# which `start` gives Ray's proxies); unset, as on a KubeRay pod, it is that setting's default.
+DEADLINE_ENV = "SIDA_REQUEST_TIMEOUT_S"
+DEFAULT_DEADLINE_S = 60.0
+# Ray's proxy cancels a call this long after the deadline, so that a replica's own 504 (or a stream's closing
+# error event) normally reaches the client first.
+DEADLINE_GRACE_S = 1.0
+TIMEOUT_HEADER = b"x-request-timeout-seconds"  # Ray's per-call timeout: it cancels the replica call, answers 408
 
 
 class Tape:
@@ -70,35 +82,43 @@ class Tape:
         return next_message
 
 
+def timed_out(deadline_s: float) -> APIError:
+    """The 504 a replica answers past its deadline (server/routes.py), answered by the proxy for its own."""
+    return APIError(504, f"the request did not finish within {deadline_s} s", "timeout_error", code="deadline_exceeded")
+
+
 class Attempt:
     """The `send` of one attempt: passes a replica's response on, and notes whether one started. Ray's own 503
-    (its back-pressure or no-replica answer: plain text, no replica header) is held and answered as a 503
-    envelope with its text as the message."""
+    (its back-pressure or no-replica answer) and 408 (the call's timeout ran out), plain text with no replica
+    header, are held and answered in the envelope: a 503 with Ray's text, a 504 naming the deadline."""
 
-    def __init__(self, scope: Scope, send: Send, number: int = 1):
+    def __init__(self, scope: Scope, send: Send, number: int = 1, deadline_s: float = DEFAULT_DEADLINE_S):
         self.scope = scope
         self.out = send
         self.number = number
+        self.deadline_s = deadline_s
         self.started = False
-        self.ray_503: list[bytes] | None = None
+        self.held_status = 0  # Ray's own 503 or 408, being replaced
+        self.held: list[bytes] = []
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
             names = {name.lower() for name, _ in message.get("headers", [])}
-            if message["status"] == 503 and REPLICA_HEADER.encode() not in names:
-                self.ray_503 = []
+            if message["status"] in (503, 408) and REPLICA_HEADER.encode() not in names:
+                self.held_status = message["status"]
                 return
             if self.number > 1:
                 header = (ATTEMPTS_HEADER.encode(), str(self.number).encode())
                 message = {**message, "headers": [*message.get("headers", []), header]}
-        if self.ray_503 is None:
+        if not self.held_status:
             return await self.out(message)
         if message["type"] == "http.response.body":
-            self.ray_503.append(message.get("body", b""))
+            self.held.append(message.get("body", b""))
             if not message.get("more_body", False):
-                text = b"".join(self.ray_503).decode(errors="replace").strip() or "no replica can take the call"
-                await envelope(unavailable(text, "replicas_busy"))(self.scope, self.no_receive, self.out)
+                text = b"".join(self.held).decode(errors="replace").strip() or "no replica can take the call"
+                error = timed_out(self.deadline_s) if self.held_status == 408 else unavailable(text, "replicas_busy")
+                await envelope(error)(self.scope, self.no_receive, self.out)
 
     @staticmethod
     async def no_receive() -> Message:
@@ -108,40 +128,84 @@ class Attempt:
 class ProxyRetry:
     """ASGI middleware inside Ray Serve's HTTP proxy. A call the proxy got no response for (its replica died
     holding it: Ray would answer a plain-text 500) is sent once more — Ray's router has dropped the dead replica
-    by then, so it goes to another — and if that fails too, or the body was too long to keep, the client gets
-    a 503 envelope with Retry-After. Safe because every sida endpoint is side-effect free (inference, reads). A
+    by then, so it goes to another. Safe because every sida endpoint is side-effect free (inference, reads). A
     response that had started (a stream cut by the death) cannot be taken back: it ends where it broke. Ray's
-    own endpoints (`/-/healthz`, `/-/routes`) pass through untouched."""
+    own endpoints (`/-/healthz`, `/-/routes`) pass through untouched.
 
-    def __init__(self, app: ASGIApp, attempts: int = 2, replay_limit: int = REPLAY_LIMIT):
+    One deadline, `deadline_s` from the call's arrival here, bounds all attempts: each carries what is left of
+    it (plus `grace_s`) as Ray's call timeout, and a call that timed out is never sent again, since its replica
+    may still be computing it. The client then gets a 504 envelope. A call whose body was too long to keep gets
+    a 503 envelope with Retry-After; one that stopped two replicas, a 500 that invites no third try."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        replay_limit: int = REPLAY_LIMIT,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        grace_s: float = DEADLINE_GRACE_S,
+    ):
         self.app = app
-        self.attempts = attempts
         self.replay_limit = replay_limit
+        self.deadline_s = deadline_s
+        self.grace_s = grace_s
+
+    def headers(self, scope: Scope, deadline: float) -> list[tuple[bytes, bytes]]:
+        """The call's headers with Ray's timeout set to the time left (a client's own value is dropped); a fresh
+        list each time, as Ray's request-id middleware appends to it."""
+        left = max(deadline - time.monotonic() + self.grace_s, 0.001)  # Ray reads 0 as no timeout at all
+        kept = [(k, v) for k, v in scope["headers"] if k.lower() != TIMEOUT_HEADER]
+        return [*kept, (TIMEOUT_HEADER, f"{left:.3f}".encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith("/-/"):
             return await self.app(scope, receive, send)
         tape = Tape(receive, self.replay_limit)
-        for attempt in range(1, self.attempts + 1):
-            out = Attempt(scope, send, attempt)
-            try:  # a fresh header list each time: Ray's request-id middleware appends to it
-                await self.app({**scope, "headers": list(scope["headers"])}, tape.receive(), out.send)
+        deadline = time.monotonic() + self.deadline_s
+        for attempt in range(1, ATTEMPTS + 1):
+            out = Attempt(scope, send, attempt, self.deadline_s)
+            try:
+                await self.app({**scope, "headers": self.headers(scope, deadline)}, tape.receive(), out.send)
+            except (TimeoutError, asyncio.TimeoutError):
+                if out.started:
+                    raise
+                return await envelope(timed_out(self.deadline_s))(scope, receive, send)
             except Exception:
                 if out.started:
                     raise
                 log.exception("Ray's proxy failed on %s (attempt %d)", scope["path"], attempt)
             if out.started or tape.client_left:
                 return
-            if not tape.replayable:
+            log.warning("no response for %s from its replica (attempt %d of %d)", scope["path"], attempt, ATTEMPTS)
+            if not tape.replayable or time.monotonic() >= deadline:
                 break
-            log.warning("no response for %s from its replica (attempt %d of %d)", scope["path"], attempt, self.attempts)
-        failed = unavailable("the replica serving this call stopped; retry", "replica_failed")
-        await envelope(failed)(scope, receive, send)
+        await envelope(self.failure(attempt, deadline))(scope, receive, send)
+
+    def failure(self, attempts: int, deadline: float) -> APIError:
+        """The answer to a call no replica answered after `attempts` tries."""
+        if attempts >= ATTEMPTS:
+            message = "two replicas stopped while serving this call; it is not sent again (the input may be the cause)"
+            return APIError(500, message, "server_error", code="replicas_failed")
+        if time.monotonic() >= deadline:
+            return timed_out(self.deadline_s)
+        return unavailable("the replica serving this call stopped; retry", "replica_failed")
+
+
+def proxy_deadline_s() -> float:
+    """The proxy's deadline: DEADLINE_ENV, else the settings' default."""
+    try:
+        return float(os.environ.get(DEADLINE_ENV, DEFAULT_DEADLINE_S))
+    except ValueError:
+        return DEFAULT_DEADLINE_S
+
+
+def proxy_env(settings: Settings) -> dict[str, str]:
+    """The environment `start` gives Ray's proxies: the hook that installs `ProxyRetry`, and its deadline."""
+    return {PROXY_CALLBACK_ENV: PROXY_CALLBACK, DEADLINE_ENV: str(settings.request_timeout_s)}
 
 
 def proxy_middlewares() -> list[Middleware]:
     """What Ray's HTTP proxy imports through RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH (`PROXY_CALLBACK`)."""
-    return [Middleware(ProxyRetry)]
+    return [Middleware(ProxyRetry, deadline_s=proxy_deadline_s())]
 
 
 class ReplicaHeader:
@@ -218,10 +282,13 @@ class SidaReplica:
         return app
 
     def check_health(self) -> None:
-        """Ray Serve calls this periodically: a failed worker makes Ray replace the replica. The metrics copier
-        starts on the first healthy check (the registry exists once the lifespan's setup has run)."""
+        """Ray Serve calls this periodically: a failed worker or a fault (`State.fault`: a stuck step, an expert that
+        cannot be repaired) makes Ray replace the replica. The metrics copier starts on the first healthy check (the
+        registry exists once the lifespan's setup has run)."""
         if self.state.failure is not None:
             raise RuntimeError(f"worker failed: {self.state.failure}")
+        if (fault := self.state.fault) is not None:
+            raise RuntimeError(fault)
         if self.state.metrics is not None and not hasattr(self, "metrics_thread"):
             bridge = MetricsBridge(self.state.metrics.registry)
             self.metrics_thread = threading.Thread(target=bridge.run, args=(self.stop_metrics,), daemon=True)
@@ -278,11 +345,10 @@ def build(args: dict):
 
 def start(settings: Settings, replicas: int, hash_source: str = "auto") -> None:
     """Ray Serve's proxy on `settings.host:port` and the deployment; returns once every replica is ready. A Serve
-    controller started here passes PROXY_CALLBACK_ENV to the proxies it starts, so they run `ProxyRetry`; on a
-    cluster whose Serve already runs, the nodes need that variable themselves (docs/scale-out.md)."""
-    env = {PROXY_CALLBACK_ENV: PROXY_CALLBACK}
+    controller started here passes `proxy_env` to the proxies it starts, so they run `ProxyRetry`; on a
+    cluster whose Serve already runs, the nodes need those variables themselves (docs/scale-out.md)."""
     http = {"host": settings.host, "port": settings.port}
-    serve.start(http_options=http, controller_options={"runtime_env": {"env_vars": env}})
+    serve.start(http_options=http, controller_options={"runtime_env": {"env_vars": proxy_env(settings)}})
     serve.run(deployment(settings, replicas, hash_source), name=APP_NAME, route_prefix="/")
 
 

@@ -22,7 +22,7 @@ from sida.offload.sampling import Sampling
 from sida.offload.tasks import get_task
 from sida.server.chat import ChatCompletionChunk, ChatCompletionResponse, chat_prompt, chat_response
 from sida.server.errors import APIError, invalid
-from sida.server.request import DeadlineExceeded, QueueFull, Request
+from sida.server.request import DeadlineExceeded, KVCacheTooSmall, PipelineFailed, QueueFull, Request
 from sida.server.schemas import (
     ChatCompletionRequest,
     ClassifyRequest,
@@ -145,6 +145,10 @@ async def wait(opts: ServeOptions, reqs: list[Request], deadline: float) -> list
             "timeout_error",
             code="deadline_exceeded",
         ) from None
+    except (APIError, PipelineFailed, KVCacheTooSmall):
+        raise
+    except Exception as e:  # its batch failed: the worker logged the traceback once, with the batch
+        raise APIError(500, f"the request's batch failed: {type(e).__name__}: {e}", "server_error") from None
 
 
 # ---------------------------------------------------------------------------------------------- /v1
@@ -346,11 +350,14 @@ async def live() -> HealthStatus:
 
 @router.get("/health/ready", response_model=HealthStatus, responses={503: {"model": ErrorResponse}})
 async def ready(http: HTTPRequest) -> HealthStatus | Response:
-    """The model is loaded and the pipeline runs (503 while starting, draining, or after a worker failed)."""
+    """The model is loaded and the pipeline runs (503 while starting, draining, after a worker failed, and while a
+    step is stuck or an expert file cannot be repaired: `State.fault`)."""
     state: State = http.app.state.sida
     if state.failure is not None:
         body = error_body(f"server failed: {state.failure}", "service_unavailable", code="worker_failed")
         return JSONResponse(body, 503)
+    if state.ready and (fault := state.fault) is not None:
+        return JSONResponse(error_body(f"server cannot serve: {fault}", "service_unavailable", code="fault"), 503)
     if not state.ready:
         status = "draining" if state.draining else "starting"
         return JSONResponse(error_body(f"server is {status}", "service_unavailable"), 503)
@@ -359,14 +366,17 @@ async def ready(http: HTTPRequest) -> HealthStatus | Response:
 
 @router.get("/info")
 async def info(http: HTTPRequest) -> dict:
-    """What setup reported (model, fingerprint, device, what builds the hash tables), readiness, queue depth and
-    the offload engine's summary."""
+    """What setup reported (model, fingerprint, device, what builds the hash tables), readiness and its fault, the
+    step watchdog, queue depth and the offload engine's summary."""
     state: State = http.app.state.sida
     engine = state.runner.engine if state.runner is not None else None
     decode = state.runner.decode_batch if state.runner is not None else None
+    watchdog = getattr(state.pipeline, "watchdog", None)
     return {
         **state.info,
-        "ready": state.ready,
+        "ready": state.ready and state.fault is None,
+        "fault": state.fault,
+        "watchdog": watchdog.summary() if watchdog is not None else None,
         "queue_depth": state.pipeline.queue_depth if state.pipeline else 0,
         "offload": engine.summary() if engine is not None else None,
         "decode": decode.summary() if decode is not None else None,

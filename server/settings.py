@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     batching: Literal["continuous", "static"] = "continuous"
     kv_cache_bytes: int | None = None  # continuous: the running sequences' KV bound; None: max_batch_size full ones
     request_timeout_s: float = 60.0
+    # an inference step (batch, decode step) running longer turns readiness 503 (server/watchdog.py);
+    # None: the larger of request_timeout_s and 5 × the slowest step measured
+    step_timeout_s: float | None = None
     max_body_bytes: int = 1_000_000
     body_timeout_s: float = 30.0  # a request body not received within this is answered 408
     head_timeout_s: float = 10.0  # a request line and headers not received within this: 408, connection closed
@@ -97,10 +100,10 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 1")
         return v
 
-    @field_validator("body_timeout_s", "head_timeout_s")
+    @field_validator("body_timeout_s", "head_timeout_s", "step_timeout_s")
     @classmethod
-    def _above_zero(cls, v: float) -> float:
-        if not v > 0:
+    def _above_zero(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
             raise ValueError("must be > 0")
         return v
 

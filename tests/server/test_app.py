@@ -124,6 +124,8 @@ def test_metrics_after_traffic(client):
         "sida_expert_loads_total",
         "sida_expert_bytes_transferred_total",
         "sida_expert_stall_seconds_total",
+        "sida_expert_load_failures_total",
+        "sida_expert_load_retries_total",
         "sida_batch_size_count",
         'sida_request_duration_seconds_count{endpoint="/v1/classify"}',
     ):

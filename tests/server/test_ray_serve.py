@@ -1,7 +1,7 @@
 """`sida serve --replicas N` (server/ray_serve.py): two replicas of the demo model on a local one-node Ray cluster
 on loopback; requests spread over both, answers match a single-process runner, Ray's metrics port exports each
 replica's sida series, a killed replica is replaced and the calls it held are answered (retried) or get a 503
-envelope; `ProxyRetry` on a fake proxy app."""
+envelope; `ProxyRetry` on a fake proxy app (its deadline: test_ray_proxy_deadline.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import httpx
@@ -246,17 +247,17 @@ def through_proxy_retry(behaviours: list[str], body: bytes = b'{"input": "x"}') 
     return asyncio.run(call()), bodies
 
 
-def test_proxy_retry_sends_a_call_whose_replica_died_again_then_answers_503_envelope():
+def test_proxy_retry_sends_a_call_whose_replica_died_again_then_answers_an_envelope():
     sent, bodies = through_proxy_retry(["died", "replica"])
     assert bodies == [b'{"input": "x"}'] * 2  # the body replayed to the second attempt
     assert sent[0]["status"] == 200 and (ray_serve.ATTEMPTS_HEADER.encode(), b"2") in sent[0]["headers"]
     assert sent[1]["body"] == b"ok"
-    sent, bodies = through_proxy_retry(["died", "died"])
-    headers = dict(sent[0]["headers"])
-    assert len(bodies) == 2 and sent[0]["status"] == 503 and headers[b"retry-after"] == b"1"
-    assert json.loads(sent[1]["body"])["error"]["code"] == "replica_failed"
+    sent, bodies = through_proxy_retry(["died", "died"])  # two replicas down: no Retry-After invites a third
+    assert len(bodies) == 2 and sent[0]["status"] == 500 and b"retry-after" not in dict(sent[0]["headers"])
+    assert json.loads(sent[1]["body"])["error"]["code"] == "replicas_failed"
     sent, bodies = through_proxy_retry(["died"], body=b"x" * (ray_serve.REPLAY_LIMIT + 1))
     assert len(bodies) == 1 and sent[0]["status"] == 503  # too long to keep: not sent again
+    assert json.loads(sent[1]["body"])["error"]["code"] == "replica_failed"
 
 
 def test_proxy_retry_answers_rays_own_503_in_the_envelope():
@@ -292,3 +293,15 @@ def test_the_kuberay_manifest_is_a_valid_serve_config_that_builds_sida(demo_dir)
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     envs = [{e["name"]: e["value"] for e in c["env"]} for g in groups for c in g["template"]["spec"]["containers"]]
     assert envs and all(env.get(ray_serve.PROXY_CALLBACK_ENV) == ray_serve.PROXY_CALLBACK for env in envs)
+
+
+def test_a_fault_fails_rays_health_check_so_that_the_replica_is_replaced():
+    """A stuck step or an expert that cannot be repaired (`State.fault`) is a failed health check."""
+    replica = ray_serve.SidaReplica.__new__(ray_serve.SidaReplica)
+    replica.state = SimpleNamespace(
+        failure=None, fault="the inference decode step has run 70 s (limit 60 s)", metrics=None
+    )
+    with pytest.raises(RuntimeError, match="decode step has run 70 s"):
+        ray_serve.SidaReplica.check_health(replica)
+    replica.state.fault = None
+    ray_serve.SidaReplica.check_health(replica)

@@ -72,8 +72,8 @@ class FakePipeline:
     def start(self) -> None:
         pass
 
-    def stop(self) -> None:
-        pass
+    def stop(self, timeout: float | None = None) -> bool:
+        return True
 
 
 def bare_app(pipeline: FakePipeline, opts: ServeOptions = OPTS) -> tuple[FastAPI, State]:
@@ -175,7 +175,8 @@ def test_models_health_and_info_before_setup():
     assert ModelList.model_validate(c.get("/v1/models").json()).data[0].id == MODEL
     assert c.get("/health/live").json() == {"status": "ok"}
     assert error_of(c.get("/health/ready"), 503)["message"] == "server is starting"
-    assert c.get("/info").json() == {"ready": False, "queue_depth": 0, "offload": None, "decode": None}
+    info = {"ready": False, "fault": None, "watchdog": None, "queue_depth": 0, "offload": None, "decode": None}
+    assert c.get("/info").json() == info
     assert c.get("/metrics").text == ""
 
 
