@@ -9,7 +9,7 @@ MODEL ?= models/sida-switch-demo
 # CPU machines: this exact pin resolves to a CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-decode bench-memory bench-serve-memory replicas demo-olmoe demo-olmoe-ahead demo-olmoe-card bench-gpu test-gpu bench-http soak lint clean
+.PHONY: run demo test test-fast install demo-model demo-card demo-predictor bench bench-decode bench-memory bench-serve-memory replicas demo-olmoe demo-olmoe-ahead demo-olmoe-card bench-gpu test-gpu bench-http soak chaos lint clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(SIDA) serve --model $(MODEL) --host 0.0.0.0 --port 8000
+	$(SIDA) serve --model $(MODEL) --host 127.0.0.1 --port 8000
 
 # The CLI on the demo model, without the server.
 demo: $(STAMP)
@@ -132,6 +132,11 @@ bench-http: $(STAMP)
 SOAK_S ?= 120
 soak: $(STAMP)
 	$(PY) bench/soak.py --model $(MODEL) --duration $(SOAK_S)
+
+# Chaos: disk-tier reads failing at 1% and 10% and stalling at random, one byte of the expert file flipped, under mixed
+# traffic; every answer equals the resident server's or is a 5xx envelope (bench/chaos.py). Rows: bench/results/cpu-chaos.json
+chaos: $(STAMP)
+	for R in 0.01 0.1; do $(PY) bench/chaos.py --model $(MODEL) --fail-rate $$R --out bench/results/cpu-chaos.json || exit 1; done
 
 # Load test: `sida serve` on $(MODEL) on loopback, then locust headless for LOADTEST_TIME with LOADTEST_USERS users
 # (classify SST-2 / MRPC, completions, streamed completions on texts from $(DATA)); CSV files and report.html in
