@@ -143,3 +143,30 @@ def _ready(base: str) -> bool:
         return httpx.get(base + "/health/ready").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+class CorruptRunner(FaultyRunner):
+    """An engine whose expert file holds an expert it could not repair (`OffloadEngine.fault`)."""
+
+    class engine:  # noqa: N801 — stands in for the runner's engine attribute
+        fault = "/srv/experts/abc-float32.safetensors: expert (3, 1) does not match its checksum and cannot be repaired"
+
+        @staticmethod
+        def summary() -> dict:
+            return {}
+
+        @staticmethod
+        def close() -> None:
+            pass
+
+
+def test_an_expert_that_cannot_be_repaired_turns_readiness_503_naming_the_file():
+    metrics = Metrics()
+    runner = CorruptRunner()
+    pipeline = Pipeline(runner, metrics, max_batch_size=2, max_wait_s=0.001)
+    opts = ServeOptions(MODEL, 64, 30.0, 10_000, None, 30)
+    with TestClient(build_app(opts, lambda: (runner, pipeline, metrics, {"model": MODEL}))) as client:
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "fault"
+        assert "abc-float32.safetensors: expert (3, 1)" in ready.json()["error"]["message"]
+        assert client.get("/info").json()["fault"] == CorruptRunner.engine.fault
