@@ -11,13 +11,16 @@ offloaded to disk, the budget's share of layers kept), `lru` and `layered` (expe
 guess), `static` (the experts most used on calibration text kept resident, the rest on demand: llama.cpp's
 `--n-cpu-moe`, KTransformers' GPU-expert mask), `exact` (sida: the prompt's hash table where the model ships a
 predictor, and each decode step's experts guessed a layer ahead, `offload/lookahead.py`) and `exact+layered` (the
-same with the layered eviction policy instead of lru). Every sida method gets the same slots. Measured prompts are
+same with the layered eviction policy instead of lru); `oracle` is `exact` guessing with the router's own choices of
+each decode step, recorded from the reference run (the most decode-step prediction can win). Every sida method gets
+the same slots. Measured prompts are
 the beginnings of the first WikiText-2 valid paragraphs (held out from `sida predictor ahead`); `static`'s counts
 come from generating after C4 document beginnings.
 
 Per row: tokens/s over the whole requests (prefill and decode), bytes copied into slots (`bytes_read`: from disk on
 the disk tier), `stall_share` (time the compute waited for copies over the wall time), `decode_recall` and
-`prefetch_precision` (exact), and whether every token equals the resident model's.
+`prefetch_precision` (exact), whether every token equals the resident model's with transformers' `eager` experts
+(`eager_reference`), and `per_layer`: each MoE layer's stall, lookups and bytes by outcome (`layer_breakdown`).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from sida.offload.runner import Runner  # noqa: E402
 from sida.predictor.corpora import beginnings, read_c4_texts, read_wikitext_paragraphs  # noqa: E402
 from sida.predictor.decode_ahead import DecodeAhead  # noqa: E402
 
-METHODS = ("resident", "accelerate", "lru", "layered", "static", "exact", "exact+layered")
+METHODS = ("resident", "accelerate", "lru", "layered", "static", "exact", "exact+layered", "oracle")
 
 
 def generate(runner: Runner, prompts: list[list[int]], tokens: int) -> tuple[list[list[int]], float]:
@@ -95,7 +98,7 @@ def build(args, method: str, fraction: float) -> Runner:
         expert_dir=args.expert_dir,
     )  # fmt: skip
     engine = OffloadEngine(loaded, cfg, torch.device("cpu"))
-    if not method.startswith("exact"):
+    if not method.startswith(("exact", "oracle")):
         engine.context.lookahead = None  # the baselines load what the router asks for, when it asks
     else:  # the trained decode-step predictor where the model ships one, else the routers applied ahead
         ahead = DecodeAhead.load(args.model / "predictor", loaded.fingerprint)
@@ -132,10 +135,13 @@ def run_cell(
         counts = calibrate(runner, calibration, min(args.tokens, 16))
         engine.keep_hot(counts, on_demand_slots=min(engine.num_slots // 2, k * streams))
     generate(runner, [prompts[0][:4]], 2)  # warm-up: the first forward outside the measured time
+    if method == "oracle":  # after the warm-up, whose steps are not the measured ones
+        engine.set_lookahead_scorer(OracleScorer(args.routes[streams]))
     engine.reset_stats()
     tokens, wall = generate(runner, prompts, args.tokens)
     s = engine.summary()
     same = None if reference is None else tokens == reference
+    per_layer = layer_breakdown(engine) if engine.cache is not None else None
     return {
         "model": args.name, "method": method, "tier": args.tier if method != "resident" else "device",
         "budget_fraction": fraction if method != "resident" else 1.0, "budget_experts": engine.num_slots,
@@ -145,8 +151,60 @@ def run_cell(
         "decode_recall": s.get("decode_recall", {}).get("all"), "prefetch_precision": s.get("prefetch_precision"),
         "cache_hit_rate": s["cache_hit_rate"], "on_demand_loads": s["on_demand_loads"],
         "same_tokens_as_resident": same, "ttft_p50_ms": None, "ttft_p99_ms": None,
-        "tpot_p50_ms": round(wall / args.tokens * 1000, 2), "tpot_p99_ms": None,
+        "tpot_p50_ms": round(wall / args.tokens * 1000, 2), "tpot_p99_ms": None, "per_layer": per_layer,
     }, tokens  # fmt: skip
+
+
+def layer_breakdown(engine: OffloadEngine) -> list[dict]:
+    """Where a cell's copy time and bytes went, per MoE layer: seconds the layer waited for copies, lookups found
+    resident or loaded on demand, and bytes read by outcome (on demand; prefetched and used; prefetched and
+    evicted or failed unused)."""
+    s, nbytes = engine.cache.stats, engine.expert_bytes
+    return [
+        {
+            "layer": layer,
+            "stall_s": round(s.stall_by_layer[layer], 4),
+            "hits": s.hits_by_layer[layer],
+            "on_demand": s.misses_by_layer[layer],
+            "on_demand_bytes": s.misses_by_layer[layer] * nbytes,
+            "prefetch_used_bytes": s.prefetch_used_bytes[layer],
+            "prefetch_unused_bytes": s.prefetch_unused_bytes[layer],
+        }  # fmt: skip
+        for layer in range(engine.num_layers)
+    ]
+
+
+def eager_reference(args, prompts_text: list[str], streams: list[int]) -> tuple[dict, dict]:
+    """The resident model's greedy tokens with transformers' `eager` experts (one expert at a time, as sida runs
+    them): the reference every lossless method's tokens must equal, bit for bit also in bfloat16, where the fused
+    `grouped_mm` kernel of the speed row sums in another order. Also each decode step's router logits per MoE layer
+    (the `oracle` method's guesses): {streams: tokens}, {streams: {layer: [[rows, experts] per decode step]}}."""
+    loaded = load_model(args.model, "auto", "cpu", "device")
+    loaded.model.set_experts_implementation("eager")
+    runner = Runner(loaded, engine=OffloadEngine(loaded, OffloadConfig(mode="resident"), torch.device("cpu")))
+    tokens, routes = {}, {}
+    for n in streams:
+        with capture_routing(loaded.adapter.moe_layers(loaded.model)) as capture:
+            tokens[n], _ = generate(runner, runner.tokenize(prompts_text[:n]), args.tokens)
+        routes[n] = {
+            layer: [r.logits.reshape(n, -1) for r in records if r.logits.shape[1] == 1]  # the decode steps
+            for layer, records in capture.records.items()
+        }
+    return tokens, routes
+
+
+class OracleScorer:
+    """The `LayerAheadScorer` that knows the future: the router's own logits of each decode step, replayed in order
+    (the n-th call for a layer is its n-th decode step). The ceiling of decode-step prediction."""
+
+    def __init__(self, steps: dict[int, list[torch.Tensor]]):
+        self.steps = steps
+        self.calls: Counter = Counter()
+
+    def __call__(self, layer: int, previous: torch.Tensor | None, token_emb: torch.Tensor) -> torch.Tensor:
+        i, self.calls[layer] = self.calls[layer], self.calls[layer] + 1
+        steps = self.steps[layer]
+        return steps[i] if i < len(steps) else torch.zeros(token_emb.shape[0], steps[0].shape[-1])
 
 
 def accelerate_row(args, runner: Runner, fraction: float, streams: int, texts: list[str], reference):
@@ -188,10 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     measured = beginnings(read_wikitext_paragraphs(DATA / "wikitext2" / "wiki.valid.tokens", max(streams)))
     calibration = beginnings(read_c4_texts(DATA / "c4_sample" / "c4_sample.jsonl", 16))
     methods = args.methods.split(",")
-    rows, reference = [], {}
-    if "resident" in methods:
-        for n in streams:
-            row, reference[n] = run_cell(args, "resident", 1.0, n, measured, calibration, None)
+    reference, args.routes = eager_reference(args, measured, streams)
+    rows = []
+    for n in streams:
+        if "resident" in methods:
+            row, _ = run_cell(args, "resident", 1.0, n, measured, calibration, reference[n])
             rows.append(row)
             print(json.dumps(row), flush=True)
     for fraction in (float(x) for x in args.budgets.split(",")):
@@ -201,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     command = "bench/decode_offload.py " + " ".join(argv or sys.argv[1:])
-    run = f"{args.name}-offload-{args.tier}-{date.today()}"
+    run = f"{args.name}-offload-{args.tier}-{args.budgets}-{date.today()}"
     header = {"run": run, "date": str(date.today()), "machine": platform.machine(), "command": command}
     merge(rows, header, args.out)
 
