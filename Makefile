@@ -92,6 +92,7 @@ bench: $(STAMP)
 bench-decode: $(STAMP)
 	for L in fixed natural mixed; do $(PY) bench/decode_bench.py --lengths $$L; done
 	$(PY) bench/decode_offload.py --budgets 0.1,0.25,0.5 --streams 1,4
+	$(PY) bench/decode_offload.py --tier disk --expert-dir runs/expert-cache --budgets 0.1,0.25,0.5 --streams 1,4
 
 bench-memory: $(STAMP)
 	$(PY) bench/memory_bench.py --experts 8 --budget-experts 24 --out bench/results/memory.json
