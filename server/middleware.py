@@ -87,8 +87,10 @@ class Guard:
         if path.startswith("/v1/") and scope["method"] == "POST":
             if not self.state.ready:
                 return unavailable("server is starting or draining")
-            if (fault := self.state.fault) is not None:  # a stuck step: a new call would wait for its deadline
-                return unavailable(f"server cannot serve: {fault}", code="fault")
+            # a stuck step: a new call would only wait for its deadline (an expert that cannot be repaired fails only
+            # the batches that need it, so calls are still taken; readiness says it)
+            if (stuck := getattr(self.state.pipeline, "stuck", None)) is not None:
+                return unavailable(f"server cannot serve: {stuck}", code="fault")
         return None
 
     async def read_body(self, receive: Receive) -> tuple[bytes | None, APIError | None]:

@@ -170,3 +170,5 @@ def test_an_expert_that_cannot_be_repaired_turns_readiness_503_naming_the_file()
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "fault"
         assert "abc-float32.safetensors: expert (3, 1)" in ready.json()["error"]["message"]
         assert client.get("/info").json()["fault"] == CorruptRunner.engine.fault
+        taken = client.post("/v1/classify", json={"model": MODEL, "input": "a film ."})  # only its batches fail
+        assert taken.status_code == 200
