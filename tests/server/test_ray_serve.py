@@ -297,7 +297,7 @@ def test_the_kuberay_manifest_is_a_valid_serve_config_that_builds_sida(demo_dir)
 
 def test_a_fault_fails_rays_health_check_so_that_the_replica_is_replaced():
     """A stuck step or an expert that cannot be repaired (`State.fault`) is a failed health check."""
-    replica = ray_serve.SidaReplica.__new__(ray_serve.SidaReplica)
+    replica = SimpleNamespace()  # the method's `self`: an ingress instance's destructor needs a running replica
     replica.state = SimpleNamespace(
         failure=None, fault="the inference decode step has run 70 s (limit 60 s)", metrics=None
     )
