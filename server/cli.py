@@ -101,6 +101,7 @@ def _add_serve(sub) -> None:
         "sequences of max-input-tokens + 512 tokens)",
     )
     g.add_argument("--request-timeout-s", type=float)
+    g.add_argument("--step-timeout-s", type=float, help="an inference step longer than this turns readiness 503")
     g.add_argument("--max-body-bytes", type=int)
     g.add_argument("--body-timeout-s", type=float)
     g.add_argument("--api-key")
