@@ -140,6 +140,7 @@ def run_cell(
     engine.reset_stats()
     tokens, wall = generate(runner, prompts, args.tokens)
     s = engine.summary()
+    engine.close()  # the disk tier's I/O threads and file descriptors, before the next cell's engine
     same = None if reference is None else tokens == reference
     per_layer = layer_breakdown(engine) if engine.cache is not None else None
     return {

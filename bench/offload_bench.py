@@ -368,6 +368,8 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
     row = _row(work, method, fraction, k, engine, acc, times, preds, hash_time[0], device, resident_preds, total)
     row["bytes_read"] = device_read_bytes() - read0
     # this cell's model copy, its hooks and its expert store must go before the next cell makes its own
+    if engine is not None:
+        engine.close()  # the disk tier's I/O threads and file descriptors
     runner = engine = acc = loaded = model = hash_fn = None
     gc.collect()
     if folder is not None:
