@@ -43,7 +43,7 @@ from sida.offload.checkpoint import read_header  # noqa: E402
 from sida.server.app import app_from_settings  # noqa: E402
 from sida.server.composition import build_runner  # noqa: E402
 from sida.server.settings import Settings  # noqa: E402
-from tests.live_server import free_port  # noqa: E402
+from tests.live_server import free_port, metric_value, ready  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 KINDS = ("classify", "complete", "stream")
@@ -160,17 +160,11 @@ class LiveServer:
     def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 300
-        while not self.ready():
+        while not ready(self.base):
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the server did not start")
             time.sleep(0.2)
         return self
-
-    def ready(self) -> bool:
-        try:
-            return httpx.get(self.base + "/health/ready").status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
@@ -180,11 +174,9 @@ class LiveServer:
     def engine(self):
         return self.app.state.sida.runner.engine
 
-    def metric(self, name: str) -> float:
-        for line in httpx.get(self.base + "/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.split()[-1])
-        return float("nan")
+    def metric(self, series: str) -> float:
+        """A series of the server's /metrics now (NaN if absent: a count the server lacks fails every check)."""
+        return metric_value(httpx.get(self.base + "/metrics").text, series, default=float("nan"))
 
 
 def flip_one_byte(expert_dir: Path, seed: int) -> str:
@@ -271,7 +263,7 @@ def storm(args, srv: LiveServer, calls: list, reference: list) -> dict:
         "repairs": srv.metric("sida_expert_repairs_total"), "stuck_steps": srv.metric("sida_stuck_steps_total"),
         "pinned_after": len(engine.cache.pinned_keys), "device_bytes_placed": [placed, engine.memory.total],
         "rss_growth_mb": round((rss[-1] - rss[0]) / 2**20, 1) if len(rss) > 1 else None,
-        "ready_after": srv.ready(), "examples": [e for j in judged for e in j["examples"]][:5],
+        "ready_after": ready(srv.base), "examples": [e for j in judged for e in j["examples"]][:5],
     }  # fmt: skip
 
 

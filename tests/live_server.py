@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ready(base: str) -> bool:
+    """Whether the server at `base` answers /health/ready with 200 now."""
+    try:
+        return httpx.get(base + "/health/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def metric_value(text: str, series: str, default: float = 0.0) -> float:
+    """The value of one series (`name` or `name{label="v"}`, written as exposed) in a /metrics text, else
+    `default`."""
+    m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else default
+
+
 def start_serve(flags: list[str], timeout_s: float = 120, **popen) -> tuple[subprocess.Popen, str]:
     """`sida serve FLAGS --port <free>`; returns once /health/ready answers 200 (RuntimeError if it dies)."""
     port = free_port()
@@ -27,11 +43,8 @@ def start_serve(flags: list[str], timeout_s: float = 120, **popen) -> tuple[subp
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
+        if ready(base):
+            return proc, base
         if proc.poll() is not None:
             raise RuntimeError(f"sida serve exited with {proc.returncode}")
         time.sleep(0.5)

@@ -4,7 +4,6 @@ serving metrics and `/info` report what happened."""
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,6 +14,7 @@ from sida.offload.runner import Runner
 from sida.server.app import app_from_settings
 from sida.server.settings import load_settings
 from tests.conftest import REPO
+from tests.live_server import metric_value
 
 OLMOE_DEMO = REPO / "models" / "sida-olmoe-demo"
 NAME = OLMOE_DEMO.name
@@ -40,11 +40,6 @@ def complete(client: TestClient, prompt: str, max_tokens: int = 24, **extra):
     return client.post("/v1/completions", json=body)
 
 
-def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 @pytest.fixture(scope="module")
 def alone() -> dict[str, str]:
     runner = Runner(load_model(OLMOE_DEMO))
@@ -60,12 +55,12 @@ def test_concurrent_completions_join_one_batch_and_match_their_lone_runs(alone):
         assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
         assert [r.json()["choices"][0]["text"] for r in answers] == [alone[p] for p in PROMPTS * 2]
         text = client.get("/metrics").text
-        assert metric(text, "sida_time_to_first_token_seconds_count") == len(answers)
-        assert metric(text, "sida_e2e_request_latency_seconds_count") == len(answers)
+        assert metric_value(text, "sida_time_to_first_token_seconds_count") == len(answers)
+        assert metric_value(text, "sida_e2e_request_latency_seconds_count") == len(answers)
         generated = sum(r.json()["usage"]["completion_tokens"] for r in answers)
-        assert metric(text, "sida_generation_tokens_total") == generated
-        assert metric(text, "sida_num_requests_running") == 0
-        assert metric(text, 'sida_device_memory_bytes{kind="kv_cache"}') > 0
+        assert metric_value(text, "sida_generation_tokens_total") == generated
+        assert metric_value(text, "sida_num_requests_running") == 0
+        assert metric_value(text, 'sida_device_memory_bytes{kind="kv_cache"}') > 0
         decode = client.get("/info").json()["decode"]
         assert decode["running"] == 0 and decode["decode_steps"] < generated  # rows shared steps
 
@@ -86,7 +81,7 @@ def test_a_burst_beyond_the_kv_bound_waits_or_gets_429_never_an_error():
             else:
                 assert r.json()["usage"]["completion_tokens"] == 16
         text = client.get("/metrics").text
-        assert metric(text, "sida_kv_cache_usage_ratio") <= 1.0
+        assert metric_value(text, "sida_kv_cache_usage_ratio") <= 1.0
         too_big = complete(client, long_prompt * 3, 16)
         assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "kv_cache_exceeded", too_big.text
         assert complete(client, PROMPTS[0], 4).status_code == 200  # and it keeps serving

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.live_server import start_serve
+from tests.live_server import metric_value, start_serve
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -44,14 +44,10 @@ def test_mixed_traffic_for_a_few_seconds_fails_no_call(server):
     assert report["rss_bytes"]["start"] > 0
 
 
-def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
 def accepted_since(base: str, started_before: float) -> float:
     """Calls accepted since the count `started_before`: those started since, and those queued."""
     text = httpx.get(base + "/metrics").text  # one scrape: started is read before the queue depth
-    return metric(text, "sida_queue_wait_seconds_count") - started_before + metric(text, "sida_queue_depth")
+    return metric_value(text, "sida_queue_wait_seconds_count") - started_before + metric_value(text, "sida_queue_depth")
 
 
 async def call(client: httpx.AsyncClient, i: int) -> str:
@@ -72,7 +68,7 @@ async def call(client: httpx.AsyncClient, i: int) -> str:
 def test_sigterm_during_a_burst_drains_and_exits_0(server):
     proc, base = server
     n = 48
-    started_before = metric(httpx.get(base + "/metrics").text, "sida_queue_wait_seconds_count")
+    started_before = metric_value(httpx.get(base + "/metrics").text, "sida_queue_wait_seconds_count")
 
     async def run() -> tuple[list, int, list, float]:
         limits = httpx.Limits(max_connections=n + 8)

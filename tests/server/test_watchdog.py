@@ -19,7 +19,7 @@ from sida.server.metrics import Metrics
 from sida.server.pipeline import Pipeline
 from sida.server.state import ServeOptions
 from sida.server.watchdog import StepWatchdog
-from tests.live_server import free_port
+from tests.live_server import free_port, ready
 from tests.server.test_worker_faults import MODEL, FaultyRunner
 
 
@@ -118,7 +118,7 @@ def test_sigterm_ends_serve_non_zero_within_the_drain_timeout_though_a_step_neve
     base, answers, sent = f"http://127.0.0.1:{port}", [], []
 
     def client() -> None:
-        wait_for(lambda: _ready(base), 60)
+        wait_for(lambda: ready(base), 60)
         answers.append(httpx.post(base + "/v1/classify", json={"model": MODEL, "input": "a film ."}, timeout=20))
         assert runner.entered.is_set()
         sent.append(time.monotonic())
@@ -136,13 +136,6 @@ def test_sigterm_ends_serve_non_zero_within_the_drain_timeout_though_a_step_neve
     assert [r.status_code for r in answers] == [504]
     drain_timeout_s = request_timeout_s + 5.0  # Settings.drain_timeout_s
     assert ended - sent[0] < drain_timeout_s + STOP_MARGIN_S + 3.0
-
-
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(base + "/health/ready").status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 class CorruptRunner(FaultyRunner):
