@@ -16,6 +16,7 @@ from torch import nn
 
 from sida.offload.expert_file import ExpertFile, open_expert_file
 from sida.offload.expert_layout import ExpertKey, ExpertLayout, ExpertSource, ModuleExperts
+from sida.offload.io_queue import RateLimit
 from sida.offload.memory import aligned_empty, pinned_reserved
 
 ARENA_CHUNK_BYTES = 256 << 20  # the ram tier's arena is cut into buffers of about this size
@@ -150,6 +151,7 @@ class DiskExperts(ExpertStore):
         self.file = file
         self.path = file.path
         self._staging: torch.Tensor | None = None
+        self.read_limit: RateLimit | None = None  # every read paced to a set rate (benchmarks: a disk of known speed)
 
     @property
     def read_bytes(self) -> int:
@@ -172,7 +174,10 @@ class DiskExperts(ExpertStore):
 
     def read_into(self, key: ExpertKey, buf: torch.Tensor) -> None:
         """Read expert `key` into `buf` (uint8, `read_bytes` long, aligned: see `device.aligned_empty`)."""
-        self.file.read_into(key, buf)
+        if self.read_limit is None:
+            self.file.read_into(key, buf)
+        else:
+            self.read_limit.paced(self.read_bytes, lambda: self.file.read_into(key, buf))
 
     def host(self, key: ExpertKey) -> torch.Tensor:
         """Expert `key` read into this store's own staging buffer [numel] (valid until the next call)."""

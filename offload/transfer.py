@@ -4,9 +4,10 @@
   Pageable sources are first staged through a pinned bounce buffer, because a non-blocking copy from
   pageable memory silently blocks (a bug of the paper's code).
 - RAM → a CPU slot: a plain copy (a memcpy; nothing to overlap).
-- Disk → a slot: a read on an I/O thread pool (the read releases the GIL), so prefetches overlap the
-  layer being computed on CPU too; on CUDA the thread reads into pinned staging and then starts the
-  asynchronous copy, so the host never waits on compute to start a read.
+- Disk → a slot: a read on the I/O queue's reader threads (the read releases the GIL), so prefetches overlap
+  the layer being computed on CPU too; needed reads go ahead of speculative ones (`io_queue.py`). On CUDA the
+  thread reads into pinned staging and then starts the asynchronous copy, so the host never waits on compute
+  to start a read.
 
 A load returns a handle (None when already complete); `done` polls it and `wait` makes compute wait for it.
 The same calls run on CPU and CUDA, so every rule of the cache is exercised by CPU tests; every stream and event
@@ -18,11 +19,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
 from sida.offload.device import CudaStreams, StreamOps
+from sida.offload.io_queue import NEEDED, SPECULATIVE, IOQueue
 from sida.offload.memory import aligned_empty, pinned_reserved
 
 IO_THREADS = 2  # concurrent expert reads from disk
@@ -43,7 +45,7 @@ class Transfer:
         if self.streams is not None:
             self._stream = self.streams.side_stream()
             self._bounce = torch.empty(expert_numel, dtype=dtype, pin_memory=self._pin)  # [numel]
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: IOQueue | None = None
         self._staging: queue.Queue | None = None
         self._staging_buffers: list[torch.Tensor] = []  # every one made, in the queue or held by a read in flight
         self.failed_reads = 0  # expert reads that raised, counted as they fail (`sida_expert_load_failures_total`)
@@ -52,7 +54,7 @@ class Transfer:
     def start_io(self, read_bytes: int) -> None:
         """The disk tier's reader threads and, with streams, its staging buffers (pinned on CUDA): started by the
         engine at start-up, else by the first disk load."""
-        self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sida-io")
+        self._pool = IOQueue(IO_THREADS)
         if self.streams is not None:
             self._staging = queue.Queue()
             self._staging_buffers = [aligned_empty(read_bytes, pin=self._pin) for _ in range(CUDA_STAGING)]
@@ -75,17 +77,26 @@ class Transfer:
             return None
         return self.streams.record(self.streams.compute_stream())
 
-    def load(self, store, key, dst: torch.Tensor, raw: torch.Tensor | None, after=None):
+    def load(self, store, key, dst: torch.Tensor, raw: torch.Tensor | None, after=None, speculative=False, order=()):
         """Start filling slot `dst` [numel] with expert `key` of `store` once the event `after` (the slot's last
         reads, from `reads_done`) has passed. `raw` is the CPU slot's aligned bytes, which a disk read fills
         directly. Returns a handle for `done`/`wait`, or None when the load is already complete. A disk load
         orders its copy after `after` on the I/O thread, so one cancelled or failed before its copy ordered
-        nothing."""
+        nothing; a `speculative` one (a prefetch) waits behind every needed read, in `order` among its kind."""
         if store.tier == "disk":
             if self._pool is None:
                 self.start_io(store.read_bytes)
-            return self._pool.submit(self._from_disk, store, key, dst, raw, after)
+            priority = SPECULATIVE if speculative else NEEDED
+            return self._pool.submit(self._from_disk, store, key, dst, raw, after, priority=priority, order=order)
         return self.copy(dst, self._read(store.host, key), after)
+
+    def busy_share(self) -> float | None:
+        """The recent share of time the disk readers are busy (tier disk), else None."""
+        return None if self._pool is None else self._pool.busy.share
+
+    def promote(self, handle, order=()) -> bool:
+        """A speculative load is needed now: its read, if not started, goes ahead of every speculative one."""
+        return isinstance(handle, Future) and self._pool is not None and self._pool.promote(handle, order)
 
     def _read(self, read, *args):
         """`read(*args)`, counting it in `failed_reads` if it raises (from any thread)."""
@@ -158,4 +169,4 @@ class Transfer:
         """Stop the I/O threads: queued reads are cancelled, one under way finishes first; idempotent."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.close()

@@ -175,4 +175,4 @@ def test_staging_bytes_count_every_staging_buffer_also_those_a_read_holds():
     assert transfer.staging_bytes == expected
     transfer._staging.put(held)
     assert transfer.staging_bytes == expected
-    transfer._pool.shutdown()
+    transfer.close()
