@@ -14,14 +14,15 @@ from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
 from sida.offload.expert_layout import ExpertKey
 from sida.offload.expert_store import ExpertStore
+from sida.offload.io_queue import RecentShare
 from sida.offload.memory import DeviceMemory, aligned_empty
 from sida.offload.policies import EvictionPolicy
+from sida.offload.slot import Slot, SlotState
 from sida.offload.transfer import Transfer
 
 
@@ -62,78 +63,14 @@ class CacheStats:
         return self.hits / self.lookups if self.lookups else None
 
 
-class SlotState(Enum):
-    """Where a slot is in its life: empty, being filled, holding an expert, or holding one compute reads now."""
-
-    FREE = "free"
-    LOADING = "loading"
-    READY = "ready"
-    PINNED = "pinned"  # ready, with pins > 0
-
-
-class SlotStateError(RuntimeError):
-    """A slot was asked for a transition its state does not allow (a bug in the cache, never a user error)."""
-
-
-@dataclass(eq=False)
-class Slot:
-    """One device buffer and everything known about it. Its transitions are its methods, and only they change it.
-
-    `last_read` is the event after the last kernels that read the slot (CUDA; None on CPU): a copy into the slot
-    must be ordered after it. Only `loaded` drops it, once a copy ordered after it has been waited for; every way
-    back to free (eviction, a cancelled or failed load) keeps it for the next copy."""
-
-    index: int
-    tensor: torch.Tensor = field(repr=False)  # [numel] the packed expert, on the device
-    raw: torch.Tensor | None = field(repr=False)  # CPU: the slot's aligned bytes [read_bytes], for disk reads
-    views: dict[str, torch.Tensor] = field(repr=False)  # parameter views into `tensor`
-    key: ExpertKey | None = None
-    state: SlotState = SlotState.FREE
-    pins: int = 0
-    pending: object | None = None  # the load's handle until it is waited for
-    last_read: object | None = None
-    prefetched_unused: bool = False  # holds (or loads) a prefetched expert no layer has used yet
-
-    def _require(self, action: str, *states: SlotState) -> None:
-        if self.state not in states:
-            raise SlotStateError(f"slot {self.index} ({self.key}) is {self.state.value}: cannot {action}")
-
-    def start_load(self, key: ExpertKey, handle: object | None, prefetch: bool) -> None:
-        """free → loading: a copy of `key` was started (ordered after `last_read`); `handle` waits for it."""
-        self._require("start a load", SlotState.FREE)
-        self.key, self.state, self.pending, self.prefetched_unused = key, SlotState.LOADING, handle, prefetch
-
-    def loaded(self) -> None:
-        """loading → ready: the copy (ordered after `last_read`) has been waited for; any later copy follows it on
-        the same stream, so the event has served."""
-        self._require("finish a load", SlotState.LOADING)
-        self.state, self.pending, self.last_read = SlotState.READY, None, None
-
-    def pin(self) -> None:
-        """ready/pinned → pinned: one more compute user."""
-        self._require("pin", SlotState.READY, SlotState.PINNED)
-        self.state, self.pins = SlotState.PINNED, self.pins + 1
-
-    def unpin(self, reads_done: object | None) -> None:
-        """pinned → pinned/ready: one user fewer; `reads_done` (after every read queued so far) is the new
-        last reader."""
-        self._require("unpin", SlotState.PINNED)
-        self.pins -= 1
-        if self.pins == 0:
-            self.state = SlotState.READY
-        if reads_done is not None:
-            self.last_read = reads_done
-
-    def take_unused(self) -> bool:
-        """Whether this was a prefetch no layer had used yet; it counts once (used, or evicted unused)."""
-        unused, self.prefetched_unused = self.prefetched_unused, False
-        return unused
-
-    def give_back(self) -> None:
-        """loading/ready → free (evicted, or its load cancelled or failed), keeping `last_read`: the next copy into
-        the slot must still wait for those readers."""
-        self._require("be given back", SlotState.LOADING, SlotState.READY)
-        self.key, self.state, self.pending, self.prefetched_unused = None, SlotState.FREE, None, False
+def prefetch_bar(busy: float, evicts: bool) -> float:
+    """The chance p a guess needs for its prefetch to pay, when the loads' link (the disk, or the bus) is busy a
+    share `busy` of the time. Right (p), its early read fills time the link would have idled, a share (1 - busy):
+    that is what saves a layer's wait; wrong (1 - p), it takes a read's time from needed reads where the link is
+    busy, and where it `evicts`, the victim may have to be read again as well: p (1 - busy) > (1 - p) busy
+    (1 + evicts). At one half: p > 1/2 for a free slot, p > 2/3 over a victim."""
+    cost = busy * (2.0 if evicts else 1.0)
+    return cost / ((1.0 - busy) + cost) if cost > 0 else 0.0
 
 
 class DeviceExpertCache:
@@ -164,6 +101,7 @@ class DeviceExpertCache:
         self._by_key: dict[ExpertKey, Slot] = {}  # loading or resident
         self._free: list[Slot] = []  # popped from the end: lowest slot first
         self.stats = CacheStats()
+        self.stall_share = RecentShare()  # of time the layers waited for loads
         self.grow(num_slots)
 
     def grow(self, n: int) -> None:
@@ -198,6 +136,13 @@ class DeviceExpertCache:
         return self._by_key.get(key)
 
     @property
+    def link_busy(self) -> float:
+        """The recent share of time the loads' link is busy: the disk readers' (tier disk), else the share of time
+        the layers waited for copies (a copy a layer waits for is the link being the bottleneck)."""
+        busy = self.transfer.busy_share()
+        return self.stall_share.share if busy is None else busy
+
+    @property
     def budget_bytes(self) -> int:
         return self.num_slots * self.expert_bytes
 
@@ -218,17 +163,28 @@ class DeviceExpertCache:
 
     # ------------------------------------------------------------------ movement
 
-    def prefetch(self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = ()) -> int:
-        """Start loading keys that are not resident, into free slots or over unpinned experts that are neither
-        in `keys` nor in `protect` (the current layer's experts). Returns the number of copies started."""
+    def prefetch(
+        self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = (), chance: dict[ExpertKey, float] | None = None
+    ) -> int:
+        """Start loading keys that are not resident, where it is expected to save more than it costs: a key with
+        `chance` p of being needed (1 where not given) must clear `prefetch_bar` at the measured `link_busy`, and may
+        evict only a victim the policy lets it replace
+        (`may_replace`: never one needed before it). Never evicts an expert of `keys` or `protect` (the current
+        layer's). Returns the number of copies started."""
         keys = list(dict.fromkeys(keys))
         wanted = set(keys) | set(protect)
-        started = 0
+        started, busy = 0, self.link_busy
+        free_bar, evict_bar = (prefetch_bar(busy, False), prefetch_bar(busy, True)) if chance else (-1.0, -1.0)
         for key in keys:
-            if key in self._by_key:
+            p = 1.0 if chance is None else chance.get(key, 0.0)
+            if key in self._by_key or p <= free_bar:
                 continue
-            if not self._load(key, protect=wanted, prefetch=True):
-                break
+            victim = None
+            if not self._free:
+                victim = self._victim(wanted)
+                if victim is None or p <= evict_bar or not self.policy.may_replace(victim, key):
+                    continue
+            self._load(key, protect=wanted, prefetch=True, victim=victim, order=(key[0], -p))
             self.stats.prefetch_loads += 1
             started += 1
         return started
@@ -257,14 +213,21 @@ class DeviceExpertCache:
             raise ValueError(f"{len(set(keys))} experts cannot be pinned at once with {self.num_slots} slots")
         out: dict[ExpertKey, dict[str, torch.Tensor]] = {}
         pinned: list[ExpertKey] = []
+        stalled = self.stats.stall_seconds
         try:
             missed = self._start_misses(keys)
+            for key in keys:  # prefetches still queued are needed now: ahead of every speculative read
+                slot = self._by_key[key]
+                if key not in missed and slot.state is SlotState.LOADING:
+                    self.transfer.promote(slot.pending, (key[0],))
             for key in keys:
                 out[key] = self._acquire_one(key, key in missed)
                 pinned.append(key)
         except BaseException:
             self.release(pinned)  # all or nothing: a failed load leaves none of `keys` pinned
             raise
+        finally:
+            self.stall_share.add_span(self.stats.stall_seconds - stalled)
         return out
 
     def _start_misses(self, keys: list[ExpertKey]) -> set[ExpertKey]:
@@ -334,14 +297,19 @@ class DeviceExpertCache:
 
     # ------------------------------------------------------------------ slot bookkeeping
 
-    def _load(self, key: ExpertKey, protect: set[ExpertKey], prefetch: bool = False) -> bool:
-        """Start loading `key` into a free slot, evicting an unpinned expert outside `protect` when none is free.
-        False when every slot is held; the handle waits in the slot for the first acquire."""
-        if not self._free and not self._evict(protect):
+    def _load(
+        self, key: ExpertKey, protect: set[ExpertKey], prefetch: bool = False, victim: ExpertKey | None = None, order=()
+    ) -> bool:
+        """Start loading `key` into a free slot, evicting `victim` or else the policy's among unpinned experts outside
+        `protect` when none is free. False when every slot is held; the handle waits in the slot for the first
+        acquire. A prefetch's read waits behind every needed one, in `order`."""
+        if not self._free and not self._evict(protect, victim):
             return False
         slot = self._free[-1]
         try:  # ordered after the slot's last readers
-            handle = self.transfer.load(self.store, key, slot.tensor, slot.raw, slot.last_read)
+            handle = self.transfer.load(
+                self.store, key, slot.tensor, slot.raw, slot.last_read, speculative=prefetch, order=order or (key[0],)
+            )
         except Exception as err:  # a read that fails as it starts (the ram tier) fails at its wait, as a disk one
             handle = Future()
             handle.set_exception(err)
@@ -355,12 +323,17 @@ class DeviceExpertCache:
         self.stats.peak_resident = max(self.stats.peak_resident, len(self._by_key))
         return True
 
-    def _evict(self, protect: set[ExpertKey]) -> bool:
-        """Free the slot of the policy's victim among unpinned experts outside `protect`; False if there is none."""
+    def _victim(self, protect: set[ExpertKey]) -> ExpertKey | None:
+        """The policy's victim among unpinned experts outside `protect`, or None if there is none."""
         candidates = [k for k, slot in self._by_key.items() if slot.state is not SlotState.PINNED and k not in protect]
-        if not candidates:
+        return self.policy.victim(candidates) if candidates else None
+
+    def _evict(self, protect: set[ExpertKey], victim: ExpertKey | None = None) -> bool:
+        """Free the slot of `victim`, or of the policy's among unpinned experts outside `protect`; False if there is
+        none."""
+        victim = victim if victim is not None else self._victim(protect)
+        if victim is None:
             return False
-        victim = self.policy.victim(candidates)
         slot = self._by_key[victim]
         if slot.state is SlotState.LOADING:  # let the copy still writing into it finish; its outcome no longer matters
             try:

@@ -25,6 +25,7 @@ from sida.offload.expert_file import IO_MODES
 from sida.offload.expert_layout import ModuleExperts
 from sida.offload.expert_store import ExpertStore
 from sida.offload.hash_table import HashTable, rank_depth
+from sida.offload.io_queue import RateLimit
 from sida.offload.lookahead import RouterAhead, RouterScorer
 from sida.offload.memory import DeviceMemory, PeakMemory, tensor_bytes
 from sida.offload.model_loader import LoadedModel
@@ -47,9 +48,10 @@ class OffloadConfig:
     budget: str = "half"  # neither given: "half" of all experts, or "auto" (what the device has free, measured)
     policy: str = "lru"
     tier: str = "ram"
-    prefetch_k: int = 1  # predicted candidates per token made resident ahead of their layer (exact mode)
+    prefetch_k: int = 1  # ranks of each token's guesses weighed when choosing what to load ahead
     expert_dir: Path | None = None  # where tier 'disk' keeps its expert file
     disk_io: str = "direct"  # tier 'disk' reads: "direct" (O_DIRECT) or "dontneed" (page cache, dropped after)
+    read_limit_bytes_per_s: float | None = None  # tier 'disk': expert reads paced to this rate (a disk of known speed)
     device_memory_limit: int | None = None  # bytes the engine may place on the device (None: what it has)
     max_batch: int = 32  # the largest batch (sequences × tokens) budget "auto" keeps activation room for
     max_tokens: int = 512
@@ -68,7 +70,13 @@ class OffloadEngine:
         self.num_layers = len(layers)
         self.num_experts = adapter.num_experts(model)
         self.total_experts = self.num_layers * self.num_experts
-        self.context = RoutingContext(mode=cfg.mode, prefetch_k=cfg.prefetch_k, causal=not adapter.is_encoder_decoder)
+        self.context = RoutingContext(
+            mode=cfg.mode,
+            prefetch_k=cfg.prefetch_k,
+            causal=not adapter.is_encoder_decoder,
+            routes=int(getattr(model.config, "num_experts_per_tok", 1) or 1),
+            encoder_layers=frozenset(la.index for la in layers if la.stack == "encoder"),
+        )
         self.routing_stats = RoutingStats()
         self.cache: DeviceExpertCache | None = None
         self.executor: ExpertExecutor | None = None  # runs every offloaded layer's experts from the cache
@@ -121,7 +129,10 @@ class OffloadEngine:
         source = loaded.experts
         if source is None:
             source = ModuleExperts(((la.index, e), module) for la in layers for e, module in enumerate(la.experts))
-        return ExpertStore.build(source, cfg.tier, pin, disk_path, loaded.fingerprint, cfg.disk_io)
+        store = ExpertStore.build(source, cfg.tier, pin, disk_path, loaded.fingerprint, cfg.disk_io)
+        if cfg.read_limit_bytes_per_s is not None and store.tier == "disk":
+            store.read_limit = RateLimit(cfg.read_limit_bytes_per_s)
+        return store
 
     def _auto_budget(self) -> BudgetDecision:
         """Budget "auto": every expert for the ram tier on CPU (the host holds them all already); else what the
@@ -167,14 +178,14 @@ class OffloadEngine:
                 nxt = layers[decoder_first] if la.stack == "decoder" else None
             if nxt is not None:
                 following[la.index] = (nxt.index, nxt.stack)
-        next_keys = NextLayerExperts(self.context, following)
+        next_keys = NextLayerExperts(self.context, following, self.num_experts)
         self.executor = ExpertExecutor(self.cache, adapter.expert_forward(model), self.num_experts, next_keys)
         adapter.attach(model, layers, self.executor, self.context, self.routing_stats)
         if self.context.causal:  # decode steps: each layer's experts guessed from the layer before (lookahead.py)
             within_step = {layer: nxt for layer, (nxt, _) in following.items() if nxt > layer}
-            k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
             scorer = RouterScorer({la.index: la.router for la in layers})
-            self.context.lookahead = RouterAhead(scorer, within_step, model.get_input_embeddings(), k)
+            embeddings = model.get_input_embeddings()
+            self.context.lookahead = RouterAhead(scorer, within_step, embeddings, self.context.routes)
 
     def set_lookahead_scorer(self, scorer: LayerAheadScorer) -> None:
         """Guess decode steps with `scorer` (the trained decode-step predictor) instead of the routers ahead."""
@@ -236,11 +247,11 @@ class OffloadEngine:
             return
         if decoder_input_ids is not None:
             self._guess_decoder_step(decoder_input_ids)
+        chance = ctx.expect_pass(self.num_experts)
+        self.cache.policy.expect(chance)
         first = min(hash_table.experts) if hash_table is not None and hash_table.experts else None
         if first is not None:
-            mask = token_mask if self.first_layer_stack == "encoder" or ctx.causal else None
-            keys = hash_table.candidates(first, ctx.prefetch_k, mask=mask)
-            self.cache.prefetch([(first, e) for e in keys])
+            self.cache.prefetch([k for k in chance if k[0] == first], chance=chance)
 
     def begin_decode_step(self, input_ids: torch.Tensor) -> None:
         """The expert engine's per-step hook: a decoder-only model's decode step of the running batch reads the last
@@ -258,22 +269,26 @@ class OffloadEngine:
         ahead = self.context.lookahead
         if ahead is None:
             return
-        keys = ahead.begin_step(input_ids.to(self.device))
+        ahead.begin_step(input_ids.to(self.device))
         if self.cache is not None and self.wants_hash_table:
-            self.cache.prefetch(keys)
+            guess, ctx = ahead.guesses[ahead.first], self.context
+            chance = ctx.chances(("ahead", ahead.first), guess, None, self.num_experts, guess.shape[1])
+            self.cache.prefetch(
+                [(ahead.first, e) for e in chance], chance={(ahead.first, e): p for e, p in chance.items()}
+            )
 
     def begin_decoder_step(self, decoder_input_ids: torch.Tensor) -> None:
         """A later decoder step reads `decoder_input_ids` [batch, 1]: guess its experts and start loading the
         first decoder layer's. The decode loop calls it after each token (decoding.PrefetchNextStep)."""
         if self.context.causal:  # generate's decode loop over a decoder-only model: the layer-ahead guess
+            self.context.expected = {}  # the prompt's table covers no decode step
             self._guess_first_layer(decoder_input_ids)
             return
         if self.cache is None or not self._guess_decoder_step(decoder_input_ids):
             return
-        layer = self.decoder_layers[0]
-        _first, guess = self.context.decoder_guesses[layer]
-        experts = sorted(set(guess[..., : self.context.prefetch_k].reshape(-1).tolist()))
-        self.cache.prefetch([(layer, e) for e in experts])
+        chance = self.context.expect_pass(self.num_experts, table=False)  # table rows, if any, were the first step's
+        self.cache.policy.expect(chance)
+        self.cache.prefetch([k for k in chance if k[0] == self.decoder_layers[0]], chance=chance)
 
     def _guess_decoder_step(self, decoder_input_ids: torch.Tensor) -> bool:
         """Every decoder MoE layer's guessed experts for the positions of this decoder call; False without a guess
@@ -353,36 +368,17 @@ class OffloadEngine:
             prefetch_used_bytes=sum(s.prefetch_used_bytes.values()),
             prefetch_unused_bytes=sum(s.prefetch_unused_bytes.values()),
             prefetch_precision=round(s.prefetch_precision, 6) if s.prefetch_precision is not None else None,
+            link_busy=round(self.cache.link_busy, 4),  # the recent busy share that sets the prefetch bar
             stall_seconds_by_layer={la: round(v, 6) for la, v in sorted(dict(s.stall_by_layer).items())},
         )
         if self.cfg.tier == "disk":
             out["disk_io"] = self.cache.store.file.io
-        out.update(self._hit_rates())
+        out.update(self.routing_stats.hit_rates(self.layer_stack, self.context.causal))
         recall = self.routing_stats.decode_recall()
         if recall:
             out["decode_recall"] = recall
         if self.cfg.mode == "predicted":
             out["router_fallbacks"] = self.routing_stats.router_fallbacks
-        return out
-
-    def _hit_rates(self) -> dict:
-        """{"hash_hit_rate": {"top1": …}, "decoder_hash_hit_rate": …} over the layers of each stack that were scored.
-        A decoder-only model's layers are scored on the prompt's tokens, against the batch's hash table: its
-        `hash_hit_rate`."""
-        stats, out = self.routing_stats, {}
-        # one C-level copy each: the inference thread may add a layer's first key while /info reads
-        lookups_by_layer, hits_by_key = dict(stats.hash_lookups), dict(stats.hash_hits)
-        decoder_key = "hash_hit_rate" if self.context.causal else "decoder_hash_hit_rate"
-        for stack, key in (("encoder", "hash_hit_rate"), ("decoder", decoder_key)):
-            layers = {la for la, s in self.layer_stack.items() if s == stack}
-            lookups = sum(n for la, n in lookups_by_layer.items() if la in layers)
-            if not lookups:
-                continue
-            hits: dict[int, int] = {}
-            for (la, k), n in hits_by_key.items():
-                if la in layers:
-                    hits[k] = hits.get(k, 0) + n
-            out[key] = {f"top{k}": round(hits[k] / lookups, 6) for k in sorted(hits)}
         return out
 
 
@@ -398,3 +394,5 @@ def _check(cfg: OffloadConfig) -> None:
         raise ValueError(f"unknown expert tier {cfg.tier!r}; expected ram or disk")
     if cfg.prefetch_k < 1:
         raise ValueError("prefetch_k must be >= 1")
+    if cfg.read_limit_bytes_per_s is not None and cfg.read_limit_bytes_per_s <= 0:
+        raise ValueError("read_limit_bytes_per_s must be a positive number of bytes per second")

@@ -10,7 +10,7 @@ Order of one call:
 1. `cancel_prefetches`: this layer's prefetched experts it does not need give their unstarted reads back;
 2. `waves`: the needed experts, ascending by id, split into groups that fit the budget, resident ones first;
 3. per wave, `acquire` pins its experts (loading misses); after the first acquire, `prefetch` the experts of what
-   runs next (from `next_keys(layer)`), protecting this layer's experts;
+   runs next (from `next_keys(layer)`, each with its chance of being needed), protecting this layer's experts;
 4. per expert of the wave, in the wave's order: compute its pairs (choice-major, tokens ascending), `release` it,
    then `prefetch` this layer's later waves and what runs next into its slot, protecting the rest of the wave;
 5. `release` whatever the wave still holds, also when an expert forward raises: a failed batch pins nothing;
@@ -31,7 +31,8 @@ import torch
 from sida.offload.expert_layout import ExpertKey
 
 ExpertForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]  # (params, x [n, H]) → [n, H]
-NextKeys = Callable[[int], list[ExpertKey]]  # layer → experts to load while it computes, for what runs after it
+# layer → {expert: chance it is needed} to load while the layer computes, for what runs after it, likeliest first
+NextKeys = Callable[[int], dict[ExpertKey, float]]
 
 
 class ExpertSlots(Protocol):
@@ -43,7 +44,9 @@ class ExpertSlots(Protocol):
 
     def release(self, keys: Iterable[ExpertKey]) -> None: ...
 
-    def prefetch(self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = ()) -> int: ...
+    def prefetch(
+        self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = (), chance: dict[ExpertKey, float] | None = None
+    ) -> int: ...
 
     def cancel_prefetches(self, layer: int, needed: Iterable[ExpertKey]) -> int: ...
 
@@ -77,7 +80,7 @@ class ExpertExecutor:
             try:
                 later = [k for w in waves[i + 1 :] for k in w]  # this layer's experts of the waves still to come
                 if i == 0:  # copies for what runs next overlap this layer's compute, never evicting its experts
-                    self.cache.prefetch(upcoming, protect=set(keys))
+                    self.cache.prefetch(list(upcoming), protect=set(keys), chance=upcoming)
                 for j, key in enumerate(wave):
                     e = key[1]
                     pair = pairs[starts[e] : starts[e + 1]]  # [n] this expert's pairs
@@ -87,7 +90,8 @@ class ExpertExecutor:
                     held.remove(key)
                     self.cache.release([key])
                     if later or upcoming:
-                        self.cache.prefetch(later + upcoming, protect=set(wave[j + 1 :]))
+                        chance = {**upcoming, **dict.fromkeys(later, 1.0)}
+                        self.cache.prefetch([*later, *upcoming], protect=set(wave[j + 1 :]), chance=chance)
             finally:
                 self.cache.release(held)
         for e in sorted(done):  # summed in expert order whatever order they ran in, as the eager experts forward sums

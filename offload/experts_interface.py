@@ -74,7 +74,9 @@ class ExpertsRoute:
         one_per_row = mask is not None and hidden.shape[0] == mask.shape[0]
         decode_step = ctx.decoding or (one_per_row and ctx.offsets[self.layer] > 0)
         if ctx.lookahead is not None and decode_step:  # one new token per row: guess the next layer's experts
-            ctx.lookahead.observe(self.layer, hidden, top_k_index, self.stats)
+            scored = ctx.lookahead.observe(self.layer, hidden, top_k_index, self.stats)
+            if scored is not None:
+                ctx.observe(("ahead", self.layer), scored, None, top_k_index)
         if mask is None or hidden.shape[0] % mask.shape[0]:
             return self.executor(hidden, top_k_index, top_k_weights, self.layer)
         rows = mask.shape[0]
@@ -88,6 +90,10 @@ class ExpertsRoute:
             choice = top_k_index.gather(1, top_k_weights.argmax(1, keepdim=True))  # [T, 1] highest-weight expert
             ranked = predicted[0].reshape(hidden.shape[0], -1)  # [T, K]
             self.stats.count(self.layer, choice, ranked[:, None, :], None if real is None else real[:, None])
+            probs = table.probabilities(self.layer, start, seq)
+            keep = slice(None) if real is None else real
+            probs = None if probs is None else probs.reshape(ranked.shape[0], -1)[keep]
+            ctx.observe(("table", self.layer), ranked[keep], probs, top_k_index[keep])  # any router choice: needed
             if ctx.mode == "predicted":
                 top_k_index, top_k_weights = self._from_table(table, start, seq, ranked, top_k_weights)
         elif ctx.mode == "predicted":

@@ -1,7 +1,8 @@
 """The hash table: for every MoE layer and token of a batch, the predicted experts (best first) and α.
 
-The predictor worker builds it ahead of inference; the MoE layer reads it to prefetch (`exact` mode) or to
-route (`predicted` mode). `from_router_logits` builds a perfect one from the router itself (the oracle).
+The predictor worker builds it ahead of inference; the routing context turns it into each expert's chance of use
+by the batch, to prefetch and evict by (`exact` and `predicted` modes), and the MoE layer routes by it (`predicted`
+mode). `from_router_logits` builds a perfect one from the router itself (the oracle).
 """
 
 from __future__ import annotations
@@ -54,26 +55,6 @@ class HashTable:
             return {layer: t[keep] for layer, t in by_layer.items()}
 
         return HashTable(rows(self.experts), rows(self.alphas), rows(self.probs))
-
-    def candidates(self, layer: int, k: int, start: int = 0, length: int | None = None, mask=None) -> list[int]:
-        """Distinct experts among the top-k predictions of real tokens (`mask` [batch, seq]) at positions from
-        `start`: what to make resident for this layer, most wanted first (every rank-1 guess before any rank-2
-        one; within a rank, the experts more tokens chose first), so copies start in order of need."""
-        experts = self.experts.get(layer)
-        if experts is None:
-            return []
-        length = experts.shape[1] - start if length is None else length
-        if start + length > experts.shape[1] or length <= 0:
-            return []
-        top = experts[:, start : start + length, :k]  # [batch, length, k]
-        if mask is not None:
-            top = top[mask[:, start : start + length].bool()]
-        out: dict[int, None] = {}
-        for rank in range(top.shape[-1]):
-            ids, counts = top[..., rank].reshape(-1).unique(return_counts=True)
-            for i in counts.argsort(descending=True, stable=True).tolist():
-                out.setdefault(int(ids[i]), None)
-        return list(out)
 
     @classmethod
     def from_router_logits(cls, logits: dict[int, torch.Tensor], k: int = HIT_RANKS) -> HashTable:

@@ -84,11 +84,14 @@ class RouterAhead:
         kept = h[torch.tensor(keep, dtype=torch.long, device=h.device)] if keep else h[:0]
         self.last_hidden = torch.cat([kept, h.new_zeros(added, h.shape[1])])
 
-    def observe(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, stats) -> None:
+    def observe(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, stats) -> torch.Tensor | None:
         """`layer` runs its experts on `hidden` [tokens, H] with the router's choice `top_k_index` [tokens, k]: score
-        its guess, and guess the next MoE layer's experts from the same hidden state."""
+        its guess, and guess the next MoE layer's experts from the same hidden state. Returns the guess scored
+        [tokens, k], if there was one."""
         guess = self.guesses.pop(layer, None)
-        if guess is not None and guess.shape[0] == top_k_index.shape[0]:
+        if guess is not None and guess.shape[0] != top_k_index.shape[0]:
+            guess = None
+        if guess is not None:
             stats.count_decode(layer, top_k_index, guess)
         if layer == self.last:
             self.last_hidden = hidden.detach()
@@ -96,6 +99,7 @@ class RouterAhead:
         if nxt is not None and self.token_emb is not None and self.token_emb.shape[0] == hidden.shape[0]:
             with torch.inference_mode():
                 self.guesses[nxt] = self._top_k(nxt, hidden)
+        return guess
 
     def keys(self, layer: int) -> list[ExpertKey]:
         """The distinct experts guessed for `layer` in this step."""

@@ -5,7 +5,8 @@ Routing comes from the model's router (`exact`) or from the hash table (`predict
 kept so that `exact` equals Hugging Face: top-1, router in fp32 with no jitter in eval, per-sequence expert
 capacity (tokens over capacity skip the MoE and pass through the residual), output scaled by α.
 Padding tokens of the encoder are not sent to any expert: no real token can see their output.
-`NextLayerExperts` tells the executor what to load while a layer computes: the next MoE layer's predicted experts.
+`NextLayerExperts` tells the executor what to load while a layer computes: the next MoE layer's predicted experts,
+each with its chance of being needed (calibration.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sida.offload.calibration import Calibration, expected_use
 from sida.offload.expert_execution import ExpertExecutor
 from sida.offload.expert_layout import ExpertKey
 from sida.offload.hash_table import HashTable
@@ -58,6 +60,26 @@ class RoutingStats:
         by_layer = {str(la): round(hits.get(la, 0) / n, 6) for la, n in sorted(lookups.items()) if n}
         return {"all": round(sum(hits.values()) / total, 6), **by_layer}
 
+    def hit_rates(self, layer_stack: dict[int, str], causal: bool) -> dict:
+        """{"hash_hit_rate": {"top1": …}, "decoder_hash_hit_rate": …} over the layers of each stack (`layer_stack`:
+        layer → "encoder" or "decoder") that were scored. A decoder-only (`causal`) model's layers are scored on the
+        prompt's tokens, against the batch's hash table: its `hash_hit_rate`."""
+        out = {}
+        # one C-level copy each: the inference thread may add a layer's first key while /info reads
+        lookups_by_layer, hits_by_key = dict(self.hash_lookups), dict(self.hash_hits)
+        decoder_key = "hash_hit_rate" if causal else "decoder_hash_hit_rate"
+        for stack, key in (("encoder", "hash_hit_rate"), ("decoder", decoder_key)):
+            layers = {la for la, s in layer_stack.items() if s == stack}
+            lookups = sum(n for la, n in lookups_by_layer.items() if la in layers)
+            if not lookups:
+                continue
+            hits: dict[int, int] = {}
+            for (la, k), n in hits_by_key.items():
+                if la in layers:
+                    hits[k] = hits.get(k, 0) + n
+            out[key] = {f"top{k}": round(hits[k] / lookups, 6) for k in sorted(hits)}
+        return out
+
     def count(
         self, layer: int, router_choice: torch.Tensor, predicted: torch.Tensor, mask: torch.Tensor | None = None
     ) -> None:
@@ -88,6 +110,56 @@ class RoutingContext:
     decoder_guesses: dict = field(default_factory=dict)
     decoding: bool = False  # a decoder-only model's decode step of the running batch (no table, no mask)
     lookahead: RouterAhead | None = None  # a decoder-only model's decode-step guesses, a layer ahead
+    # each guess source ("table", "decoder", "ahead") of each MoE layer, calibrated against the router's real
+    # choices; kept across batches (what was learned is not reset with the statistics)
+    calibration: dict[tuple[str, int], Calibration] = field(default_factory=dict)
+    expected: dict[int, dict[int, float]] = field(default_factory=dict)  # this pass: layer → {expert: chance of use}
+    routes: int = 1  # experts each token is routed to
+    encoder_layers: frozenset = frozenset()  # MoE layers of an encoder stack (their padding is masked)
+
+    def expect_pass(self, num_experts: int, table: bool = True) -> dict[ExpertKey, float]:
+        """This pass's expectations (`expected`), for the layers a guess covers: the hash table's (unless not
+        `table`: a later decoder step), over real tokens from the first position, and the decoder guess of the step.
+        Returns them by key, the policy's predicted future."""
+        self.expected = {}
+        table = self.hash_table if table else None
+        for layer in table.experts if table is not None else ():
+            experts = table.experts[layer]  # [batch, seq, K]
+            probs = table.probs.get(layer)
+            mask = self.token_mask if layer in self.encoder_layers or self.causal else None
+            if mask is not None and mask.shape[1] == experts.shape[1]:
+                real = mask.bool()
+                ranked, probs = experts[real], None if probs is None else probs[real]
+            else:
+                ranked, probs = experts.reshape(-1, experts.shape[-1]), None if probs is None else probs.flatten(0, 1)
+            self.expected[layer] = self.chances(("table", layer), ranked, probs, num_experts, self.routes)
+        for layer, (_first, guess) in self.decoder_guesses.items():
+            if layer not in self.expected:
+                ranked = guess.reshape(-1, guess.shape[-1])
+                self.expected[layer] = self.chances(("decoder", layer), ranked, None, num_experts, self.routes)
+        return {(la, e): p for la, by_expert in self.expected.items() for e, p in by_expert.items()}
+
+    def observe(
+        self, source: tuple[str, int], ranked: torch.Tensor, probs: torch.Tensor | None, choices: torch.Tensor
+    ) -> None:
+        """Count real tokens' guesses `ranked` [n, K] of `source` ((kind, layer)) against the router's `choices`
+        [n, k] (exact mode: the router routes, so every guess is scored)."""
+        if self.mode == "exact" and ranked.numel():
+            self.calibration.setdefault(source, Calibration()).observe(ranked, probs, choices)
+
+    def chances(
+        self, source: tuple[str, int], ranked: torch.Tensor, probs: torch.Tensor | None, num_experts: int, routes: int
+    ) -> dict[int, float]:
+        """{expert: chance it is used} from real tokens' guesses `ranked` [n, K] of `source`, the first `prefetch_k`
+        ranks weighed: calibrated in exact mode; in predicted mode the table routes, so its first `routes` ranks are
+        certain and the others unused."""
+        ranked = ranked[:, : self.prefetch_k]
+        if self.mode == "predicted":
+            chance = (torch.arange(ranked.shape[1]) < routes).double().expand(ranked.shape)
+            return expected_use(ranked, chance, num_experts)
+        cal = self.calibration.setdefault(source, Calibration())
+        chance = cal.calibrated(ranked, None if probs is None else probs[:, : self.prefetch_k])
+        return expected_use(ranked, chance, num_experts, cal.weights(num_experts))
 
     def decoder_guess(self, layer: int, position: int) -> torch.Tensor | None:
         """[batch, positions from `position` on, k] guessed experts of a decoder layer, if this step has them."""
@@ -148,18 +220,20 @@ class SiDAMoELayer(nn.Module):
         if ctx.mode == "predicted" and predicted is not None:
             experts, alpha = predicted
             if ctx.shadow:
-                self._count_hits(self._router(hidden_states)[2].argmax(-1), experts)
+                self._count_hits(self._router(hidden_states)[2].argmax(-1), experts, None, None)
             return self._apply_capacity(experts[..., 0]), alpha
         if ctx.mode == "predicted":
             self.stats.router_fallbacks += 1
         expert, top_prob, logits = self._router(hidden_states)
-        guess = predicted[0] if predicted is not None else None
-        if guess is None and self.stack == "decoder":
-            guess = ctx.decoder_guess(self.index, start)
-            seq = hidden_states.shape[1]
+        seq = hidden_states.shape[1]
+        guess, probs, source = None, None, "table"
+        if predicted is not None:
+            guess, probs = predicted[0], table.probabilities(self.index, start, seq)
+        elif self.stack == "decoder":
+            guess, source = ctx.decoder_guess(self.index, start), "decoder"
             guess = guess[:, :seq] if guess is not None and guess.shape[1] >= seq else None
         if guess is not None:
-            self._count_hits(logits.argmax(-1), guess)  # the router's choice before any capacity drop
+            self._count_hits(logits.argmax(-1), guess, probs, source)  # the router's choice before any capacity drop
         return expert, top_prob
 
     def _router(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,39 +253,40 @@ class SiDAMoELayer(nn.Module):
         priority = (one_hot.cumsum(dim=1) * one_hot).sum(-1)  # [batch, seq], 1-based rank within the expert
         return expert.masked_fill(priority > self.expert_capacity, -1)
 
-    def _count_hits(self, router_choice: torch.Tensor, predicted: torch.Tensor) -> None:
-        """Count real tokens whose router choice [batch, seq] is among the top-1..k of `predicted` [batch, seq, k]."""
+    def _count_hits(
+        self, router_choice: torch.Tensor, predicted: torch.Tensor, probs: torch.Tensor | None, source: str | None
+    ) -> None:
+        """Count real tokens whose router choice [batch, seq] is among the top-1..k of `predicted` [batch, seq, k]
+        (with its `probs`), and calibrate `source` with them."""
         mask = None
         if self.stack == "encoder" and self.context.token_mask is not None:
             mask = self.context.token_mask.bool()
         self.stats.count(self.index, router_choice, predicted, mask)
+        if source is not None:
+            pick = (lambda t: t[mask]) if mask is not None else (lambda t: t.flatten(0, 1))  # real tokens [n, ...]
+            ranked, choices = pick(predicted), pick(router_choice)[:, None]
+            self.context.observe((source, self.index), ranked, None if probs is None else pick(probs), choices)
 
 
 class NextLayerExperts:
-    """What to load while a MoE layer computes: the next MoE layer's predicted experts (top-k of its real tokens),
-    from the hash table or, for a decoder layer, the step's decoder guess (Switch) or layer-ahead guess (a decoder-only
-    model's decode step). The executor's `next_keys`."""
+    """What to load while a MoE layer computes: the next MoE layer's predicted experts, each with its chance of being
+    needed, from the pass's expectations (the hash table, or for a decoder layer the step's decoder guess: Switch) or
+    the layer-ahead guess (a decoder-only model's decode step). The executor's `next_keys`."""
 
-    def __init__(self, context: RoutingContext, following: dict[int, tuple[int, str]]):
+    def __init__(self, context: RoutingContext, following: dict[int, tuple[int, str]], num_experts: int):
         self.context = context
         self.following = following  # layer → (the MoE layer after it, its stack); absent after the last
+        self.num_experts = num_experts
 
-    def __call__(self, layer: int) -> list[ExpertKey]:
-        """The keys of the experts to load for the MoE layer after `layer`."""
+    def __call__(self, layer: int) -> dict[ExpertKey, float]:
+        """{key: chance} of the experts to load for the MoE layer after `layer`, likeliest first."""
         ctx = self.context
         if layer not in self.following:
-            return []
-        nxt, stack = self.following[layer]
-        table = ctx.hash_table
-        if stack == "encoder":
-            experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, mask=ctx.token_mask)
-        else:  # the next decoder call processes the positions from its offset on
-            start = ctx.offsets[nxt]
-            mask = ctx.token_mask if ctx.causal and start == 0 else None  # a decoder-only prompt: its real tokens
-            experts = [] if table is None else table.candidates(nxt, ctx.prefetch_k, start=start, mask=mask)
-            if not experts and ctx.lookahead is not None:  # a decode step: the guess made a layer ahead
-                return ctx.lookahead.keys(nxt)
-            guess = ctx.decoder_guess(nxt, start) if not experts else None
+            return {}
+        nxt = self.following[layer][0]
+        chances = ctx.expected.get(nxt)
+        if chances is None and ctx.lookahead is not None:  # a decode step: the guess made a layer ahead
+            guess = ctx.lookahead.guesses.get(nxt)
             if guess is not None:
-                experts = sorted(set(guess[..., : ctx.prefetch_k].reshape(-1).tolist()))
-        return [(nxt, e) for e in experts]
+                chances = ctx.chances(("ahead", nxt), guess, None, self.num_experts, guess.shape[1])
+        return {(nxt, e): p for e, p in (chances or {}).items()}

@@ -31,6 +31,14 @@ class EvictionPolicy:
         """The key to evict among `candidates` (non-empty)."""
         raise NotImplementedError
 
+    def expect(self, chances: dict[Hashable, float]) -> None:
+        """A new pass through the layers begins, with each key's predicted chance of being used in it (a policy
+        that does not look ahead ignores it)."""
+
+    def may_replace(self, victim: Hashable, key: Hashable) -> bool:
+        """Whether a prefetch of `key` may evict `victim` (a policy that does not look ahead cannot tell: yes)."""
+        return True
+
 
 class FIFOPolicy(EvictionPolicy):
     """Evicts the key loaded longest ago, whatever its use since (the paper's policy)."""
@@ -98,29 +106,60 @@ class LFUPolicy(EvictionPolicy):
 
 
 class LayeredPolicy(LRUPolicy):
-    """Evicts the expert a forward pass through the layers needs last (Belady's choice when layers run in order):
-    first the experts of layers at or before the one running now, the latest layer first (they are next needed
-    by the next batch); then those of later layers, the farthest first. Ties go to the least recently used.
-    Keys are (layer, expert). An LRU cache over more experts than fit cycles through all of them every batch and
-    keeps none; this keeps the early layers' experts from one batch to the next."""
+    """Belady's rule with the predicted future: evicts the expert whose next use is expected latest. A pass runs the
+    layers in order, so an expert of a layer at or before the running one is next needed by the next pass, the later
+    its layer the later; an expert of a later layer is needed in this pass, at its layer, with its predicted chance
+    (`expect`), else in the next pass. Without a prediction every later layer's expert counts as needed in this pass:
+    first the experts of layers at or before the running one go, the latest layer first, then those of later layers,
+    the farthest first. Ties go to the least recently used. Keys are (layer, expert). An LRU cache over more experts
+    than fit cycles through all of them every batch and keeps none; this keeps the early layers' experts from one
+    batch to the next.
+
+    `may_replace` keeps prefetches Belady-consistent: a prefetch evicts only an expert expected later than the
+    prefetched one, and no sooner than the running layer's own experts are needed again (the next pass): the
+    experts a layer is done with are what a load at the next layer would evict, so evicting one needed sooner to
+    load early would cost a read that loading on demand would not."""
 
     name = "layered"
 
     def __init__(self) -> None:
         super().__init__()
         self._layer = 0  # the layer of the latest access: where the forward pass is
+        self._depth = 1  # layers per pass: one more than the deepest layer seen
+        self._chance: dict[Hashable, float] = {}  # this pass: predicted chance of use of later layers' keys
+
+    def on_insert(self, key: Hashable) -> None:
+        super().on_insert(key)
+        self._depth = max(self._depth, key[0] + 1)
 
     def on_access(self, key: Hashable) -> None:
         super().on_access(key)
         self._layer = key[0]
 
+    def expect(self, chances: dict[Hashable, float]) -> None:
+        self._chance = dict(chances)
+        self._layer = -1  # before the first layer of the new pass
+
+    def next_use(self, key: Hashable) -> float:
+        """Layers from the running one until `key` is expected to be used (its chance in this pass weighs its use at
+        its layer now against its use in the next pass)."""
+        ahead = key[0] - self._layer
+        if ahead <= 0:
+            return self._depth + ahead
+        p = self._chance.get(key, 1.0)
+        return p * ahead + (1.0 - p) * (self._depth + ahead)
+
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:
         candidates = list(candidates)
         if not candidates:
             raise ValueError("no eviction candidate is known to the policy")
-        rank = {k: (k[0] <= self._layer, k[0]) for k in candidates}
-        worst = max(rank.values())
-        return super().victim(k for k in candidates if rank[k] == worst)
+        dist = {k: self.next_use(k) for k in candidates}
+        worst = max(dist.values())
+        return super().victim(k for k in candidates if dist[k] >= worst - 1e-9)
+
+    def may_replace(self, victim: Hashable, key: Hashable) -> bool:
+        later = self.next_use(victim)
+        return later >= self._depth and later > key[0] - self._layer
 
 
 class StaticHotSetPolicy(LRUPolicy):
@@ -138,6 +177,10 @@ class StaticHotSetPolicy(LRUPolicy):
         candidates = list(candidates)
         cold = [k for k in candidates if k not in self.hot]
         return super().victim(cold or candidates)
+
+    def may_replace(self, victim: Hashable, key: Hashable) -> bool:
+        """A guess never pushes out the hot set: only a layer that needs more experts than the cold slots hold does."""
+        return victim not in self.hot
 
 
 def hot_set(counts: dict[Hashable, int], slots: int) -> list[Hashable]:

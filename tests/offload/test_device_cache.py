@@ -168,3 +168,45 @@ def test_a_failed_read_leaves_the_slot_usable_and_nothing_pinned():
     cache.store.host = real
     views = cache.acquire([(0, 1), (1, 1)])  # both slots still usable
     torch.testing.assert_close(views[(1, 1)]["weight"], modules[(1, 1)].weight)
+
+
+def test_a_prefetch_is_made_only_where_its_chance_pays_for_it():
+    cache, _ = make_cache(3, policy="layered")
+    chance = {(1, 0): 0.5, (1, 1): 0.6, (1, 2): 0.9, (1, 3): 0.65}
+    # free slots: a guess at even odds saves a read's wait as often as it wastes a read; better odds pay
+    assert cache.prefetch(list(chance), chance=chance) == 3
+    assert set(cache.resident_keys) == {(1, 1), (1, 2), (1, 3)}
+    # over a victim that may be read again, a guess needs better than two-to-one odds
+    assert cache.prefetch([(1, 0)], chance={(1, 0): 0.66}) == 0
+    cache.policy.may_replace = lambda victim, key: False  # and a victim the policy lets it replace
+    assert cache.prefetch([(1, 0)], chance={(1, 0): 0.9}) == 0
+    del cache.policy.may_replace
+    assert cache.prefetch([(1, 0)], chance={(1, 0): 0.9}) == 0  # the layered policy: all needed this pass
+    cache.policy.expect({(1, 1): 0.1, (1, 2): 0.9, (1, 3): 0.9})  # a new pass that will not use (1, 1)
+    assert cache.prefetch([(1, 0)], chance={(1, 0): 0.9}) == 1
+    assert not cache.is_resident((1, 1))
+    assert cache.stats.prefetch_loads == 4 and cache.stats.evictions == 1
+    assert cache.prefetch([(0, 0)]) == 1  # no chance given: certain, subject to the policy alone
+
+
+def test_a_prefetch_waits_behind_the_needed_reads_and_is_promoted_when_needed(tmp_path):
+    import threading
+
+    cache, _ = make_cache(4, tier="disk", path=tmp_path / "experts.safetensors")
+    gate = threading.Event()
+    order = []
+    read = cache.store.read_into
+    cache.store.read_into = lambda key, buf: (order.append(key), read(key, buf))
+    cache.transfer.start_io(cache.store.read_bytes)
+    held = [cache.transfer._pool.submit(gate.wait, 5) for _ in range(2)]  # both reader threads busy
+    cache.prefetch([(1, 0), (1, 1)], chance={(1, 0): 0.9, (1, 1): 0.8})
+    release = []
+    t = threading.Thread(target=lambda: release.append(cache.acquire([(0, 0), (1, 1)])))
+    t.start()
+    gate.set()
+    t.join(5)
+    assert [f.result(5) for f in held] == [True, True]
+    # the miss and the guess the layer turned out to need go before the other guess
+    assert set(order[:2]) == {(0, 0), (1, 1)} and order[2:] in ([], [(1, 0)])
+    cache.release([(0, 0), (1, 1)])
+    cache.transfer.close()

@@ -149,15 +149,6 @@ def test_prefetches_a_layer_did_not_need_are_cancelled_before_their_read(tmp_pat
     cache.acquire([(0, 0), (0, 1)])
 
 
-def test_candidates_come_most_wanted_first():
-    from sida.offload.hash_table import HashTable
-
-    experts = torch.tensor([[[5, 1], [5, 2], [3, 1], [5, 7]]])  # [batch 1, seq 4, k 2]
-    table = HashTable({0: experts}, {0: torch.ones(1, 4)})
-    assert table.candidates(0, 1) == [5, 3]  # rank 1 by how many tokens chose it
-    assert table.candidates(0, 2) == [5, 3, 1, 2, 7]  # then rank 2
-
-
 def test_the_pinned_figure_of_an_aligned_buffer_is_its_whole_over_allocation_rounded():
     nbytes = 1 << 16
     buf = aligned_empty(nbytes, align=4096)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sida.offload.calibration import PRIOR
 from sida.offload.engine import OffloadConfig, OffloadEngine
 from sida.offload.hash_table import HashTable
 from sida.offload.model_loader import load_model
@@ -195,3 +196,38 @@ def test_decoder_guesses_during_generation_keep_the_output(tiny8_dir):
     engine.set_decoder_guess(_decoder_guess(tiny8_dir))
     assert Runner(loaded, engine=engine).complete(prompts, max_new_tokens=6) == plain
     assert engine.routing_stats.hash_lookups  # every generated step was guessed and scored
+
+
+def test_exact_calibrates_each_layers_guesses_against_the_router_and_expects_the_pass(tiny8_dir, reference):
+    logits, engine = run(tiny8_dir, mode="exact", budget_experts=4, policy="layered", table="oracle", prefetch_k=3)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    ctx = engine.context
+    table_layers = {la for kind, la in ctx.calibration if kind == "table"}
+    assert table_layers == set(engine.layer_stack)  # the oracle's table covers encoder and decoder layers
+    cal = ctx.calibration[("table", 0)]
+    counted, rate = cal.seen - PRIOR, cal.hits / cal.seen  # [ranks, tenths]
+    assert (counted[0] >= 10).any() and (counted[1] >= 10).any()
+    # the router's own top-1 is always its choice, its second never: the counts outweigh the prior
+    assert (rate[0][counted[0] >= 10] > 0.7).all() and (rate[1][counted[1] >= 10] < 0.3).all()
+    # this pass's expectations: each layer's experts' chance of use, handed to the policy as its predicted future
+    used = {e for e, p in ctx.expected[0].items() if p > 0.5}
+    assert used and all(0.0 <= p <= 1.0 for by in ctx.expected.values() for p in by.values())
+    assert engine.cache.policy._chance == {(la, e): p for la, by in ctx.expected.items() for e, p in by.items()}
+
+
+def test_in_predicted_mode_the_tables_routed_experts_are_certain_and_the_others_unused(tiny8_dir):
+    _, engine = run(tiny8_dir, mode="predicted", budget_experts=4, policy="layered", prefetch_k=3)
+    assert not engine.context.calibration  # nothing to calibrate: the table routes
+    for by_expert in engine.context.expected.values():
+        chances = sorted(by_expert.values())
+        assert all(p < 1e-9 or p > 1 - 1e-9 for p in chances) and chances[-1] > 1 - 1e-9
+
+
+def test_a_read_limit_paces_the_disk_tiers_reads(tiny8_dir, reference, tmp_path):
+    logits, engine = run(
+        tiny8_dir, mode="exact", budget_experts=4, tier="disk", expert_dir=tmp_path, read_limit_bytes_per_s=5e8
+    )
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert engine.cache.store.read_limit.bytes_per_s == 5e8
+    with pytest.raises(ValueError, match="positive"):
+        OffloadEngine(load_model(tiny8_dir), OffloadConfig(mode="exact", read_limit_bytes_per_s=0), CPU)

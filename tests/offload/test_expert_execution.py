@@ -72,7 +72,7 @@ class RecordingCache:
 def test_top_1_equals_a_plain_loop_over_the_experts_bit_for_bit():
     cache = make_cache(LAYERS * EXPERTS)
     hidden, index, weights = routed(k=1)
-    out = ExpertExecutor(cache, expert_forward, EXPERTS, lambda layer: [])(hidden, index, weights, 1)
+    out = ExpertExecutor(cache, expert_forward, EXPERTS, lambda layer: {})(hidden, index, weights, 1)
     assert torch.equal(out, reference(cache, hidden, index, weights, 1))
     for t in (3, 5, 9):  # no expert, or only a sentinel
         assert torch.equal(out[t], torch.zeros(HIDDEN))
@@ -81,7 +81,7 @@ def test_top_1_equals_a_plain_loop_over_the_experts_bit_for_bit():
 def test_top_2_sums_each_choice_weighted_and_ignores_no_expert_ids():
     cache = make_cache(LAYERS * EXPERTS)
     hidden, index, weights = routed(k=2)
-    out = ExpertExecutor(cache, expert_forward, EXPERTS, lambda layer: [])(hidden, index, weights, 0)
+    out = ExpertExecutor(cache, expert_forward, EXPERTS, lambda layer: {})(hidden, index, weights, 0)
     expected = torch.zeros_like(hidden)
     for t in range(hidden.shape[0]):
         for c in range(2):
@@ -102,7 +102,7 @@ def test_cache_calls_come_in_the_documented_order():
 
     def next_keys(layer):
         cache.calls.append(("next_keys", layer))
-        return [(layer + 1, 5)]
+        return {(layer + 1, 5): 1.0}
 
     ExpertExecutor(cache, expert_forward, EXPERTS, next_keys)(hidden, index, torch.ones(4, 1), 0)
     a, b, nxt = (0, 0), (0, 2), (1, 5)
@@ -111,11 +111,11 @@ def test_cache_calls_come_in_the_documented_order():
         ("next_keys", 0),
         ("waves", [a, b]),
         ("acquire", [a, b]),
-        ("prefetch", [nxt], {a, b}),  # what runs next, never over this layer's experts
+        ("prefetch", [nxt], {a, b}, {nxt: 1.0}),  # what runs next, never over this layer's experts, with its chance
         ("release", [a]),
-        ("prefetch", [nxt], {b}),  # into the freed slot, keeping the rest of the wave
+        ("prefetch", [nxt], {b}, {nxt: 1.0}),  # into the freed slot, keeping the rest of the wave
         ("release", [b]),
-        ("prefetch", [nxt], set()),
+        ("prefetch", [nxt], set(), {nxt: 1.0}),
         ("release", []),
     ]
     assert cache.cache.pinned_keys == []
@@ -133,7 +133,7 @@ def test_every_acquired_expert_is_released_when_an_expert_forward_raises():
 
     hidden, index, weights = routed(k=1)
     with pytest.raises(RuntimeError, match="injected"):
-        ExpertExecutor(cache, failing, EXPERTS, lambda layer: [])(hidden, index, weights, 0)
+        ExpertExecutor(cache, failing, EXPERTS, lambda layer: {})(hidden, index, weights, 0)
     acquired = [k for call in cache.calls if call[0] == "acquire" for k in call[1]]
     released = [k for call in cache.calls if call[0] == "release" for k in call[1]]
     assert len(acquired) == 4 and sorted(released) == sorted(acquired)
@@ -145,7 +145,7 @@ def test_a_budget_smaller_than_the_layer_runs_in_waves_with_the_same_result(k):
     cache = make_cache(2)
     recording = RecordingCache(cache)
     hidden, index, weights = routed(k=k, seed=k)
-    executor = ExpertExecutor(recording, expert_forward, EXPERTS, lambda layer: [(1, 0), (1, 1)])
+    executor = ExpertExecutor(recording, expert_forward, EXPERTS, lambda layer: {(1, 0): 1.0, (1, 1): 1.0})
     out = executor(hidden, index, weights, 0)
     expected = reference(cache, hidden, index, weights, 0)
     if k == 1:
@@ -174,7 +174,9 @@ def fail_reads(cache, key, times):
 def prefetching_layer_1(cache):
     """An executor whose layer 0 prefetches every expert of layer 1 (the budget holds both layers)."""
     layer_1 = [(1, e) for e in range(EXPERTS)]
-    return ExpertExecutor(cache, expert_forward, EXPERTS, lambda layer: layer_1 if layer == 0 else [])
+    return ExpertExecutor(
+        cache, expert_forward, EXPERTS, lambda layer: dict.fromkeys(layer_1, 1.0) if layer == 0 else {}
+    )
 
 
 @pytest.mark.parametrize("tier", ["ram", "disk"])

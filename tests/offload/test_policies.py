@@ -83,3 +83,44 @@ def test_make_policy():
     assert make_policy("fifo").name == "fifo"
     with pytest.raises(ValueError, match="unknown eviction policy 'mru'"):
         make_policy("mru")
+
+
+def layered_at(layer: int, keys, chances=None) -> LayeredPolicy:
+    """A layered policy over `keys` (a 6-layer pass), the pass at `layer`, with the predicted `chances` of this pass."""
+    p = LayeredPolicy()
+    for k in [(5, 0), *keys]:
+        p.on_insert(k)
+    p.expect(chances or {})
+    if layer >= 0:
+        p.on_access((layer, 9))
+    return p
+
+
+def test_with_a_prediction_layered_evicts_the_later_expert_this_pass_will_not_use_first():
+    keys = [(0, 0), (1, 0), (3, 0), (4, 0)]
+    # at layer 2: layer 4's expert is predicted unused this pass (its next use: layer 4 of the next pass, after
+    # the next pass's layers 0 and 1), layer 3's predicted used
+    p = layered_at(2, keys, {(3, 0): 0.9, (4, 0): 0.05})
+    assert p.victim(keys) == (4, 0)
+    assert p.victim([(0, 0), (1, 0), (3, 0)]) == (1, 0)  # then the earlier layers, the latest first
+    # without a prediction every later expert counts as used this pass: the layered order of old
+    plain = layered_at(2, keys)
+    assert plain.victim(keys) == (1, 0) and plain.victim([(3, 0), (4, 0)]) == (4, 0)
+
+
+def test_a_prefetch_never_evicts_an_expert_needed_before_it_or_before_the_next_pass():
+    keys = [(0, 0), (2, 0), (3, 0), (4, 0), (5, 1)]
+    p = layered_at(2, keys, {(3, 0): 0.9, (4, 0): 0.05, (5, 1): 0.95})
+    assert p.may_replace((2, 0), (3, 1))  # the running layer's own expert: next needed by the next pass
+    assert p.may_replace((4, 0), (3, 1))  # a later expert this pass is not expected to use
+    assert not p.may_replace((0, 0), (3, 1))  # the next pass needs it before the running layer's experts
+    assert not p.may_replace((5, 1), (3, 1))  # expected later in this pass: evicting it costs a read
+    assert not p.may_replace((3, 0), (4, 1))  # needed before the prefetched one
+    assert FIFOPolicy().may_replace((0, 0), (1, 0))  # a policy that does not look ahead cannot tell
+
+
+def test_the_static_hot_set_is_never_pushed_out_by_a_guess():
+    from sida.offload.policies import StaticHotSetPolicy
+
+    p = StaticHotSetPolicy(hot=[(0, 1)])
+    assert not p.may_replace((0, 1), (1, 0)) and p.may_replace((0, 2), (1, 0))

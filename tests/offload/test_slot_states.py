@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from sida.offload.device_cache import DeviceExpertCache, Slot, SlotState, SlotStateError
+from sida.offload.device_cache import DeviceExpertCache
 from sida.offload.expert_layout import ModuleExperts
 from sida.offload.expert_store import ExpertStore
 from sida.offload.policies import make_policy
+from sida.offload.slot import Slot, SlotState, SlotStateError
 from sida.offload.transfer import Transfer
 
 CPU = torch.device("cpu")
