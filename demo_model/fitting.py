@@ -163,7 +163,9 @@ def fit(
     eval_every = max(1, min(total, steps_per_epoch // recipe.evals_per_epoch))
     best, best_score, history = {}, float("-inf"), []
     step = 0
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, mininterval=5)
+    # a bar on a terminal; none in a CI log (disable=None: off where stderr is not a terminal), where the JSON
+    # rows of each evaluation say how far it is
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, mininterval=5, disable=None)
     while step < total:
         for batch in epoch_batches(prep, recipe.batch_size)[: total - step]:
             out = train_step(model, opt, sched, batch, extra_loss)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from sida.offload.model_loader import load_model
 from sida.offload.runner import Runner
@@ -78,9 +79,19 @@ def add_parser(sub) -> None:
     t.add_argument("--json", action="store_true")
 
 
-def _progress(done: int, total: int) -> None:
-    """Tracing progress on one stderr line."""
-    print(f"\rtracing {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+def tracing_progress(desc: str = "tracing"):
+    """A `progress(done, total)` callback drawing a bar on a terminal (nothing where stderr is not one: a CI log)."""
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="input", file=sys.stderr, disable=None)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return progress
 
 
 def run(args) -> None:
@@ -96,7 +107,7 @@ def _trace(args, loaded) -> None:
     inputs = []
     for i, path in enumerate(args.data):
         inputs += read_inputs(path, limits[i] if i < len(limits) else None)
-    traces = collect_traces(loaded, inputs, max_tokens=args.max_tokens, progress=_progress)
+    traces = collect_traces(loaded, inputs, max_tokens=args.max_tokens, progress=tracing_progress())
     save_traces(traces, args.out)
     real = int(traces.attention_mask.sum())
     print(json.dumps({"rows": len(traces), "real_tokens": real, "layers": traces.layers, "out": args.out}))
@@ -158,7 +169,7 @@ def _eval(args, loaded) -> None:
         raise PredictorError(f"{loaded.path} ships no predictor; pass --predictor")
     pred, _meta = load_predictor(path, loaded.fingerprint)
     inputs = read_inputs(args.data, args.limit)
-    traces = collect_traces(loaded, inputs, progress=_progress)
+    traces = collect_traces(loaded, inputs, progress=tracing_progress())
     rates = hit_rates(pred, traces)
     summary = {
         "data": str(args.data),

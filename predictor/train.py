@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from sida.predictor.network import HashPredictor, PredictorArch
 from sida.predictor.traces import TraceSet
@@ -124,16 +125,18 @@ def _run_key(traces: TraceSet, cfg: TrainConfig) -> str:
 
 
 def _train_epoch(pred: HashPredictor, opt, traces: TraceSet, batches: list[torch.Tensor], cfg: TrainConfig, epoch: int):
-    """One pass over `batches` (rows of `traces`), one optimizer step each; progress on stderr."""
-    for n, rows in enumerate(batches):
+    """One pass over `batches` (rows of `traces`), one optimizer step each; a progress bar on a terminal (none in a
+    CI log, where each epoch's validation line says how far training is)."""
+    desc = f"epoch {epoch + 1}/{cfg.max_epochs}"
+    bar = tqdm(batches, desc=desc, unit="batch", file=sys.stderr, disable=None, leave=False, mininterval=1)
+    for n, rows in enumerate(bar):
         loss = loss_fn(pred, traces.subset(rows), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(pred.parameters(), 1.0)
         opt.step()
         if n % 50 == 0:
-            print(f"\repoch {epoch + 1} batch {n}/{len(batches)} loss {loss.item():.4f}", end="", file=sys.stderr)
-    print(file=sys.stderr)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
 def _validate(pred: HashPredictor, val: TraceSet, state: dict, best_weights: dict, t0: float, log) -> dict:
