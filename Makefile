@@ -75,9 +75,11 @@ demo-predictor: $(STAMP)
 		--checkpoint runs/demo-predictor.ckpt
 	$(SIDA) predictor decoder --model $(MODEL) --data $(DATA) --out $(MODEL)/predictor
 
-# SiDA against resident / accelerate / lru on the same batches: the CPU preset (experts in RAM) and the disk preset
-# (experts read from disk with O_DIRECT, batch sizes 1/8/32): bench/results/cpu.json and cpu-disk.json, then the
-# tables and plots in docs/benchmarks.md. The switch-base-8 predictor is trained on the first run and kept in runs/.
+# SiDA against resident / accelerate / lru / layered / the oracle on the same batches: the CPU preset (experts in RAM)
+# and the disk preset (experts read from disk with O_DIRECT, batch sizes 1/8/32, the 25% budget also with reads paced
+# to 1 GB/s; each disk row against Belady's reads): bench/results/cpu.json and cpu-disk.json, then the tables and
+# plots in docs/benchmarks.md (about 50 minutes on 2 cores; a progress bar on a terminal). The switch-base-8
+# predictor is trained on the first run and kept in runs/.
 bench: $(STAMP)
 	$(PY) bench/offload_bench.py --preset cpu --out bench/results/cpu.json
 	$(PY) bench/report.py bench/results/cpu.json --doc docs/benchmarks.md --plots docs/img

@@ -6,11 +6,17 @@ Methods (every one classifies the same length-sorted batches of real task text):
   budget's share of each layer's experts stays on the compute device, the rest on `disk` (CPU run, with an
   `offload_folder`) or `cpu` (GPU run); accelerate's hooks load an offloaded expert for each call);
 - `lru`: sida's expert cache with no predictor (load on miss, evict least recently used: mixtral-offloading);
-- `exact`: sida with the predictor prefetching its top-k (k = 1 and 3) per token; routing stays the router's;
+- `oracle`: `exact` with the router's own choices as the hash table (`--hash oracle`; built before the clock runs):
+  the most prediction can win;
+- `exact`: sida with the predictor prefetching by expected value (its top-k ranks per token weighed, k = 1 and 3,
+  calibrated against the router); routing stays the router's;
 - `predicted`: sida routing by the hash table; the router runs beside it (output unused) only to count hits.
 
 Every number in a row is measured in that cell: wall time per batch, the cache's own counters (loads, bytes,
-stalls, peak experts held), the labels. Nothing is carried over from another cell or assumed.
+stalls, peak experts held), the labels. Nothing is carried over from another cell or assumed. A disk row also has
+`min_bytes`, what Belady's rule with the true future would read at its budget over the experts the cell used
+(`min_bytes.py`), and may run with the expert reads paced to a set rate (`read_limit_bytes_per_s`, a disk of
+known speed; null: the disk as it is).
 
     .venv/bin/python bench/offload_bench.py --preset cpu --out bench/results/cpu.json
 """
@@ -22,6 +28,7 @@ import copy
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -34,10 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.min_bytes import belady_reads  # noqa: E402
 from sida.offload.engine import OffloadConfig, OffloadEngine  # noqa: E402
 from sida.offload.hash_table import rank_depth  # noqa: E402
 from sida.offload.model_loader import LoadedModel, load_model  # noqa: E402
@@ -55,6 +64,7 @@ METHODS = (
     ("accelerate", None),
     ("lru", None),
     ("layered", None),
+    ("oracle", 1),
     ("exact", 1),
     ("exact", 3),
     ("predicted", None),
@@ -74,6 +84,8 @@ class Preset:
     tier: str = "ram"  # where sida's methods keep the experts: "ram", or "disk" (read with O_DIRECT)
     methods: tuple[str, ...] = ("resident", "accelerate", "lru", "exact", "predicted")
     sida_policy: str = "lru"  # the eviction policy of `exact` and `predicted` (`lru` and `layered` are their own)
+    read_limits: tuple[float | None, ...] = (None,)  # disk rows: unpaced (None), then paced to each rate
+    paced_budgets: tuple[float, ...] = ()  # the budgets whose disk rows also run paced
 
 
 PRESETS = {
@@ -98,8 +110,10 @@ PRESETS = {
         predictor_traces=6000,
         predictor_epochs=16,
         tier="disk",
-        methods=("resident", "accelerate", "lru", "layered", "exact", "predicted"),
+        methods=("resident", "accelerate", "lru", "layered", "oracle", "exact", "predicted"),
         sida_policy="layered",
+        read_limits=(None, 1e9),
+        paced_budgets=(0.25,),
     ),
     # a GPU box: run it in chunks (--models/--batch-sizes/--dtypes) of under 10 minutes each
     "gpu": Preset(
@@ -204,6 +218,7 @@ def quick_predictor(loaded: LoadedModel, preset: Preset, log):
     when its validation top-1 stops rising; the decoder table from the first decoder step of a quarter of those
     sentences. Kept under runs/ and reused by later runs (and presets) with the same recipe."""
     from sida.predictor.artifact import load_predictor, save_predictor
+    from sida.predictor.cli import tracing_progress
     from sida.predictor.decoder_guess import DecoderGuess, PrevTokenTable, decoder_routes
     from sida.predictor.traces import classification_batches, collect_traces
     from sida.predictor.train import TrainConfig, train
@@ -218,7 +233,7 @@ def quick_predictor(loaded: LoadedModel, preset: Preset, log):
     texts = predictor_inputs(preset.predictor_traces)
     table = PrevTokenTable(loaded.config.vocab_size, loaded.adapter.num_experts(loaded.model))
     table.fit(decoder_routes(loaded, classification_batches(Runner(loaded), texts[: len(texts) // 4], 32)))
-    traces = collect_traces(loaded, texts, batch_size=32)
+    traces = collect_traces(loaded, texts, batch_size=32, progress=tracing_progress(f"tracing {loaded.name}"))
     emb = loaded.adapter.embeddings(loaded.model).weight.detach().float()
     cfg = TrainConfig(max_epochs=preset.predictor_epochs, patience=2)
     pred, report = train(traces, emb, loaded.adapter.num_experts(loaded.model), cfg, log=log)
@@ -303,8 +318,17 @@ def device_read_bytes() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
 
 
-def run_cell(work: Workload, method: str, fraction: float, k: int | None, device: torch.device, resident_preds=None):
-    """One method at one budget over all of the workload's batches; returns the row (figures of this cell only)."""
+def run_cell(
+    work: Workload,
+    method: str,
+    fraction: float,
+    k: int | None,
+    device: torch.device,
+    resident_preds=None,
+    read_limit: float | None = None,
+):
+    """One method at one budget over all of the workload's batches (expert reads paced to `read_limit` bytes/s
+    where given); returns the row (figures of this cell only)."""
     model = copy.deepcopy(work.loaded.model)
     if method != "accelerate":  # accelerate places the modules itself, offloaded experts never reach the device
         model = model.to(device)
@@ -320,7 +344,7 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
     else:
         from sida.predictor.network import PredictorHash
 
-        mode = "exact" if method in ("lru", "layered") else method
+        mode = "exact" if method in ("lru", "layered", "oracle") else method
         policies = {"lru": "lru", "layered": "layered"}  # the baselines' policies; sida's methods use the preset's
         cfg = OffloadConfig(
             mode=mode,
@@ -329,8 +353,11 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
             prefetch_k=k or 1,
             tier="ram" if method == "resident" else work.tier,
             expert_dir=work.expert_dir,
+            read_limit_bytes_per_s=read_limit,
         )
         engine = OffloadEngine(loaded, cfg, device)
+        if method == "oracle":
+            hash_fn = oracle_tables(work)
         if method in ("exact", "predicted"):
             table = PredictorHash(work.predictor, k=rank_depth(k or 1))
 
@@ -359,6 +386,7 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
     hash_time[0] = 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    accesses = record_accesses(engine)
     times, preds = [], []
     read0 = device_read_bytes()
     for batch in work.batches:
@@ -367,6 +395,11 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
         times.append(time.perf_counter() - t0)
     row = _row(work, method, fraction, k, engine, acc, times, preds, hash_time[0], device, resident_preds, total)
     row["bytes_read"] = device_read_bytes() - read0
+    row["read_limit_bytes_per_s"] = read_limit
+    row["min_bytes"] = None
+    if accesses is not None and method != "resident":
+        row["min_bytes"] = belady_reads(accesses, engine.num_slots) * engine.expert_bytes
+    row["_accesses"] = accesses
     # this cell's model copy, its hooks and its expert store must go before the next cell makes its own
     if engine is not None:
         engine.close()  # the disk tier's I/O threads and file descriptors
@@ -377,6 +410,39 @@ def run_cell(work: Workload, method: str, fraction: float, k: int | None, device
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def oracle_tables(work: Workload):
+    """A hash function that returns, for each of the workload's batches, the router's own choices (`--hash oracle`),
+    computed now, before the clock runs: the oracle row measures what prediction can win, not what the oracle
+    costs (a whole resident forward per batch)."""
+    from sida.predictor.oracle import OracleHash
+
+    oracle = OracleHash(work.loaded, k=rank_depth(1))
+    tables = {}
+    for batch in work.batches:
+        start = work.loaded.decoder_start_ids(batch["input_ids"].shape[0], torch.device("cpu"))
+        tables[batch["input_ids"].data_ptr()] = oracle(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), start)
+
+    def hash_fn(input_ids, attention_mask, decoder_input_ids=None):
+        return tables[input_ids.data_ptr()]
+
+    return hash_fn
+
+
+def record_accesses(engine: OffloadEngine | None) -> list | None:
+    """The experts the cell's layers acquire from now on, in order (for `min_bytes`); None without a cache."""
+    if engine is None or engine.cache is None:
+        return None
+    accesses: list = []
+    acquire = engine.cache.acquire
+
+    def recording(keys):
+        accesses.extend(keys)
+        return acquire(keys)
+
+    engine.cache.acquire = recording
+    return accesses
 
 
 def _row(work, method, fraction, k, engine, acc, times, preds, hash_seconds, device, resident_preds, total) -> dict:
@@ -416,6 +482,10 @@ def _row(work, method, fraction, k, engine, acc, times, preds, hash_seconds, dev
             stall_seconds=s["stall_seconds"],
             stall_share=round(s["stall_seconds"] / seconds, 4),
             prefetch_precision=s.get("prefetch_precision"),
+            prefetch_used_bytes=s.get("prefetch_used_bytes"),
+            prefetch_unused_bytes=s.get("prefetch_unused_bytes"),
+            prefetch_cancelled=s.get("prefetch_cancelled"),
+            stall_seconds_by_layer=s.get("stall_seconds_by_layer"),
             hash_hit_rate=s.get("hash_hit_rate"),
             decoder_hash_hit_rate=s.get("decoder_hash_hit_rate"),
         )
@@ -526,33 +596,72 @@ def run(args, log=print) -> dict:
     methods = [m for m in METHODS if (not args.methods or m[0] in args.methods)]
     methods = [m for m in methods if m[0] in preset.methods]
     budgets = args.budgets or preset.budgets
+    if args.read_limits:
+        preset = dataclasses.replace(preset, read_limits=tuple(args.read_limits))
     result = {"header": header(args, device), "rows": [], "predictors": {}}
     if device.type == "cuda":
         result["header"]["bandwidth"] = copy_bandwidth(device, expert_bytes=2 * 768 * 3072 * 4)
-    for model in models:
-        for dtype in args.dtypes or preset.dtypes:
-            for task in args.tasks or preset.tasks:
-                for bs in args.batch_sizes or preset.batch_sizes:
-                    work = load_workload(model, task, bs, dtype, device, preset, log)
-                    result["predictors"][f"{work.name}/{dtype}"] = work.predictor_info
-                    resident_preds = None
-                    for method, k in methods:
-                        for fraction in (1.0,) if method == "resident" else budgets:
-                            t0 = time.perf_counter()
-                            row = run_cell(work, method, fraction, k, device, resident_preds)
-                            preds = row.pop("_predictions")
-                            if method == "resident":
-                                resident_preds = preds
-                            result["rows"].append(row)
-                            log(json.dumps({**_brief(row), "cell_seconds": round(time.perf_counter() - t0, 1)}))
-                    if work.expert_dir is not None:
-                        shutil.rmtree(work.expert_dir, ignore_errors=True)
-                    del work
+    workloads = list(
+        itertools.product(
+            models, args.dtypes or preset.dtypes, args.tasks or preset.tasks, args.batch_sizes or preset.batch_sizes
+        )
+    )
+    plan = cells(preset, methods, budgets, preset.tier)
+    # a bar on a terminal (which cell, how far, how long left); nothing in a CI log, where the JSON lines say it all
+    progress = tqdm(total=len(workloads) * len(plan), desc="bench", unit="cell", disable=None, file=sys.stderr)
+    for model, dtype, task, bs in workloads:
+        work = load_workload(model, task, bs, dtype, device, preset, log)
+        result["predictors"][f"{work.name}/{dtype}"] = work.predictor_info
+        resident_preds, rows = None, []
+        for method, k, fraction, limit in plan:
+            progress.set_postfix_str(f"{model} b{bs} {method} {fraction:g}" + (f" paced {limit:g}" if limit else ""))
+            t0 = time.perf_counter()
+            row = run_cell(work, method, fraction, k, device, resident_preds, limit)
+            preds = row.pop("_predictions")
+            if method == "resident":
+                resident_preds = preds
+            rows.append(row)
+            progress.update()
+            log(json.dumps({**_brief(row), "cell_seconds": round(time.perf_counter() - t0, 1)}))
+        result["rows"] += fill_min_bytes(rows)
+        if work.expert_dir is not None:
+            shutil.rmtree(work.expert_dir, ignore_errors=True)
+        del work
+    progress.close()
     return result
 
 
+def cells(preset: Preset, methods, budgets, tier: str) -> list[tuple]:
+    """(method, k, budget, read limit) of every cell of one workload, in order: a disk workload's cells at a budget of
+    `paced_budgets` run again with the reads paced to each of `read_limits` (accelerate reads through its own files:
+    never paced)."""
+    out = []
+    for method, k in methods:
+        for fraction in (1.0,) if method == "resident" else budgets:
+            for limit in preset.read_limits if tier == "disk" else (None,):
+                paced = limit is not None
+                if paced and (method in ("resident", "accelerate") or fraction not in preset.paced_budgets):
+                    continue
+                out.append((method, k, fraction, limit))
+    return out
+
+
+def fill_min_bytes(rows: list[dict]) -> list[dict]:
+    """`min_bytes` of accelerate's rows, from the lru row at the same budget (the router routes both: the same
+    experts in the same order); then the rows without their access lists, each disk row with bytes ÷ min_bytes."""
+    floors = {r["budget_fraction"]: r["min_bytes"] for r in rows if r["method"] == "lru" and r["min_bytes"]}
+    for row in rows:
+        row.pop("_accesses", None)
+        if row["method"] == "accelerate":
+            row["min_bytes"] = floors.get(row["budget_fraction"])
+        row["bytes_over_min"] = None
+        if row["tier"] == "disk" and row["min_bytes"]:
+            row["bytes_over_min"] = round(row["bytes_moved"] / row["min_bytes"], 4)
+    return rows
+
+
 def _brief(row: dict) -> dict:
-    keys = ("method", "model", "budget_fraction", "prefetch_k", "seq_per_s", "on_demand_loads", "hit_rate", "accuracy")
+    keys = ("method", "model", "budget_fraction", "prefetch_k", "read_limit_bytes_per_s", "seq_per_s", "hit_rate")
     return {k: row[k] for k in keys}
 
 
@@ -570,8 +679,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", nargs="+", type=float)
     p.add_argument("--methods", nargs="+", choices=sorted({m for m, _ in METHODS}))
     p.add_argument("--limit", type=int, help="examples per task for every model (default: the preset's)")
+    p.add_argument(
+        "--read-limits",
+        nargs="+",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        help="disk rows: 'none' (the disk as it is) and/or rates in bytes/s to pace expert reads to "
+        "(default: the preset's; paced at the preset's paced budgets)",
+    )
     args = p.parse_args(argv)
-    result = run(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run(args, log=lambda m: tqdm.write(m, file=sys.stderr))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.append and args.out.is_file():

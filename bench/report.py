@@ -13,7 +13,6 @@ from pathlib import Path
 
 COLUMNS = (
     ("method", "method"),
-    ("prefetch_k", "k"),
     ("policy", "eviction"),
     ("budget_fraction", "budget"),
     ("seq_per_s", "seq/s"),
@@ -29,6 +28,8 @@ COLUMNS = (
     ("stall_seconds", "stall s"),
     ("stall_share", "stall share"),
     ("bytes_read", "read from disk MiB"),
+    ("min_bytes", "Belady MiB"),
+    ("bytes_over_min", "moved ÷ Belady"),
     ("prefetch_precision", "prefetch precision"),
     ("accuracy", "accuracy"),
     ("agreement_with_resident", "same as resident"),
@@ -37,7 +38,12 @@ MIB = 1 << 20
 
 
 def label(row: dict) -> str:
-    return row["method"] + (f" k{row['prefetch_k']}" if row["prefetch_k"] else "")
+    paced = row.get("read_limit_bytes_per_s")
+    return (
+        row["method"]
+        + (f" k{row['prefetch_k']}" if row["prefetch_k"] else "")
+        + (f" @{paced / 1e9:g} GB/s" if paced else "")
+    )
 
 
 def _cell(row: dict, key: str) -> str:
@@ -47,7 +53,7 @@ def _cell(row: dict, key: str) -> str:
     v = row.get(key)
     if v is None:
         return "–"
-    if key in ("peak_expert_bytes", "budget_bytes", "bytes_moved", "bytes_read"):
+    if key in ("peak_expert_bytes", "budget_bytes", "bytes_moved", "bytes_read", "min_bytes"):
         return f"{v / MIB:.1f}"
     if key == "budget_fraction":
         return f"{v:.0%}"
@@ -64,16 +70,19 @@ def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(h for _, h in COLUMNS) + " |"
-    sep = "|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    columns = [(k, h) for k, h in COLUMNS if k not in ("min_bytes", "bytes_over_min") or any(r.get(k) for r in rows)]
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "---|" * len(columns)
+    body = ["| " + " | ".join(label(r) if k == "method" else _cell(r, k) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
-def _find(rows, method, fraction=None, k=None):
+def _find(rows, method, fraction=None, k=None, paced=None):
+    """The row of `method` (k, budget), read as the disk is (`paced` None) or paced to that many bytes/s."""
     for r in rows:
         if r["method"] == method and (fraction is None or r["budget_fraction"] == fraction) and r["prefetch_k"] == k:
-            return r
+            if r.get("read_limit_bytes_per_s") == paced:
+                return r
     return None
 
 
@@ -158,14 +167,9 @@ def disk_goals(rows: list[dict]) -> list[str]:
     if acc and ex3:
         speed = ex3["seq_per_s"] / acc["seq_per_s"]
         out.append(_goal("25% budget: `exact` k3 throughput ≥ 2× `accelerate`'s", speed, speed >= 2))
-    layered = _find(rows, "layered", 0.25)
-    for k in (1, 3):
-        ex = _find(rows, "exact", 0.25, k)
-        if layered and ex and ex.get("policy") == "layered":  # the same eviction: what prediction adds alone
-            out.append(
-                f"- 25% budget: `exact` k{k} over `layered` (same eviction, no predictor): "
-                f"**{ex['seq_per_s'] / layered['seq_per_s']:.3f}×**"
-            )
+    paced = sorted({r.get("read_limit_bytes_per_s") for r in rows} - {None})
+    for limit in [None, *paced]:
+        out += expected_value_goals(rows, rows[0]["batch_size"], limit)
     differ = [
         f"{label(r)} at {r['budget_fraction']:.0%}"
         for r in rows
@@ -173,10 +177,43 @@ def disk_goals(rows: list[dict]) -> list[str]:
     ]
     out.append(f"- outputs equal `resident`'s (every method but `predicted`): **{'yes' if not differ else differ}**")
     fidelity = [
-        f"{r['budget_fraction']:.0%}: {r['agreement_with_resident']:.3f}" for r in rows if r["method"] == "predicted"
+        f"{r['budget_fraction']:.0%}"
+        + (f" @{r['read_limit_bytes_per_s'] / 1e9:g} GB/s" if r.get("read_limit_bytes_per_s") else "")
+        + f": {r['agreement_with_resident']:.3f}"
+        for r in rows
+        if r["method"] == "predicted"
     ]
     if fidelity:
         out.append(f"- `predicted`, share of answers equal to `resident`'s: {', '.join(fidelity)}")
+    return out
+
+
+def expected_value_goals(rows: list[dict], batch: int, paced: float | None) -> list[str]:
+    """The goals of expected-value prefetch at a 25% budget, for reads as the disk is or `paced`: at batch 1,
+    `exact` ≥ 1.3× `layered` with no more bytes, within 1.2× of `oracle`; at larger batches ≥ 1.5× `lru` and ≥ 1.3×
+    `layered`; at every batch, bytes ≤ 1.3× Belady's."""
+    out, where = [], "reads as the disk is" if paced is None else f"reads paced to {paced / 1e9:g} GB/s"
+    lru, layered = _find(rows, "lru", 0.25, None, paced), _find(rows, "layered", 0.25, None, paced)
+    oracle = _find(rows, "oracle", 0.25, 1, paced)
+    for k in (1, 3):
+        ex = _find(rows, "exact", 0.25, k, paced)
+        if ex is None:
+            continue
+        name = f"25%, {where}: `exact` k{k}"
+        if layered:
+            speed = ex["seq_per_s"] / layered["seq_per_s"]
+            out.append(_goal(f"{name} ≥ 1.3× `layered`'s throughput", speed, speed >= 1.3))
+            if batch == 1:
+                more = ex["bytes_moved"] / layered["bytes_moved"]
+                out.append(_goal(f"{name} bytes ≤ `layered`'s (ratio)", more, more <= 1.0))
+        if batch == 1 and oracle:
+            gap = oracle["seq_per_s"] / ex["seq_per_s"]
+            out.append(_goal(f"{name} within 1.2× of `oracle` (oracle ÷ exact)", gap, gap <= 1.2))
+        if batch > 1 and lru:
+            speed = ex["seq_per_s"] / lru["seq_per_s"]
+            out.append(_goal(f"{name} ≥ 1.5× `lru`'s throughput", speed, speed >= 1.5))
+        if ex.get("bytes_over_min"):
+            out.append(_goal(f"{name} bytes ≤ 1.3× Belady's", ex["bytes_over_min"], ex["bytes_over_min"] <= 1.3))
     return out
 
 

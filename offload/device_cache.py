@@ -167,10 +167,10 @@ class DeviceExpertCache:
         self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = (), chance: dict[ExpertKey, float] | None = None
     ) -> int:
         """Start loading keys that are not resident, where it is expected to save more than it costs: a key with
-        `chance` p of being needed (1 where not given) must clear `prefetch_bar` at the measured `link_busy`, and may
-        evict only a victim the policy lets it replace
-        (`may_replace`: never one needed before it). Never evicts an expert of `keys` or `protect` (the current
-        layer's). Returns the number of copies started."""
+        `chance` p of being needed must clear `prefetch_bar` at the measured `link_busy` (without `chance`, every key
+        is certain and goes), and may evict only a victim the policy lets it replace (`may_replace`: never one needed
+        before it). Never evicts an expert of `keys` or `protect` (the current layer's). Returns the number of copies
+        started."""
         keys = list(dict.fromkeys(keys))
         wanted = set(keys) | set(protect)
         started, busy = 0, self.link_busy

@@ -287,7 +287,7 @@ class OffloadEngine:
         if self.cache is None or not self._guess_decoder_step(decoder_input_ids):
             return
         chance = self.context.expect_pass(self.num_experts, table=False)  # table rows, if any, were the first step's
-        self.cache.policy.expect(chance)
+        self.cache.policy.expect(chance, start=self.decoder_layers[0])  # the encoder's experts wait for the next batch
         self.cache.prefetch([k for k in chance if k[0] == self.decoder_layers[0]], chance=chance)
 
     def _guess_decoder_step(self, decoder_input_ids: torch.Tensor) -> bool:

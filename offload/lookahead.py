@@ -1,8 +1,8 @@
 """A decode step's experts, predicted a layer ahead: no hash table covers a token that did not exist when its batch
 was hashed, so while one MoE layer computes, the next MoE layer's experts are scored from the hidden state entering
-this layer's experts and the embedding of the token the step reads, and the top-k start loading (the executor's
-`next_keys`, `moe_layer.NextLayerExperts`); the first MoE layer's, from the embedding alone, before the step's
-forward. The scorer is the trained decode-step predictor where the model ships one (`ahead.safetensors`,
+this layer's experts and the embedding of the token the step reads, and the top-k start loading where their
+calibrated chance pays for the read (the executor's `next_keys`, `moe_layer.NextLayerExperts`); the first MoE
+layer's, from the embedding alone, before the step's forward. The scorer is the trained decode-step predictor where the model ships one (`ahead.safetensors`,
 `predictor/decode_ahead.py`), else the next layer's own router applied ahead (mixtral-offloading's gate-ahead
 prefetch, `RouterScorer`). The router still routes every token: a wrong guess costs a load, never a wrong answer.
 
@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from sida.offload.contracts import LayerAheadScorer
-from sida.offload.expert_layout import ExpertKey
 
 
 def router_projection(router: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -61,15 +60,14 @@ class RouterAhead:
         self.last = max([*following, *following.values()], default=0)
         self.last_hidden: torch.Tensor | None = None  # [rows, H] entering the last MoE layer's experts, last step
 
-    def begin_step(self, input_ids: torch.Tensor) -> list[ExpertKey]:
+    def begin_step(self, input_ids: torch.Tensor) -> None:
         """A decode step reads the last of `input_ids` [rows, 2] (the token before it first): forget the last step's
-        guesses and guess the first MoE layer's experts from the tokens' embeddings; returns the keys to load now."""
+        guesses and guess the first MoE layer's experts from the tokens' embeddings (`guesses[first]`)."""
         rows = input_ids.shape[0]
         with torch.inference_mode():
             self.token_emb = self.embeddings(input_ids[:, -2:]).reshape(rows, -1)  # [rows, 2H]
             before = self.last_hidden if self.last_hidden is not None and len(self.last_hidden) == rows else None
             self.guesses = {self.first: self._top_k(self.first, before)}
-        return self.keys(self.first)
 
     def reset(self) -> None:
         """A new batch: no row has a step before."""
@@ -100,11 +98,6 @@ class RouterAhead:
             with torch.inference_mode():
                 self.guesses[nxt] = self._top_k(nxt, hidden)
         return guess
-
-    def keys(self, layer: int) -> list[ExpertKey]:
-        """The distinct experts guessed for `layer` in this step."""
-        guess = self.guesses.get(layer)
-        return [] if guess is None else [(layer, e) for e in sorted(set(guess.reshape(-1).tolist()))]
 
     def _top_k(self, layer: int, previous: torch.Tensor | None) -> torch.Tensor:
         logits = self.scorer(layer, previous, self.token_emb)

@@ -31,9 +31,9 @@ class EvictionPolicy:
         """The key to evict among `candidates` (non-empty)."""
         raise NotImplementedError
 
-    def expect(self, chances: dict[Hashable, float]) -> None:
-        """A new pass through the layers begins, with each key's predicted chance of being used in it (a policy
-        that does not look ahead ignores it)."""
+    def expect(self, chances: dict[Hashable, float], start: int = 0) -> None:
+        """A new pass through the layers from layer `start` begins, with each key's predicted chance of being used in
+        it (a policy that does not look ahead ignores it)."""
 
     def may_replace(self, victim: Hashable, key: Hashable) -> bool:
         """Whether a prefetch of `key` may evict `victim` (a policy that does not look ahead cannot tell: yes)."""
@@ -136,9 +136,9 @@ class LayeredPolicy(LRUPolicy):
         super().on_access(key)
         self._layer = key[0]
 
-    def expect(self, chances: dict[Hashable, float]) -> None:
+    def expect(self, chances: dict[Hashable, float], start: int = 0) -> None:
         self._chance = dict(chances)
-        self._layer = -1  # before the first layer of the new pass
+        self._layer = start - 1  # just before the first layer of the new pass (a decoder step: the first decoder's)
 
     def next_use(self, key: Hashable) -> float:
         """Layers from the running one until `key` is expected to be used (its chance in this pass weighs its use at

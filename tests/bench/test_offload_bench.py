@@ -25,7 +25,7 @@ ROW_FIELDS = (
 def bench_args(**given) -> argparse.Namespace:
     """The bench's command line for the demo model, with `given` options."""
     defaults = dict(preset="cpu", device="cpu", torch_threads=None, models=["demo"], tasks=None, batch_sizes=None)
-    return argparse.Namespace(**{**defaults, "dtypes": None, "methods": None, **given})
+    return argparse.Namespace(**{**defaults, "dtypes": None, "methods": None, "read_limits": None, **given})
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +95,34 @@ def test_predictor_inputs_carry_the_task_prompt_once(data_dir):
 
 @pytest.mark.slow
 def test_disk_preset_reads_experts_from_the_disk_and_answers_as_resident(demo_dir, data_dir):
-    args = bench_args(
-        preset="cpu-disk", batch_sizes=[8], budgets=[0.25], methods=["resident", "lru", "layered", "exact"], limit=16
-    )
+    methods = ["resident", "lru", "layered", "oracle", "exact"]
+    args = bench_args(preset="cpu-disk", batch_sizes=[8], budgets=[0.25], methods=methods, limit=16)
     rows = offload_bench.run(args, log=lambda m: None)["rows"]
-    assert {(r["method"], r["prefetch_k"]) for r in rows} == {
-        ("resident", None),
-        ("lru", None),
-        ("layered", None),
-        ("exact", 1),
-        ("exact", 3),
-    }
+    sida = {("lru", None), ("layered", None), ("oracle", 1), ("exact", 1), ("exact", 3)}
+    cells = [(r["method"], r["prefetch_k"], r["read_limit_bytes_per_s"]) for r in rows]
+    assert sorted(cells, key=str) == sorted(
+        [("resident", None, None), *((m, k, None) for m, k in sida), *((m, k, 1e9) for m, k in sida)], key=str
+    )  # the disk rows once as the disk is, once paced to 1 GB/s
     for row in rows:
         if row["method"] == "resident":
+            assert row["min_bytes"] is None and row["bytes_over_min"] is None
             continue
         assert row["tier"] == "disk" and row["bytes_read"] >= row["on_demand_loads"] * row["expert_bytes"]
         assert row["agreement_with_resident"] == 1.0
         assert 0 <= row["stall_share"] < 1
         assert row["policy"] == ("lru" if row["method"] == "lru" else "layered")
-    assert all(r["prefetch_precision"] is not None for r in rows if r["method"] == "exact")
+        # Belady's reads are a floor no method goes under
+        assert 0 < row["min_bytes"] <= row["bytes_moved"] and row["bytes_over_min"] >= 1.0
+    assert all(r["prefetch_precision"] is not None for r in rows if r["method"] in ("exact", "oracle"))
+    oracle = [r for r in rows if r["method"] == "oracle"]
+    assert all(r["hash_hit_rate"]["top1"] == 1.0 for r in oracle)  # the router's own choices
+
+
+def test_the_paced_cells_are_the_disk_rows_at_the_paced_budgets():
+    preset = offload_bench.PRESETS["cpu-disk"]
+    plan = offload_bench.cells(preset, offload_bench.METHODS, (0.1, 0.25), "disk")
+    paced = [(m, f) for m, _, f, limit in plan if limit is not None]
+    assert paced and all(f in preset.paced_budgets and m not in ("resident", "accelerate") for m, f in paced)
+    assert offload_bench.cells(preset, offload_bench.METHODS, (0.25,), "ram") == [
+        (m, k, 1.0 if m == "resident" else 0.25, None) for m, k in offload_bench.METHODS
+    ]

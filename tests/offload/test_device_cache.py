@@ -210,3 +210,27 @@ def test_a_prefetch_waits_behind_the_needed_reads_and_is_promoted_when_needed(tm
     assert set(order[:2]) == {(0, 0), (1, 1)} and order[2:] in ([], [(1, 0)])
     cache.release([(0, 0), (1, 1)])
     cache.transfer.close()
+
+
+def test_the_prefetch_bar_rises_with_how_busy_the_link_is():
+    from sida.offload.device_cache import prefetch_bar
+
+    assert prefetch_bar(0.5, evicts=False) == pytest.approx(1 / 2)
+    assert prefetch_bar(0.5, evicts=True) == pytest.approx(2 / 3)
+    assert prefetch_bar(0.0, evicts=True) == 0.0  # an idle link: any guess is worth its read
+    assert prefetch_bar(1.0, evicts=False) == 1.0  # a saturated one: none is
+    assert prefetch_bar(0.8, evicts=True) == pytest.approx(1.6 / 1.8)
+
+
+def test_the_recent_share_decays_toward_what_happens_now():
+    from sida.offload.io_queue import RecentShare
+
+    now = [0.0]
+    share = RecentShare(horizon_s=1.0, clock=lambda: now[0])
+    assert share.share == pytest.approx(0.5)  # nothing measured yet
+    for _ in range(50):  # waited 90% of every tenth of a second, for five seconds
+        now[0] += 0.1
+        share.add_span(0.09)
+    assert share.share == pytest.approx(0.9, abs=0.01)
+    share.add(0.0, 5.0)  # then five idle seconds: the old waits have decayed
+    assert share.share < 0.01

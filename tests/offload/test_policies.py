@@ -124,3 +124,12 @@ def test_the_static_hot_set_is_never_pushed_out_by_a_guess():
 
     p = StaticHotSetPolicy(hot=[(0, 1)])
     assert not p.may_replace((0, 1), (1, 0)) and p.may_replace((0, 2), (1, 0))
+
+
+def test_a_decoder_steps_pass_starts_at_the_first_decoder_layer_so_the_encoders_experts_go_first():
+    p = LayeredPolicy()
+    keys = [(1, 0), (5, 0), (6, 0), (9, 0)]  # encoder layers 0-5, decoder layers 6-11
+    for k in [(11, 0), *keys]:
+        p.on_insert(k)
+    p.expect({(6, 0): 0.9, (9, 0): 0.9}, start=6)  # a later decoder step: the encoder does not run again
+    assert p.victim(keys) == (5, 0) and p.victim([(1, 0), (6, 0), (9, 0)]) == (1, 0)
