@@ -4,7 +4,8 @@ this layer's experts and the embedding of the token the step reads, and the top-
 calibrated chance pays for the read (the executor's `next_keys`, `moe_layer.NextLayerExperts`); the first MoE
 layer's, from the embedding alone, before the step's forward. The scorer is the trained decode-step predictor
 where the model ships one (`ahead.safetensors`, `predictor/decode_ahead.py`), else the next layer's own router
-applied ahead (mixtral-offloading's gate-ahead prefetch, `RouterScorer`). The router still routes every token: a wrong guess costs a load, never a wrong answer.
+applied ahead (mixtral-offloading's gate-ahead prefetch, `RouterScorer`). The router still routes every token: a
+wrong guess costs a load, never a wrong answer.
 
 Each guess is scored when its layer runs: decode-step recall, the share of the router's k choices that were among
 the k guessed (`RoutingStats.decode_hits` / `decode_lookups`, per layer).
