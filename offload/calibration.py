@@ -69,12 +69,6 @@ class Calibration:
             rate = self.hits.view(-1)[cell] / self.seen.view(-1)[cell]
         return rate
 
-    def table(self) -> list[list[float]]:
-        """Per rank (rows, while any was counted beyond the prior), the calibrated chance of each tenth."""
-        with self._lock:
-            rate = (self.hits / self.seen).tolist()
-        return [[round(x, 4) for x in row] for row in rate]
-
     def weights(self, num_experts: int) -> torch.Tensor:
         """[experts] how often the router chose each expert, from one each (even before any count)."""
         with self._lock:

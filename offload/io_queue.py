@@ -6,8 +6,9 @@ with a priority: `NEEDED` (a layer waits for it) or `SPECULATIVE` (a prefetch), 
 read started is `promote`d and goes ahead of every speculative read. A read not yet started can be cancelled
 (`Future.cancel`); one under way always finishes.
 
-`RateLimit` caps the bytes per second all reader threads read together (a token bucket), so a benchmark can run on
-a disk of known speed whatever the machine's disk does that day.
+`RateLimit` paces the reads of all reader threads together to a set rate, as one link of that speed would, so a
+benchmark can run on a disk of known speed whatever the machine's disk does that day. `RecentShare` measures the
+share of recent time something took: here, the time at least one read was under way.
 """
 
 from __future__ import annotations
@@ -125,11 +126,6 @@ class IOQueue:
             heapq.heappush(self._heap, (NEEDED, order, next(self._seq), job))  # the old entry is skipped when met
             self._cv.notify()
             return True
-
-    def pending(self) -> int:
-        """Reads queued and not started (cancelled ones included until a thread meets them)."""
-        with self._cv:
-            return sum(1 for job in self._jobs.values() if not job.taken)
 
     def _next(self) -> _Job | None:
         with self._cv:
