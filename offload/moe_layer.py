@@ -145,20 +145,28 @@ class RoutingContext:
         """Count real tokens' guesses `ranked` [n, K] of `source` ((kind, layer)) against the router's `choices`
         [n, k] (exact mode: the router routes, so every guess is scored)."""
         if self.mode == "exact" and ranked.numel():
+            probs = self._claimed(ranked) if probs is None else probs
             self.calibration.setdefault(source, Calibration()).observe(ranked, probs, choices)
+
+    def _claimed(self, ranked: torch.Tensor) -> torch.Tensor:
+        """[n, K] what a source that gives no probabilities claims: its first `routes` guesses as the router's
+        choices (the tenth nearest 1), each later one less likely (1/(rank+1)); calibration learns the truth."""
+        rank = torch.arange(ranked.shape[-1], dtype=torch.float64)
+        return torch.where(rank < self.routes, 1.0, 1.0 / (rank + 1)).expand(ranked.shape)
 
     def chances(
         self, source: tuple[str, int], ranked: torch.Tensor, probs: torch.Tensor | None, num_experts: int, routes: int
     ) -> dict[int, float]:
         """{expert: chance it is used} from real tokens' guesses `ranked` [n, K] of `source`, the first `prefetch_k`
-        ranks weighed: calibrated in exact mode; in predicted mode the table routes, so its first `routes` ranks are
-        certain and the others unused."""
-        ranked = ranked[:, : self.prefetch_k]
+        ranks weighed (at least `routes`: a token uses that many experts): calibrated in exact mode; in predicted mode
+        the table routes, so its first `routes` ranks are certain and the others unused."""
+        depth = max(self.prefetch_k, routes)
+        ranked, probs = ranked[:, :depth], None if probs is None else probs[:, :depth]
         if self.mode == "predicted":
             chance = (torch.arange(ranked.shape[1]) < routes).double().expand(ranked.shape)
             return expected_use(ranked, chance, num_experts)
         cal = self.calibration.setdefault(source, Calibration())
-        chance = cal.calibrated(ranked, None if probs is None else probs[:, : self.prefetch_k])
+        chance = cal.calibrated(ranked, self._claimed(ranked) if probs is None else probs)
         return expected_use(ranked, chance, num_experts, cal.weights(num_experts))
 
     def decoder_guess(self, layer: int, position: int) -> torch.Tensor | None:
