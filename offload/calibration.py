@@ -36,20 +36,21 @@ class Calibration:
         self._lock = threading.Lock()  # the inference thread counts while /info may read
 
     @staticmethod
-    def _bins(probs: torch.Tensor | None, ranked: torch.Tensor) -> torch.Tensor:
-        """[n, K] the tenth of each guess's probability; a source with none: by rank (1/(rank+1): its first guess is
-        its claim, the later ones less and less)."""
+    def _bins(probs: torch.Tensor | None, ranked: torch.Tensor, claims: int) -> torch.Tensor:
+        """[n, K] the tenth of each guess's probability. A source with none claims its first `claims` guesses as the
+        router's choices (the top tenth) and each later one less and less (1/(rank+1)); calibration learns the
+        truth."""
         if probs is None:
             rank = torch.arange(ranked.shape[-1], dtype=torch.float64, device=ranked.device)
-            probs = (1.0 / (rank + 1)).expand(ranked.shape)
+            probs = torch.where(rank < claims, 1.0, 1.0 / (rank + 1)).expand(ranked.shape)
         return (probs.double() * BINS).long().clamp(0, BINS - 1)
 
-    def observe(self, ranked: torch.Tensor, probs: torch.Tensor | None, choices: torch.Tensor) -> None:
-        """Count real tokens' guesses `ranked` [n, K] (with the source's `probs` [n, K], or None) against the router's
-        `choices` [n, k] (-1: none)."""
+    def observe(self, ranked: torch.Tensor, probs: torch.Tensor | None, choices: torch.Tensor, claims: int = 1) -> None:
+        """Count real tokens' guesses `ranked` [n, K] (with the source's `probs` [n, K], or None: see `_bins`) against
+        the router's `choices` [n, k] (-1: none)."""
         ranked = ranked[:, :MAX_RANKS]
         hit = (ranked[:, :, None] == choices[:, None, :]).any(-1).double().cpu()  # [n, K]
-        bins = self._bins(None if probs is None else probs[:, :MAX_RANKS], ranked).cpu()  # [n, K]
+        bins = self._bins(None if probs is None else probs[:, :MAX_RANKS], ranked, claims).cpu()  # [n, K]
         cell = torch.arange(ranked.shape[1])[None, :] * BINS + bins  # [n, K] flat (rank, bin)
         chosen = choices[choices >= 0].reshape(-1).cpu().long()
         with self._lock:
@@ -60,10 +61,10 @@ class Calibration:
                 self.usage = torch.cat([self.usage, torch.ones(size - len(self.usage), dtype=torch.float64)])
                 self.usage.index_add_(0, chosen, torch.ones(chosen.numel(), dtype=torch.float64))
 
-    def calibrated(self, ranked: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    def calibrated(self, ranked: torch.Tensor, probs: torch.Tensor | None, claims: int = 1) -> torch.Tensor:
         """[n, K] the chance each guess of `ranked` [n, K] is needed, from the counts so far."""
         ranked = ranked[:, :MAX_RANKS]
-        bins = self._bins(None if probs is None else probs[:, :MAX_RANKS], ranked).cpu()
+        bins = self._bins(None if probs is None else probs[:, :MAX_RANKS], ranked, claims).cpu()
         cell = torch.arange(ranked.shape[1])[None, :] * BINS + bins
         with self._lock:
             rate = self.hits.view(-1)[cell] / self.seen.view(-1)[cell]

@@ -75,6 +75,7 @@ class OffloadEngine:
             prefetch_k=cfg.prefetch_k,
             causal=not adapter.is_encoder_decoder,
             routes=int(getattr(model.config, "num_experts_per_tok", 1) or 1),
+            num_experts=self.num_experts,
             encoder_layers=frozenset(la.index for la in layers if la.stack == "encoder"),
         )
         self.routing_stats = RoutingStats()
@@ -178,7 +179,7 @@ class OffloadEngine:
                 nxt = layers[decoder_first] if la.stack == "decoder" else None
             if nxt is not None:
                 following[la.index] = (nxt.index, nxt.stack)
-        next_keys = NextLayerExperts(self.context, following, self.num_experts)
+        next_keys = NextLayerExperts(self.context, following)
         self.executor = ExpertExecutor(self.cache, adapter.expert_forward(model), self.num_experts, next_keys)
         adapter.attach(model, layers, self.executor, self.context, self.routing_stats)
         if self.context.causal:  # decode steps: each layer's experts guessed from the layer before (lookahead.py)
@@ -247,11 +248,9 @@ class OffloadEngine:
             return
         if decoder_input_ids is not None:
             self._guess_decoder_step(decoder_input_ids)
-        chance = ctx.expect_pass(self.num_experts)
-        self.cache.policy.expect(chance)
-        first = min(hash_table.experts) if hash_table is not None and hash_table.experts else None
-        if first is not None:
-            self.cache.prefetch([k for k in chance if k[0] == first], chance=chance)
+        self.cache.policy.expect(ctx.expect_pass())
+        if hash_table is not None and hash_table.experts:
+            self._prefetch_layer(min(hash_table.experts))
 
     def begin_decode_step(self, input_ids: torch.Tensor) -> None:
         """The expert engine's per-step hook: a decoder-only model's decode step of the running batch reads the last
@@ -271,11 +270,12 @@ class OffloadEngine:
             return
         ahead.begin_step(input_ids.to(self.device))
         if self.cache is not None and self.wants_hash_table:
-            guess, ctx = ahead.guesses[ahead.first], self.context
-            chance = ctx.chances(("ahead", ahead.first), guess, None, self.num_experts, guess.shape[1])
-            self.cache.prefetch(
-                [(ahead.first, e) for e in chance], chance={(ahead.first, e): p for e, p in chance.items()}
-            )
+            self._prefetch_layer(ahead.first)
+
+    def _prefetch_layer(self, layer: int) -> None:
+        """Start loading `layer`'s experts whose chance of use pays for the read (`DeviceExpertCache.prefetch`)."""
+        chance = self.context.layer_chances(layer)
+        self.cache.prefetch(list(chance), chance=chance)
 
     def begin_decoder_step(self, decoder_input_ids: torch.Tensor) -> None:
         """A later decoder step reads `decoder_input_ids` [batch, 1]: guess its experts and start loading the
@@ -286,9 +286,9 @@ class OffloadEngine:
             return
         if self.cache is None or not self._guess_decoder_step(decoder_input_ids):
             return
-        chance = self.context.expect_pass(self.num_experts, table=False)  # table rows, if any, were the first step's
+        chance = self.context.expect_pass(table=False)  # the table's decoder rows, if any, were the first step's
         self.cache.policy.expect(chance, start=self.decoder_layers[0])  # the encoder's experts wait for the next batch
-        self.cache.prefetch([k for k in chance if k[0] == self.decoder_layers[0]], chance=chance)
+        self._prefetch_layer(self.decoder_layers[0])
 
     def _guess_decoder_step(self, decoder_input_ids: torch.Tensor) -> bool:
         """Every decoder MoE layer's guessed experts for the positions of this decoder call; False without a guess

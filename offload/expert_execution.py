@@ -79,6 +79,7 @@ class ExpertExecutor:
             held = list(wave)  # released whatever happens, so a failed batch leaves no expert pinned
             try:
                 later = [k for w in waves[i + 1 :] for k in w]  # this layer's experts of the waves still to come
+                chance = {**upcoming, **dict.fromkeys(later, 1.0)}  # this layer's own are certain
                 if i == 0:  # copies for what runs next overlap this layer's compute, never evicting its experts
                     self.cache.prefetch(list(upcoming), protect=set(keys), chance=upcoming)
                 for j, key in enumerate(wave):
@@ -90,7 +91,6 @@ class ExpertExecutor:
                     held.remove(key)
                     self.cache.release([key])
                     if later or upcoming:
-                        chance = {**upcoming, **dict.fromkeys(later, 1.0)}
                         self.cache.prefetch([*later, *upcoming], protect=set(wave[j + 1 :]), chance=chance)
             finally:
                 self.cache.release(held)

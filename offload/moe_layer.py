@@ -115,9 +115,10 @@ class RoutingContext:
     calibration: dict[tuple[str, int], Calibration] = field(default_factory=dict)
     expected: dict[int, dict[int, float]] = field(default_factory=dict)  # this pass: layer → {expert: chance of use}
     routes: int = 1  # experts each token is routed to
+    num_experts: int = 0  # experts of each MoE layer
     encoder_layers: frozenset = frozenset()  # MoE layers of an encoder stack (their padding is masked)
 
-    def expect_pass(self, num_experts: int, table: bool = True) -> dict[ExpertKey, float]:
+    def expect_pass(self, table: bool = True) -> dict[ExpertKey, float]:
         """This pass's expectations (`expected`), for the layers a guess covers: the hash table's (unless not
         `table`: a later decoder step), over real tokens from the first position, and the decoder guess of the step.
         Returns them by key, the policy's predicted future."""
@@ -132,11 +133,11 @@ class RoutingContext:
                 ranked, probs = experts[real], None if probs is None else probs[real]
             else:
                 ranked, probs = experts.reshape(-1, experts.shape[-1]), None if probs is None else probs.flatten(0, 1)
-            self.expected[layer] = self.chances(("table", layer), ranked, probs, num_experts, self.routes)
+            self.expected[layer] = self.chances(("table", layer), ranked, probs)
         for layer, (_first, guess) in self.decoder_guesses.items():
             if layer not in self.expected:
                 ranked = guess.reshape(-1, guess.shape[-1])
-                self.expected[layer] = self.chances(("decoder", layer), ranked, None, num_experts, self.routes)
+                self.expected[layer] = self.chances(("decoder", layer), ranked, None)
         return {(la, e): p for la, by_expert in self.expected.items() for e, p in by_expert.items()}
 
     def observe(
@@ -145,29 +146,30 @@ class RoutingContext:
         """Count real tokens' guesses `ranked` [n, K] of `source` ((kind, layer)) against the router's `choices`
         [n, k] (exact mode: the router routes, so every guess is scored)."""
         if self.mode == "exact" and ranked.numel():
-            probs = self._claimed(ranked) if probs is None else probs
-            self.calibration.setdefault(source, Calibration()).observe(ranked, probs, choices)
+            self.calibration.setdefault(source, Calibration()).observe(ranked, probs, choices, self.routes)
 
-    def _claimed(self, ranked: torch.Tensor) -> torch.Tensor:
-        """[n, K] what a source that gives no probabilities claims: its first `routes` guesses as the router's
-        choices (the tenth nearest 1), each later one less likely (1/(rank+1)); calibration learns the truth."""
-        rank = torch.arange(ranked.shape[-1], dtype=torch.float64)
-        return torch.where(rank < self.routes, 1.0, 1.0 / (rank + 1)).expand(ranked.shape)
-
-    def chances(
-        self, source: tuple[str, int], ranked: torch.Tensor, probs: torch.Tensor | None, num_experts: int, routes: int
-    ) -> dict[int, float]:
+    def chances(self, source: tuple[str, int], ranked: torch.Tensor, probs: torch.Tensor | None) -> dict[int, float]:
         """{expert: chance it is used} from real tokens' guesses `ranked` [n, K] of `source`, the first `prefetch_k`
         ranks weighed (at least `routes`: a token uses that many experts): calibrated in exact mode; in predicted mode
         the table routes, so its first `routes` ranks are certain and the others unused."""
-        depth = max(self.prefetch_k, routes)
+        depth = max(self.prefetch_k, self.routes)
         ranked, probs = ranked[:, :depth], None if probs is None else probs[:, :depth]
         if self.mode == "predicted":
-            chance = (torch.arange(ranked.shape[1]) < routes).double().expand(ranked.shape)
-            return expected_use(ranked, chance, num_experts)
+            chance = (torch.arange(ranked.shape[1]) < self.routes).double().expand(ranked.shape)
+            return expected_use(ranked, chance, self.num_experts)
         cal = self.calibration.setdefault(source, Calibration())
-        chance = cal.calibrated(ranked, self._claimed(ranked) if probs is None else probs)
-        return expected_use(ranked, chance, num_experts, cal.weights(num_experts))
+        chance = cal.calibrated(ranked, probs, self.routes)
+        return expected_use(ranked, chance, self.num_experts, cal.weights(self.num_experts))
+
+    def layer_chances(self, layer: int) -> dict[ExpertKey, float]:
+        """{key: chance it is used} of `layer`'s experts, likeliest first: this pass's expectations, or in a decode
+        step the guess made a layer ahead; empty where there is neither."""
+        chances = self.expected.get(layer)
+        if chances is None and self.lookahead is not None:
+            guess = self.lookahead.guesses.get(layer)
+            if guess is not None:
+                chances = self.chances(("ahead", layer), guess, None)
+        return {(layer, e): p for e, p in (chances or {}).items()}
 
     def decoder_guess(self, layer: int, position: int) -> torch.Tensor | None:
         """[batch, positions from `position` on, k] guessed experts of a decoder layer, if this step has them."""
@@ -281,20 +283,12 @@ class NextLayerExperts:
     needed, from the pass's expectations (the hash table, or for a decoder layer the step's decoder guess: Switch) or
     the layer-ahead guess (a decoder-only model's decode step). The executor's `next_keys`."""
 
-    def __init__(self, context: RoutingContext, following: dict[int, tuple[int, str]], num_experts: int):
+    def __init__(self, context: RoutingContext, following: dict[int, tuple[int, str]]):
         self.context = context
         self.following = following  # layer → (the MoE layer after it, its stack); absent after the last
-        self.num_experts = num_experts
 
     def __call__(self, layer: int) -> dict[ExpertKey, float]:
         """{key: chance} of the experts to load for the MoE layer after `layer`, likeliest first."""
-        ctx = self.context
         if layer not in self.following:
             return {}
-        nxt = self.following[layer][0]
-        chances = ctx.expected.get(nxt)
-        if chances is None and ctx.lookahead is not None:  # a decode step: the guess made a layer ahead
-            guess = ctx.lookahead.guesses.get(nxt)
-            if guess is not None:
-                chances = ctx.chances(("ahead", nxt), guess, None, self.num_experts, guess.shape[1])
-        return {(nxt, e): p for e, p in (chances or {}).items()}
+        return self.context.layer_chances(self.following[layer][0])

@@ -51,8 +51,8 @@ def test_expected_use_is_the_chance_that_at_least_one_real_token_uses_the_expert
 def test_a_top_k_familys_guesses_weigh_as_many_ranks_as_it_routes_and_claim_them():
     from sida.offload.moe_layer import RoutingContext
 
-    ctx = RoutingContext(mode="exact", prefetch_k=1, routes=2)  # every token uses two experts
+    ctx = RoutingContext(mode="exact", prefetch_k=1, routes=2, num_experts=8)  # every token uses two experts
     ranked = torch.tensor([[3, 5, 1]])  # a source without probabilities (a decode-step guess)
-    chance = ctx.chances(("ahead", 0), ranked, None, num_experts=8, routes=2)
+    chance = ctx.chances(("ahead", 0), ranked, None)
     assert chance[3] == pytest.approx(0.95) and chance[5] == pytest.approx(0.95)  # both claimed, not cut to k = 1
     assert chance[1] < 0.5  # beyond what it routes, a guess is worth less
